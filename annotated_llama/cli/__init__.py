@@ -1,0 +1,1 @@
+"""One module per `annotated-llama` command: `add_arguments(parser)` and `run(args)`."""

@@ -1,0 +1,34 @@
+import lzma
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def spm_path() -> Path:
+    """LLaMA 1/2's SentencePiece vocabulary (32,000 pieces)."""
+    return DATA / "llama-spm.model"
+
+
+@pytest.fixture(scope="session")
+def llama3_gguf_path(tmp_path_factory) -> Path:
+    """Llama 3's BPE vocabulary as llama.cpp's vocab-only GGUF (stored xz-compressed)."""
+    out = tmp_path_factory.mktemp("llama3") / "llama3-bpe.gguf"
+    out.write_bytes(lzma.open(DATA / "llama3-bpe.gguf.xz").read())
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer(llama3_gguf_path):
+    # gguf's GGUFReader takes seconds to parse 280k merges: load once per session.
+    from annotated_llama import Tokenizer
+    return Tokenizer(llama3_gguf_path)

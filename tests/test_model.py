@@ -1,0 +1,127 @@
+"""The model against HF transformers' LlamaForCausalLM, and the KV cache against recompute."""
+
+import pytest
+import torch
+
+from annotated_llama import ModelArgs, Transformer
+from annotated_llama.weights.hf import hf_to_meta_state_dict, meta_to_hf_state_dict
+
+transformers = pytest.importorskip("transformers")
+
+CONFIGS = {
+    "mha": dict(dim=64, n_layers=2, n_heads=4, vocab_size=101, multiple_of=32),
+    "gqa": dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=101, multiple_of=32),
+    "mqa": dict(dim=48, n_layers=2, n_heads=6, n_kv_heads=1, vocab_size=97, multiple_of=16, norm_eps=1e-6),
+    "theta500k": dict(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=101, rope_theta=500000.0),
+    "llama31-scaling": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=101, rope_theta=500000.0,
+                            use_scaled_rope=True, rope_original_context=32, max_seq_len=256),
+    "odd-multiple-of": dict(dim=72, n_layers=2, n_heads=6, vocab_size=101, multiple_of=7, ffn_dim_multiplier=1.3),
+}
+
+
+def hf_model(args: ModelArgs):
+    config = transformers.LlamaConfig(**args.to_hf_config())
+    model = transformers.LlamaForCausalLM(config).float().eval()
+    with torch.no_grad():  # HF initialises norms to 1; randomise them to test the scaling too
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_match_hf_transformers(name):
+    args = ModelArgs(**{"max_seq_len": 256, **CONFIGS[name]})
+    ref = hf_model(args)
+    assert ref.config.intermediate_size == args.ffn_hidden_dim
+    ours = Transformer(args).eval()
+    ours.load_state_dict(hf_to_meta_state_dict(ref.state_dict(), args))
+
+    tokens = torch.randint(0, args.vocab_size, (3, 77))
+    with torch.no_grad():
+        expected = ref(tokens).logits.float()
+        got = ours(tokens, cache=False)
+        got_cached = ours(tokens)  # prefill through the KV cache
+    err = (got - expected).abs().max().item()
+    print(f"{name}: max abs logit error vs HF = {err:.2e}")
+    assert err < 1e-4
+    assert (got_cached - expected).abs().max().item() < 1e-4
+
+
+def test_hf_round_trip_is_exact():
+    args = ModelArgs(**CONFIGS["gqa"])
+    sd = Transformer(args).state_dict()
+    back = hf_to_meta_state_dict(meta_to_hf_state_dict(sd, args), args)
+    assert sd.keys() == back.keys()
+    for k in sd:
+        assert torch.equal(sd[k], back[k]), k
+
+
+def test_llama31_scaling_changes_only_long_wavelengths():
+    from annotated_llama.model import rope_frequencies
+    base = ModelArgs(dim=256, n_layers=1, n_heads=2, rope_theta=500000.0)
+    scaled = ModelArgs(dim=256, n_layers=1, n_heads=2, rope_theta=500000.0, use_scaled_rope=True)
+    f0, f1 = rope_frequencies(base), rope_frequencies(scaled)
+    wavelen = 2 * torch.pi / f0
+    short, long_ = wavelen < 8192 / 4, wavelen > 8192
+    assert torch.equal(f0[short], f1[short])
+    torch.testing.assert_close(f1[long_], f0[long_] / 8)
+    mid = ~short & ~long_
+    assert mid.any() and ((f1[mid] < f0[mid]) & (f1[mid] > f0[mid] / 8)).all()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-gqa", "tiny-llama3"])
+def test_incremental_decoding_equals_full_forward(preset):
+    model = Transformer(ModelArgs.from_name(preset)).eval()
+    tokens = torch.randint(0, model.vocab_size, (2, 40))
+    with torch.no_grad():
+        full = model(tokens, cache=False)
+        steps = [model(tokens[:, :17], 0)]  # prefill
+        steps.append(model(tokens[:, 17:25], 17))  # a chunk (chunked prefill mask)
+        for t in range(25, 40):  # then one token at a time
+            steps.append(model(tokens[:, t:t + 1], t))
+    incremental = torch.cat(steps, dim=1)
+    assert (incremental - full).abs().max().item() < 1e-5
+
+
+def test_left_padded_rows_equal_unpadded_rows():
+    # Ragged batches: row b left-padded by pad_left[b] gives the logits of the row alone.
+    model = Transformer(ModelArgs.from_name("tiny-gqa")).eval()
+    a, b = torch.randint(0, 512, (1, 12)), torch.randint(0, 512, (1, 5))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 7, dtype=torch.long), b], 1)])
+    pad_left = torch.tensor([0, 7])
+    with torch.no_grad():
+        out = model(batch, 0, pad_left=pad_left)
+        nxt = model(torch.tensor([[3], [4]]), 12, pad_left=pad_left)
+        alone_a = model(torch.cat([a, torch.tensor([[3]])], 1), cache=False)
+        alone_b = model(torch.cat([b, torch.tensor([[4]])], 1), cache=False)
+    assert (out[0] - alone_a[0, :12]).abs().max() < 1e-5
+    assert (out[1, 7:] - alone_b[0, :5]).abs().max() < 1e-5
+    assert (nxt[0, 0] - alone_a[0, 12]).abs().max() < 1e-5
+    assert (nxt[1, 0] - alone_b[0, 5]).abs().max() < 1e-5
+    assert torch.isfinite(out).all()
+
+
+def test_state_dict_has_metas_names_only():
+    model = Transformer(ModelArgs.from_name("tiny"))
+    names = set(model.state_dict())
+    expected = {"tok_embeddings.weight", "norm.weight", "output.weight"}
+    for i in range(2):
+        expected |= {f"layers.{i}.attention.{w}.weight" for w in ("wq", "wk", "wv", "wo")}
+        expected |= {f"layers.{i}.feed_forward.{w}.weight" for w in ("w1", "w2", "w3")}
+        expected |= {f"layers.{i}.attention_norm.weight", f"layers.{i}.ffn_norm.weight"}
+    model(torch.zeros(1, 3, dtype=torch.long))  # allocates the caches: still not in the state dict
+    assert names == expected == set(model.state_dict())
+
+
+def test_bfloat16_model_keeps_float32_rope_and_returns_float32_logits():
+    model = Transformer(ModelArgs.from_name("tiny")).to(torch.bfloat16)
+    assert model.rope_cos.dtype == torch.float32
+    out = model(torch.zeros(1, 4, dtype=torch.long))
+    assert out.dtype == torch.float32
+
+
+def test_sequence_longer_than_context_is_rejected():
+    model = Transformer(ModelArgs.from_name("tiny", max_seq_len=16))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 17, dtype=torch.long))
