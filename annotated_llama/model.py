@@ -74,11 +74,8 @@ def precompute_rope(args: ModelArgs, n_positions: int) -> tuple[torch.Tensor, to
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # Meta's interleaved layout: the pair (x[2i], x[2i+1]) is one complex number, rotated by
     # angle pos * theta_i. (HF's layout pairs x[i] with x[i + D/2]; see weights/hf.py.)
-    # x: (B, T, H, D); cos, sin: (T, D/2) or (B, T, D/2)
-    if cos.dim() == 2:
-        cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D/2)
-    else:
-        cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, D/2)
+    # x: (B, T, H, D); cos, sin: (B or 1, T, D/2), the angles of each row's positions
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B|1, T, 1, D/2): broadcast over heads
     xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
     x0, x1 = xf[..., 0], xf[..., 1]  # (B, T, H, D/2) each
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, T, H, D/2, 2)
@@ -101,10 +98,10 @@ class Attention(nn.Module):
         self.register_buffer("cache_k", None, persistent=False)
         self.register_buffer("cache_v", None, persistent=False)
 
-    def _cache_for(self, B: int, like: torch.Tensor, start_pos: int):
+    def _cache_for(self, B: int, like: torch.Tensor, fresh: bool):
         c = self.cache_k
         if c is None or c.shape[0] < B or c.dtype != like.dtype or c.device != like.device:
-            if start_pos != 0:
+            if not fresh:
                 raise RuntimeError("the KV cache was not filled for this batch: start with start_pos=0")
             shape = (B, self.max_seq_len, self.n_kv_heads, self.head_dim)  # (B, S_max, K, D)
             self.cache_k = torch.zeros(shape, dtype=like.dtype, device=like.device)
@@ -119,11 +116,19 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # never v
 
         if use_cache:
-            cache_k, cache_v = self._cache_for(B, k, start_pos)
-            cache_k[:B, start_pos:start_pos + T] = k
-            cache_v[:B, start_pos:start_pos + T] = v
-            k = cache_k[:B, : start_pos + T]  # (B, S, K, D), S = start_pos + T
-            v = cache_v[:B, : start_pos + T]
+            if isinstance(start_pos, int):  # Meta's case: every row at the same slot
+                cache_k, cache_v = self._cache_for(B, k, fresh=start_pos == 0)
+                cache_k[:B, start_pos:start_pos + T] = k
+                cache_v[:B, start_pos:start_pos + T] = v
+                S = start_pos + T
+            else:  # per-row slots (B,): rows of a continuous batch are at different lengths
+                cache_k, cache_v = self._cache_for(B, k, fresh=False)
+                slots = start_pos[:, None] + torch.arange(T, device=x.device)  # (B, T)
+                rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
+                cache_k[rows, slots] = k
+                cache_v[rows, slots] = v
+                S = mask.shape[-1]
+            k, v = cache_k[:B, :S], cache_v[:B, :S]  # (B, S, K, D)
 
         # SDPA wants heads before positions. enable_gqa lets H query heads share K kv heads
         # without materialising Meta's `repeat_kv` copies.
@@ -196,41 +201,41 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.cache_k = layer.attention.cache_v = None
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, *, pad_left: Optional[torch.Tensor] = None,
+    def forward(self, tokens: torch.Tensor, start_pos=0, *, pad_left: Optional[torch.Tensor] = None,
                 cache: bool = True) -> torch.Tensor:
         """Logits (float32) for every position of `tokens` (B, T).
 
         start_pos: the cache slot of tokens[:, 0]; the call attends to every slot before it
         that earlier calls filled (Meta semantics), so prefill-then-decode and chunked prefill
-        work. pad_left (B,) long: row b's first pad_left[b] slots are padding (ragged batches
-        left-padded to one length); its positions count from its first real token and its
-        padding is never attended to. cache=False: a plain causal forward (training).
+        work. It may also be a LongTensor (B,) of per-row slots, for batches whose rows have
+        different lengths (continuous batching); the cache must already exist then.
+        pad_left: LongTensor (B,); row b's first pad_left[b] slots are padding (ragged prompts
+        left-padded to one length): its positions count from its first real token and its
+        padding is never attended to.
+        cache=False: a plain causal forward without the KV cache (training).
         """
         B, T = tokens.shape
-        if start_pos + T > self.params.max_seq_len:
-            raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len={self.params.max_seq_len}")
-        if not cache and start_pos != 0:
+        per_row = isinstance(start_pos, torch.Tensor)
+        S = (int(start_pos.max()) if per_row else start_pos) + T  # keys attended: slots [0, S)
+        if S > self.params.max_seq_len:
+            raise ValueError(f"sequence of {S} tokens exceeds max_seq_len={self.params.max_seq_len}")
+        if not cache and (per_row or start_pos != 0):
             raise ValueError("start_pos > 0 needs the KV cache")
         h = self.tok_embeddings(tokens)  # (B, T, C)
-        slots = torch.arange(start_pos, start_pos + T, device=tokens.device)  # (T,)
+        arange_t = torch.arange(T, device=tokens.device)
+        slots = start_pos[:, None] + arange_t if per_row else (start_pos + arange_t)[None]  # (B|1, T)
+        positions = slots if pad_left is None else (slots - pad_left[:, None]).clamp(min=0)  # (B|1, T)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B|1, T, D/2)
 
-        if pad_left is None:
-            cos, sin = self.rope_cos[slots], self.rope_sin[slots]  # (T, D/2)
-            mask = None
-            if T > 1 and start_pos > 0:
-                # chunked prefill: Meta v2's hstack([zeros(T, start_pos), triu(-inf, 1)])
-                keys = torch.arange(start_pos + T, device=tokens.device)
-                mask = keys[None, :] <= slots[:, None]  # (T, S) True = attend
-        else:
-            positions = (slots[None, :] - pad_left[:, None]).clamp(min=0)  # (B, T)
-            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, D/2)
-            keys = torch.arange(start_pos + T, device=tokens.device)  # (S,)
-            causal = keys[None, :] <= slots[:, None]  # (T, S)
-            real = keys[None, :] >= pad_left[:, None]  # (B, S)
-            # a padding query attends to itself only, so no softmax row is empty (no NaNs)
-            itself = keys[None, :] == slots[:, None]  # (T, S)
-            mask = (causal[None] & real[:, None, :]) | itself[None]  # (B, T, S)
-            mask = mask[:, None]  # (B, 1, T, S): broadcast over heads
+        mask = None  # None: plain causal (is_causal) over slots [0, S), or one query attending to all
+        if per_row or pad_left is not None or (T > 1 and start_pos > 0):
+            keys = torch.arange(S, device=tokens.device)  # (S,)
+            allowed = keys <= slots[..., None]  # (B|1, T, S): causal, and chunked prefill (Meta v2)
+            if pad_left is not None:
+                allowed = allowed & (keys >= pad_left[:, None, None])  # (B, T, S)
+                # a padding query attends to itself only, so no softmax row is empty (no NaNs)
+                allowed = allowed | (keys == slots[..., None])
+            mask = allowed[:, None]  # (B|1, 1, T, S): broadcast over heads
 
         for layer in self.layers:
             h = layer(h, start_pos, cos, sin, mask, cache)

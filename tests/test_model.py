@@ -125,3 +125,16 @@ def test_sequence_longer_than_context_is_rejected():
     model = Transformer(ModelArgs.from_name("tiny", max_seq_len=16))
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_per_row_start_positions_continue_each_row():
+    # Continuous batching: rows at different lengths decode together, each as if alone.
+    model = Transformer(ModelArgs.from_name("tiny-gqa")).eval()
+    a, b = torch.randint(0, 512, (1, 9)), torch.randint(0, 512, (1, 4))
+    with torch.no_grad():
+        model(torch.cat([a, torch.cat([b, torch.zeros(1, 5, dtype=torch.long)], 1)]), 0)  # b's tail is junk
+        step = model(torch.tensor([[7, 8], [5, 6]]), torch.tensor([9, 4]))  # two tokens per row
+        alone_a = model(torch.cat([a, torch.tensor([[7, 8]])], 1), cache=False)
+        alone_b = model(torch.cat([b, torch.tensor([[5, 6]])], 1), cache=False)
+    assert (step[0] - alone_a[0, 9:]).abs().max() < 1e-5
+    assert (step[1] - alone_b[0, 4:]).abs().max() < 1e-5
