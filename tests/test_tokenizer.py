@@ -121,3 +121,22 @@ def test_missing_and_corrupt_files_are_named(tmp_path):
     badtt.write_bytes(b"IQ== 0\nnot-base64!! 1\n")
     with pytest.raises(ValueError, match="tt.model: line 2"):
         Tokenizer(badtt)
+
+
+def test_gguf_metadata_reader_agrees_with_gguf_package():
+    import numpy as np
+    from gguf import GGUFReader
+
+    from annotated_llama.tokenizer import read_gguf_metadata
+
+    path = DATA / "llama-spm.gguf"
+    ours = read_gguf_metadata(path.read_bytes())
+    fields = {k: f.contents() for k, f in GGUFReader(path).fields.items() if not k.startswith("GGUF.")}
+    assert ours.keys() == fields.keys()
+    for key, value in fields.items():
+        if key == "tokenizer.ggml.scores":
+            np.testing.assert_array_equal(np.float32(ours[key]), np.float32(value))
+        else:
+            assert ours[key] == value, key
+    with pytest.raises(ValueError, match="truncated|unpack"):
+        read_gguf_metadata(path.read_bytes()[:5000])
