@@ -1,0 +1,251 @@
+"""Keep the Annotated LLaMA chapters in step with the code.
+
+    python docs/build.py           refresh every source excerpt (and the index's chapter list) in place
+    python docs/build.py --check   change nothing; exit 1 and list what is stale or broken (CI)
+
+A source excerpt is a marker line followed by a ```python source block:
+
+    <!-- source: annotated_llama/model.py::RMSNorm -->
+    ```python source
+    ...filled in from the code...
+    ```
+
+The reference is a file path relative to the repository root, `::`, and the name of a top-level
+function, class or assignment (`PRESETS`), or `Class.method`. Excerpts are found with `ast`, so a
+renamed or deleted object is an error, never a stale copy. tests/test_docs.py imports this module:
+the parser here is the one the tests use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import re
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CHAPTER_DIR = REPO / "docs" / "annotated"
+CHAPTER_RE = re.compile(r"^\d\d_[a-z0-9_]+\.md$")
+MARKER_RE = re.compile(r"^<!--\s*source:\s*(\S+?)::(\S+?)\s*-->\s*$")
+FENCE_RE = re.compile(r"^(`{3,})(.*)$")
+
+# The chapters the index announces before they are written (number -> title).
+PLANNED = {
+    "01": "What LLaMA is and why it mattered",
+    "02": "The datasets and the training recipe",
+    "03": "The architecture",
+    "04": "The tokenizer",
+    "05": "The generator",
+    "06": "The model end to end",
+    "07": "Getting weights",
+    "08": "Alpaca: instruction fine-tuning",
+    "09": "Serving",
+    "10": "Speed",
+    "11": "Tensor parallelism",
+}
+INDEX_BEGIN, INDEX_END = "<!-- chapters: filled by docs/build.py -->", "<!-- /chapters -->"
+
+
+@dataclass
+class Block:
+    """One fenced block of a chapter. Line numbers are 1-based lines of the Markdown file."""
+    lang: str  # "python", "text", "bash", ... ("" for a bare fence)
+    flags: tuple  # the words after the language: ("no-run",), ("source",)
+    fence_line: int  # the opening ``` line
+    code_line: int  # the first line of the content
+    end_line: int  # the closing ``` line
+    code: str  # the content, with a final newline when not empty
+    source_ref: str | None = None  # "path::Name" when a source marker precedes the block
+    marker_line: int | None = None
+    follows_prev: bool = False  # only blank lines separate it from the previous block
+
+    @property
+    def runs(self) -> bool:
+        return self.lang == "python" and not self.flags
+
+
+def chapters(directory: Path = CHAPTER_DIR) -> list[Path]:
+    return sorted(p for p in directory.glob("*.md") if CHAPTER_RE.match(p.name))
+
+
+def parse_blocks(text: str, name: str = "<chapter>") -> list[Block]:
+    """The fenced blocks of a Markdown text, with their source markers. Raises ValueError
+    (naming the file and line) on an unclosed fence or a marker without its block."""
+    lines = text.split("\n")
+    blocks: list[Block] = []
+    pending_marker: tuple[str, int] | None = None  # (ref, line) waiting for its ```python source
+    last_end = None  # index of the previous block's closing line
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        m = MARKER_RE.match(line.strip())
+        if m:
+            if pending_marker:
+                raise ValueError(f"{name}:{pending_marker[1]}: source marker without a ```python source block")
+            pending_marker = (f"{m.group(1)}::{m.group(2)}", i + 1)
+            i += 1
+            continue
+        f = FENCE_RE.match(line)
+        if not f:
+            if line.strip() and pending_marker and i + 1 > pending_marker[1]:
+                raise ValueError(f"{name}:{pending_marker[1]}: source marker must be followed by a "
+                                 f"```python source block (found text on line {i + 1})")
+            i += 1
+            continue
+        ticks, words = f.group(1), f.group(2).split()
+        lang, flags = (words[0], tuple(words[1:])) if words else ("", ())
+        j = i + 1
+        while j < len(lines) and lines[j].rstrip() != ticks:
+            j += 1
+        if j == len(lines):
+            raise ValueError(f"{name}:{i + 1}: code fence {ticks}{f.group(2)} is never closed")
+        body = lines[i + 1:j]
+        follows = last_end is not None and all(not s.strip() for s in lines[last_end + 1:i])
+        block = Block(lang, flags, i + 1, i + 2, j + 1, "".join(s + "\n" for s in body), follows_prev=follows)
+        if pending_marker:
+            if (lang, flags) != ("python", ("source",)):
+                raise ValueError(f"{name}:{pending_marker[1]}: source marker must be followed by a "
+                                 f"```python source block, found ```{f.group(2)} on line {i + 1}")
+            block.source_ref, block.marker_line = pending_marker
+            pending_marker = None
+        elif (lang, flags) == ("python", ("source",)):
+            raise ValueError(f"{name}:{i + 1}: ```python source block without a <!-- source: path::Name --> marker")
+        blocks.append(block)
+        last_end = j
+        i = j + 1
+    if pending_marker:
+        raise ValueError(f"{name}:{pending_marker[1]}: source marker without a ```python source block")
+    return blocks
+
+
+def extract_source(ref: str, repo: Path = REPO) -> str:
+    """The current source text of `path::Name` (decorators included; methods dedented).
+    Raises LookupError naming the reference when the file or the object is missing."""
+    path_s, _, qualname = ref.partition("::")
+    path = repo / path_s
+    if not path.is_file():
+        raise LookupError(f"{ref}: file {path_s} does not exist")
+    src = path.read_text()
+    tree = ast.parse(src, filename=str(path))
+    scope, node = tree.body, None
+    parts = qualname.split(".")
+    for k, part in enumerate(parts):
+        node = next((n for n in scope if _defines(n, part)), None)
+        if node is None:
+            where = path_s if k == 0 else f"{path_s}::{'.'.join(parts[:k])}"
+            raise LookupError(f"{ref}: {part!r} is not defined at the top level of {where}")
+        scope = getattr(node, "body", [])
+    first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+    lines = src.split("\n")[first - 1:node.end_lineno]
+    return textwrap.dedent("\n".join(lines)).rstrip() + "\n"
+
+
+def _defines(node: ast.AST, name: str) -> bool:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return node.name == name
+    if isinstance(node, ast.Assign):
+        return any(isinstance(t, ast.Name) and t.id == name for t in node.targets)
+    if isinstance(node, ast.AnnAssign):
+        return isinstance(node.target, ast.Name) and node.target.id == name
+    return False
+
+
+def refresh_text(text: str, name: str, repo: Path = REPO) -> tuple[str, list[str]]:
+    """(text with every excerpt replaced by the current source, problems found)."""
+    problems: list[str] = []
+    lines = text.split("\n")
+    # Replace from the bottom up so earlier line numbers stay valid.
+    for block in reversed(parse_blocks(text, name)):
+        if block.source_ref is None:
+            continue
+        try:
+            new = extract_source(block.source_ref, repo)
+        except (LookupError, SyntaxError) as e:
+            problems.append(f"{name}:{block.marker_line}: {e}")
+            continue
+        if new != block.code:
+            lines[block.code_line - 1:block.end_line - 1] = new.rstrip("\n").split("\n")
+    return "\n".join(lines), problems
+
+
+def index_listing(directory: Path = CHAPTER_DIR) -> str:
+    """The chapter list of index.md: a link to each chapter written, the plan for the rest."""
+    written = {p.name[:2]: p for p in chapters(directory)}
+    rows = []
+    for num in sorted(set(PLANNED) | set(written)):
+        if num in written:
+            p = written[num]
+            title = next((ln[2:].strip() for ln in p.read_text().split("\n") if ln.startswith("# ")), p.stem)
+            rows.append(f"{int(num)}. [{title}]({p.name})")
+        else:
+            rows.append(f"{int(num)}. {PLANNED[num]} *(not written yet)*")
+    return "\n".join(rows)
+
+
+def refresh_index(text: str, directory: Path = CHAPTER_DIR) -> str:
+    if INDEX_BEGIN not in text or INDEX_END not in text:
+        raise ValueError(f"index.md: the markers {INDEX_BEGIN} and {INDEX_END} are missing")
+    head, rest = text.split(INDEX_BEGIN, 1)
+    _, tail = rest.split(INDEX_END, 1)
+    return f"{head}{INDEX_BEGIN}\n{index_listing(directory)}\n{INDEX_END}{tail}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 when anything is stale")
+    ap.add_argument("files", nargs="*", type=Path, help="chapters to process (default: all of docs/annotated)")
+    args = ap.parse_args(argv)
+    files = args.files or chapters()
+    stale, problems = [], []
+    for path in files:
+        name = _display(path)
+        try:
+            text = path.read_text()
+            new, found = refresh_text(text, name)
+        except (OSError, ValueError) as e:
+            problems.append(str(e) if isinstance(e, ValueError) else f"{name}: {e}")
+            continue
+        problems += found
+        if new != text:
+            stale.append(f"{name}: source excerpts differ from the code")
+            if not args.check:
+                _write(path, new)
+    index = CHAPTER_DIR / "index.md"
+    if not args.files and index.is_file():
+        text = index.read_text()
+        try:
+            new = refresh_index(text)
+        except ValueError as e:
+            problems.append(str(e))
+            new = text
+        if new != text:
+            stale.append(f"{_display(index)}: the chapter list is out of date")
+            if not args.check:
+                _write(index, new)
+    for p in problems:
+        print(f"error: {p}", file=sys.stderr)
+    for s in stale:
+        print(("stale: " if args.check else "refreshed: ") + s, file=sys.stderr if args.check else sys.stdout)
+    if args.check and stale:
+        print("run `python docs/build.py` to refresh", file=sys.stderr)
+    return 1 if problems or (args.check and stale) else 0
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def _write(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")  # never leave a half-written chapter
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

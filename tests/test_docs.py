@@ -1,0 +1,266 @@
+"""The Annotated LLaMA is tested: every chapter's code runs, and what it prints is what it shows.
+
+One parametrized case per chapter (select one with `pytest tests/test_docs.py -k 03_architecture`):
+- test_chapter_runs: every ```python block of docs/annotated/NN_*.md runs, in order, in one
+  namespace per chapter, with the working directory a fresh temp dir and the repo importable. A
+  ```text block right after a python block (blank lines between are allowed) must equal what that
+  block printed, trailing whitespace ignored. ```python no-run blocks are skipped.
+- test_chapter_excerpts: every <!-- source: path::Name --> excerpt equals the current source.
+Also: the index lists the chapters written, the figure scripts make real PNGs, and chapter 6's
+parameter counts equal the presets' counted on the meta device.
+Failures name the chapter file and line; tracebacks show the chapter's own lines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import importlib.util
+import io
+import json
+import re
+import subprocess
+import sys
+import time
+import traceback
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs"
+FIGURES = DOCS / "figures"
+
+
+def _load_build():
+    spec = importlib.util.spec_from_file_location("annotated_llama_docs_build", DOCS / "build.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(mod)
+    return mod
+
+
+build = _load_build()
+CHAPTERS = build.chapters()
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def _normalize(out: str) -> list[str]:
+    lines = [ln.rstrip() for ln in out.split("\n")]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def run_chapter(path: Path, workdir: Path) -> tuple[list[str], list[tuple[int, str]]]:
+    """Execute a chapter. Returns (problems, [(code_line, printed output)] per run block).
+    Stops at the first block that raises; output mismatches are collected and it goes on."""
+    name = _rel(path)
+    blocks = build.parse_blocks(path.read_text(), name)
+    module = types.ModuleType(f"annotated_llama_docs_{path.stem}")  # a real module: dataclasses, pickle
+    module.__file__ = str(path)
+    sys.modules[module.__name__] = module
+    problems, outputs = [], []
+    try:
+        prev = None
+        for block in blocks:
+            if block.lang == "text" and prev is not None and prev.runs and block.follows_prev:
+                got, want = _normalize(outputs[-1][1]), _normalize(block.code)
+                if got != want:
+                    diff = "\n".join(difflib.unified_diff(want, got, "shown in the chapter", "printed", lineterm=""))
+                    problems.append(f"{name}:{block.fence_line}: the output of the python block at line "
+                                    f"{prev.fence_line} differs from this ```text block:\n{diff}")
+            if block.runs:
+                # Pad with newlines so tracebacks give the chapter's line numbers (and linecache
+                # shows the chapter's own text, since the filename is the chapter).
+                code = compile("\n" * (block.code_line - 1) + block.code, str(path), "exec")
+                buf = io.StringIO()
+                t0 = time.perf_counter()
+                try:
+                    with contextlib.redirect_stdout(buf):
+                        exec(code, module.__dict__)
+                except BaseException as e:  # noqa: BLE001 - report any failure of the chapter's code
+                    if isinstance(e, KeyboardInterrupt):
+                        raise
+                    tb = "".join(traceback.format_exception(type(e), e, e.__traceback__.tb_next))  # not the runner's frame
+                    problems.append(f"{name}:{block.fence_line}: the python block raised "
+                                    f"{type(e).__name__}:\n{tb}\nprinted before the error:\n{buf.getvalue()}")
+                    break
+                finally:
+                    seconds = time.perf_counter() - t0
+                    if seconds > 10:
+                        print(f"{name}:{block.fence_line}: slow block ({seconds:.1f} s); keep chapters to seconds")
+                outputs.append((block.code_line, buf.getvalue()))
+            prev = block
+    finally:
+        sys.modules.pop(module.__name__, None)
+    return problems, outputs
+
+
+@pytest.fixture
+def chapter_env(tmp_path, monkeypatch):
+    """cwd = a fresh temp dir; the repo importable; sys.path, grad mode and dtype restored."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(REPO))  # also restores any sys.path edits a chapter makes
+    dtype, grad = torch.get_default_dtype(), torch.is_grad_enabled()
+    yield tmp_path
+    torch.set_default_dtype(dtype)
+    torch.set_grad_enabled(grad)
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
+def test_chapter_runs(path, chapter_env):
+    problems, _ = run_chapter(path, chapter_env)
+    assert not problems, "\n\n".join(problems)
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
+def test_chapter_excerpts(path):
+    name = _rel(path)
+    text = path.read_text()
+    problems = []
+    for block in build.parse_blocks(text, name):
+        if block.source_ref is None:
+            continue
+        try:
+            current = build.extract_source(block.source_ref)
+        except LookupError as e:
+            problems.append(f"{name}:{block.marker_line}: {e}")
+            continue
+        if current != block.code:
+            diff = "\n".join(difflib.unified_diff(block.code.split("\n"), current.split("\n"),
+                                                  "excerpt in the chapter", "current source", lineterm=""))
+            problems.append(f"{name}:{block.marker_line}: excerpt of {block.source_ref} is stale "
+                            f"(run `python docs/build.py`):\n{diff}")
+    assert not problems, "\n\n".join(problems)
+
+
+def test_there_are_chapters():
+    assert CHAPTERS, "no docs/annotated/NN_name.md chapters found"
+
+
+def test_index_lists_every_chapter():
+    index = DOCS / "annotated" / "index.md"
+    text = index.read_text()
+    assert build.refresh_index(text) == text, (
+        f"{_rel(index)}: the chapter list is out of date (run `python docs/build.py`)")
+    for target in re.findall(r"\]\(([^)#]+\.md)\)", text):
+        assert (index.parent / target).is_file(), f"{_rel(index)}: link to missing file {target}"
+
+
+def test_build_check_passes():
+    r = subprocess.run([sys.executable, str(DOCS / "build.py"), "--check"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_build_refreshes_and_rejects(tmp_path):
+    # The excerpt machinery itself: a stale block is refreshed, a vanished name is an error.
+    (tmp_path / "m.py").write_text("X = 1\n\n\nclass A:\n    @staticmethod\n    def f(x):\n        return x\n")
+    md = ("# t\n\n<!-- source: m.py::A.f -->\n```python source\nold\n```\n\n"
+          "<!-- source: m.py::X -->\n```python source\n```\n")
+    new, problems = build.refresh_text(md, "t.md", repo=tmp_path)
+    assert problems == []
+    blocks = build.parse_blocks(new, "t.md")
+    assert blocks[0].code == "@staticmethod\ndef f(x):\n    return x\n"
+    assert blocks[1].code == "X = 1\n"
+    _, problems = build.refresh_text(md.replace("A.f", "A.g"), "t.md", repo=tmp_path)
+    assert problems and "t.md:3" in problems[0] and "'g'" in problems[0]
+    with pytest.raises(ValueError, match="t.md:3"):
+        build.parse_blocks("x\n\n<!-- source: m.py::X -->\nsome prose\n", "t.md")
+
+
+def test_runner_reports_mismatch_and_errors(tmp_path, chapter_env):
+    # The runner must be able to fail: wrong output and a raising block are both reported with lines.
+    md = tmp_path / "99_selftest.md"
+    md.write_text("# t\n\n```python\nprint('a  ')\nx = 2\n```\n\n```text\na\n```\n\n"
+                  "```python\nprint(x + 1)\n```\n```text\n4\n```\n\n"
+                  "```python no-run\nraise SystemExit\n```\n\n```python\n1 / 0\n```\n")
+    problems, outputs = run_chapter(md, tmp_path)
+    assert [o for _, o in outputs] == ["a  \n", "3\n"]
+    assert len(problems) == 2
+    assert "99_selftest.md:15" in problems[0] and "+3" in problems[0]
+    assert "99_selftest.md:23" in problems[1] and "ZeroDivisionError" in problems[1]
+    assert "line 24" in problems[1]  # the traceback points into the chapter
+
+
+# ---- chapter 6: parameter counts -----------------------------------------------------------------
+
+PAPER_SIZES = {"llama-7b": "6.7B", "llama-13b": "13.0B", "llama-33b": "32.5B", "llama-65b": "65.2B"}
+
+
+def _count_on_meta_device(name: str) -> int:
+    # Independent of ModelArgs.num_params(): build the real module without memory and count.
+    from annotated_llama import ModelArgs, Transformer
+    with torch.device("meta"):
+        model = Transformer(ModelArgs.from_name(name))
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_chapter6_parameter_counts(chapter_env):
+    path = next((p for p in CHAPTERS if p.name.startswith("06_")), None)
+    assert path is not None, "chapter 6 (docs/annotated/06_end_to_end.md) is missing"
+    problems, outputs = run_chapter(path, chapter_env)
+    assert not problems, "\n\n".join(problems)
+    printed = "".join(out for _, out in outputs)
+    for name, paper in PAPER_SIZES.items():
+        rows = re.findall(rf"^{re.escape(name)}\s+([\d,]+)\s+(\S+)", printed, flags=re.M)
+        assert rows, f"{_rel(path)}: no printed row '{name}  <count>  <paper size>' found"
+        count, label = rows[0]
+        assert int(count.replace(",", "")) == _count_on_meta_device(name), f"{_rel(path)}: {name} count {count}"
+        assert label == paper, f"{_rel(path)}: {name} printed as {label}, the paper says {paper}"
+
+
+# ---- figures -----------------------------------------------------------------------------------
+
+# script -> the PNGs it must write into the directory given as its only argument.
+# make_speed_chart.py is listed once bench/ publishes results the script can read.
+FIGURE_SCRIPTS = {
+    "make_rope.py": ["rope.png"],
+    "make_lr_schedule.py": ["lr_schedule.png"],
+    "make_loss_curve.py": ["loss_curve.png"],
+    "make_attention.py": ["attention.png"],
+}
+
+
+def _check_png(path: Path):
+    from matplotlib import image
+    assert path.is_file(), f"{path.name} was not written"
+    assert path.stat().st_size > 10_000, f"{path.name}: only {path.stat().st_size} bytes, expected a real figure"
+    pixels = image.imread(path)  # (H, W, 3|4) floats in [0, 1]
+    assert pixels.shape[0] >= 200 and pixels.shape[1] >= 200, f"{path.name}: tiny image {pixels.shape}"
+    rgb = pixels[..., :3].reshape(-1, 3)
+    colours = len({tuple(c) for c in (rgb[:: max(1, len(rgb) // 20000)] * 255).round().astype(int).tolist()})
+    assert rgb.std() > 0.05 and colours > 20, f"{path.name}: nearly uniform image ({colours} colours)"
+
+
+@pytest.mark.parametrize("script", sorted(FIGURE_SCRIPTS))
+def test_figure_script(script, tmp_path):
+    r = subprocess.run([sys.executable, str(FIGURES / script), str(tmp_path)], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, f"docs/figures/{script} failed:\n{r.stdout}\n{r.stderr}"
+    for png in FIGURE_SCRIPTS[script]:
+        _check_png(tmp_path / png)
+        assert (FIGURES / png).is_file(), f"docs/figures/{png} is not committed (run docs/figures/{script})"
+
+
+def test_every_figure_script_is_tested():
+    scripts = {p.name for p in FIGURES.glob("make_*.py")}
+    untested = scripts - set(FIGURE_SCRIPTS) - {"make_speed_chart.py"}
+    assert not untested, f"figure scripts not in FIGURE_SCRIPTS: {sorted(untested)}"
+
+
+def test_loss_log_is_json_lines():
+    # The loss curve's input, written by the pretraining run: fail clearly when it is missing.
+    log = FIGURES / "default_model_log.jsonl"
+    assert log.is_file(), f"{_rel(log)} is missing (written by the default model's pretraining run)"
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    assert any("val_loss" in r for r in rows) and any("loss" in r for r in rows), f"{_rel(log)}: no loss/val_loss"
