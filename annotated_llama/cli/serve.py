@@ -1,0 +1,60 @@
+"""`annotated-llama serve`: the OpenAI-compatible server and its chat page (server.py).
+
+Binds 127.0.0.1 unless --host says otherwise: a model server has no authentication by default,
+so exposing it to a network must be a decision (then also pass --api-key).
+"""
+
+from __future__ import annotations
+
+import logging
+
+
+def add_arguments(p):
+    p.add_argument("--model", help="checkpoint dir or .gguf (default: the embedded default model)")
+    p.add_argument("--tokenizer", help="tokenizer.model or .gguf (default: the one next to the model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* requests")
+    p.add_argument("--template", choices=["none", "alpaca", "llama-2", "llama-3"],
+                   help="chat template for /v1/chat/completions (default: llama-3 for a Llama 3 vocabulary, else llama-2)")
+    p.add_argument("--model-name", default=None, help="the model id reported by /v1/models (default: the path's name)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together at most (default 8)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot at most; beyond: 503")
+    p.add_argument("--kv-budget", type=int, default=None,
+                   help="cache tokens (prompt + max_tokens) reserved by running requests at most "
+                        "(default: max batch size x context length)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB); beyond: 413")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: as stored)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+
+
+def run(args):
+    for name in ("port", "max_batch_size", "max_queue", "max_body_bytes"):
+        if getattr(args, name) < (0 if name == "port" else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    import torch
+    import uvicorn
+
+    from ..server import create_app
+    from ..tokenizer import Tokenizer
+    from ..weights import load_model
+
+    path = args.model
+    if path is None:
+        from ..default_model import default_model_dir
+        path = default_model_dir()
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model, tokenizer = load_model(path, dtype=dtype, device=args.device)
+    if args.tokenizer:
+        tokenizer = Tokenizer(args.tokenizer)
+    if tokenizer is None:
+        raise ValueError(f"{path}: no tokenizer found next to the model; pass --tokenizer PATH")
+    from pathlib import Path
+    name = args.model_name or Path(str(path)).resolve().name
+    app = create_app(model.eval(), tokenizer, model_name=name, template=args.template, api_key=args.api_key,
+                     max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size,
+                     max_queue=args.max_queue, kv_budget=args.kv_budget)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    print(f"annotated-llama serve: {name} on http://{args.host}:{args.port}/ (chat page), "
+          f"API at http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="info")

@@ -1,0 +1,184 @@
+"""The OpenAI-compatible server, driven by the official `openai` client against a real uvicorn
+server on 127.0.0.1: shapes, streaming == non-streaming, greedy parity with an independent
+no-cache greedy loop and with `Llama.text_completion`, 16 concurrent clients decoded in shared
+batches, and a client that disconnects mid-stream freeing its slot."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from annotated_llama import ModelArgs, Tokenizer, Transformer
+from annotated_llama.server import create_app, run_in_thread
+
+TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=32, max_seq_len=192)
+PROMPTS = ["The capital of France is", "Once upon a time", "1 2 3 4", "def main():", "In the beginning",
+           "Hello, my name is", "The quick brown fox", "To be or not to be", "Water boils at", "Dear Sir,",
+           "Il était une fois", "SELECT * FROM", "Roses are red", "The answer is", "A B C", "Why is the sky"]
+
+
+def tiny_model(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(ModelArgs(**TINY)).eval()
+
+
+def greedy_reference(model, tokenizer, prompt: str, n: int) -> str:
+    """Greedy decoding by full recomputation (no KV cache, batch 1): independent of the scheduler."""
+    ids = tokenizer.encode(prompt, bos=True, eos=False)
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(torch.tensor([ids + out]), cache=False)[0, -1].argmax())
+            if nxt in tokenizer.stop_ids:
+                break
+            out.append(nxt)
+    return tokenizer.decode(ids[-1:] + out)[len(tokenizer.decode(ids[-1:])):]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(spm_path):
+    return Tokenizer(spm_path)
+
+
+@pytest.fixture(scope="module")
+def served(tokenizer):
+    """(base_url, app, model): the module's server, a tiny random model, batches of up to 8."""
+    model = tiny_model()
+    app = create_app(model, tokenizer, model_name="tiny", max_batch_size=8, step_delay=0.002)
+    with run_in_thread(app) as url:
+        yield url, app, model
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=served[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def stats(url):
+    return httpx.get(url + "/health", timeout=10).json()["scheduler"]
+
+
+def test_models_and_health(served, client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    health = httpx.get(served[0] + "/health").json()
+    assert health["status"] == "ok" and health["n_ctx"] == TINY["max_seq_len"] and health["scheduler"]["running"]
+    assert "annotated_llama_steps" in httpx.get(served[0] + "/metrics").text
+
+
+def test_completion_greedy_equals_reference_loop(served, client, tokenizer, caplog):
+    _, _, model = served
+    caplog.set_level(logging.INFO, logger="annotated_llama.server")
+    r = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].finish_reason == "length"
+    assert r.choices[0].text == greedy_reference(model, tokenizer, PROMPTS[0], 12)
+    n_prompt = len(tokenizer.encode(PROMPTS[0], bos=True, eos=False))
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (n_prompt, 12, n_prompt + 12)
+    lines = [rec.getMessage() for rec in caplog.records if "/v1/completions" in rec.getMessage()]
+    assert any(f"200 prompt_tokens={n_prompt} completion_tokens=12" in line for line in lines), lines
+
+
+def test_greedy_equals_llama_text_completion(served, client, tokenizer):
+    from annotated_llama.generation import Llama
+    _, _, model = served
+    llama = Llama(tiny_model(), tokenizer)  # same weights, its own cache
+    want = llama.text_completion([PROMPTS[1]], temperature=0, max_gen_len=10)[0]["generation"]
+    got = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=10, temperature=0)
+    assert got.choices[0].text == want
+
+
+def test_chat_completion_and_stream_concatenate(served, client):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    full = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=14, temperature=0.9, seed=1234)
+    assert full.object == "chat.completion" and full.choices[0].message.role == "assistant"
+    assert full.choices[0].finish_reason in ("stop", "length") and full.usage.completion_tokens > 0
+    again = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=14, temperature=0.9, seed=1234)
+    assert again.choices[0].message.content == full.choices[0].message.content  # the seed is honoured
+    other = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=14, temperature=0.9, seed=99)
+    assert other.choices[0].message.content != full.choices[0].message.content
+
+    chunks = list(client.chat.completions.create(model="tiny", messages=msgs, max_tokens=14, temperature=0.9,
+                                                 seed=1234, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1  # really streamed
+    assert text == full.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == full.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_completion_stream_and_stop_string(served, client, tokenizer):
+    _, _, model = served
+    full = greedy_reference(model, tokenizer, PROMPTS[2], 16)
+    stop = full[len(full) // 2: len(full) // 2 + 3]  # a stop string from the middle of the answer
+    assert stop.strip()
+    want = full[:full.index(stop)]
+    r = client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=16, temperature=0, stop=[stop])
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
+    pieces = [c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt=PROMPTS[2], max_tokens=16, temperature=0, stop=[stop], stream=True)]
+    assert "".join(pieces) == want and not any(stop in p for p in pieces)
+
+
+def test_raw_sse_framing_ends_with_done(served):
+    body = {"prompt": "Hi", "max_tokens": 3, "temperature": 0, "stream": True}
+    with httpx.stream("POST", served[0] + "/v1/completions", json=body, timeout=30) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+
+
+def test_sixteen_concurrent_clients_share_batches(served, client, tokenizer):
+    url, _, model = served
+    solo = {p: greedy_reference(model, tokenizer, p, 16) for p in PROMPTS}
+    before = stats(url)
+
+    def ask(prompt):
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        r = c.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
+        return r.choices[0].text, r.usage.completion_tokens
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = dict(zip(PROMPTS, pool.map(ask, PROMPTS)))
+    after = stats(url)
+    for p in PROMPTS:
+        assert answers[p] == (solo[p], 16), p
+    steps, rows = after["steps"] - before["steps"], after["batch_rows"] - before["batch_rows"]
+    assert rows == 16 * 15  # each request's first token comes from its prefill, the other 15 from decode steps
+    assert after["max_batch_seen"] >= 4 and rows / steps >= 2.0, (steps, rows)
+    assert steps < 16 * 15 / 2  # far fewer forwards than one request at a time would need
+    assert after["active"] == 0 and after["waiting"] == 0
+
+
+def test_disconnect_mid_stream_frees_slot(tokenizer):
+    model = tiny_model()
+    app = create_app(model, tokenizer, max_batch_size=2, step_delay=0.02)
+    with run_in_thread(app) as url:
+        body = {"prompt": "Tell me a long story", "max_tokens": 150, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(6)]
+            assert stats(url)["active"] == 1
+        closed_at = stats(url)["steps"]  # the client has hung up
+        assert any(line.startswith("data: {") for line in got)
+        deadline = time.monotonic() + 10
+        while stats(url)["active"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        s = stats(url)
+        assert s["active"] == 0 and s["cancelled"] == 1 and s["completed"] == 0
+        assert s["steps"] - closed_at <= 10, s  # freed within a few decode steps, far before its 150 tokens
+
+
+def test_cli_serve_help_and_bad_model():
+    out = subprocess.run([sys.executable, "-m", "annotated_llama", "serve", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--api-key" in out.stdout and "127.0.0.1" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "annotated_llama", "serve", "--model", "/nonexistent/model"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "/nonexistent/model" in bad.stderr
