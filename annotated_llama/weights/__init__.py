@@ -1,0 +1,223 @@
+"""Loading and saving weights in every layout users hold: Meta's `consolidated.NN.pth`, HF
+safetensors, llama.cpp's GGUF, and our own dir (params.json + model.safetensors with Meta's names).
+
+Every format is read into one thing, an (args, state dict with Meta's names) pair, and the model
+is built from that pair in one place (`build_model`):
+  - safely: .pth files go through `torch.load(weights_only=True)`, which refuses pickled code;
+    everything else is safetensors or GGUF, which hold only data;
+  - lazily: tensors are memory-mapped from the files, the model is created on the "meta" device
+    (shapes, no storage) and `load_state_dict(assign=True)` adopts the mapped tensors as its
+    parameters, so a checkpoint of S bytes is not copied into a second S bytes of RAM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..config import ModelArgs
+from ..model import Transformer
+from ..tokenizer import Tokenizer, default_tokenizer_path
+
+FORMATS = ("hf", "meta", "gguf", "ours")
+DTYPES = {"f32": torch.float32, "float32": torch.float32, "fp32": torch.float32,
+          "f16": torch.float16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+OURS_WEIGHTS = "model.safetensors"
+
+
+def to_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype).lower() not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of f32, f16, bf16")
+    return DTYPES[str(dtype).lower()]
+
+
+def detect_format(path) -> str:
+    """'gguf', 'hf', 'meta' or 'ours', from the files at `path`."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return "gguf"
+        raise ValueError(f"{path}: not a GGUF file; pass a checkpoint directory or a .gguf file")
+    if (path / "config.json").is_file():
+        return "hf"
+    if (path / "params.json").is_file():
+        if (path / OURS_WEIGHTS).is_file():
+            return "ours"
+        if any(path.glob("consolidated.*.pth")):
+            return "meta"
+        raise ValueError(f"{path}: params.json but no weights (expected consolidated.NN.pth or model.safetensors)")
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        raise ValueError(f"{path}: no checkpoint here; did you mean the file {ggufs[0]}?")
+    raise ValueError(f"{path}: no weights found (expected params.json + consolidated.NN.pth, "
+                     "config.json + model.safetensors, params.json + model.safetensors, or a .gguf file)")
+
+
+def load_checkpoint(path) -> tuple[ModelArgs, dict[str, torch.Tensor], Path | None]:
+    """(args, state dict with Meta's names, tokenizer path or None), tensors memory-mapped."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "gguf":
+        from .gguf import load_gguf
+        args, sd = load_gguf(path)
+        return args, sd, path  # the vocabulary is inside the file
+    tok_path = default_tokenizer_path(path)
+    if fmt == "hf":
+        from .hf import load_hf
+        args, sd = load_hf(path)
+        weights = path / "model.safetensors"
+    elif fmt == "meta":
+        from .meta import load_meta
+        n_words = Tokenizer(tok_path).n_words if tok_path is not None else None
+        args, sd = load_meta(path, path / "params.json", n_words)
+        weights = path / "consolidated.00.pth"
+    else:
+        from .hf import read_safetensors
+        args = ModelArgs.from_params_json(path / "params.json")
+        weights = path / OURS_WEIGHTS
+        sd = read_safetensors(weights)
+        if args.vocab_size == -1:  # as Meta's: taken from the tokenizer, else from the embedding
+            emb = sd.get("tok_embeddings.weight")
+            args.vocab_size = Tokenizer(tok_path).n_words if tok_path else (emb.shape[0] if emb is not None else -1)
+    check_state_dict(sd, args, weights, path / ("config.json" if fmt == "hf" else "params.json"))
+    return args, sd, tok_path
+
+
+def check_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs, weights_file, config_file) -> None:
+    """Every tensor the architecture needs, with the shape `config_file` implies; nothing else."""
+    if args.vocab_size < 1:
+        raise ValueError(f"{config_file}: vocab_size is -1 and no tokenizer or embedding gives it")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ValueError(f"{weights_file}: tensor {missing[0]!r}{more} missing for the architecture in {config_file}")
+    if unexpected:
+        raise ValueError(f"{weights_file}: unexpected tensor {unexpected[0]!r} for the architecture in {config_file}")
+    for name, shape in expected.items():
+        if tuple(sd[name].shape) != shape:
+            raise ValueError(f"{weights_file}: {name} has shape {tuple(sd[name].shape)} but {config_file} "
+                             f"implies {shape}")
+
+
+def build_model(args: ModelArgs, sd: dict[str, torch.Tensor], dtype=None, device="cpu") -> Transformer:
+    """A Transformer that adopts `sd`'s tensors (cast only where dtype/device differ)."""
+    dtype = to_dtype(dtype) or sd["tok_embeddings.weight"].dtype
+    if not dtype.is_floating_point:
+        dtype = torch.float32
+    with torch.device("meta"):  # shapes only: no memory, no random init to throw away
+        model = Transformer(args)
+    # .to() is a no-op (returns the mapped tensor itself) when nothing changes
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, assign=True)
+    model.reset_rope()  # non-persistent buffers were left on the meta device
+    return model.eval()
+
+
+def load_model(path, dtype=None, device="cpu", lora=None):
+    """(model, tokenizer or None) from a Meta/HF/ours dir or a .gguf file; see CONTRACT.md.
+    dtype None keeps the stored dtype (GGUF quantized tensors: float32)."""
+    args, sd, tok_path = load_checkpoint(path)
+    model = build_model(args, sd, dtype, device)
+    tokenizer = Tokenizer(tok_path) if tok_path is not None else None
+    if tokenizer is not None and tokenizer.n_words > args.vocab_size:
+        raise ValueError(f"{tok_path}: the tokenizer has {tokenizer.n_words} ids but the model only "
+                         f"{args.vocab_size} embeddings")
+    if lora is not None:
+        try:
+            from ..lora import load_adapter
+        except ImportError:
+            raise ValueError(f"--lora {lora}: LoRA support (annotated_llama/lora.py) is not available") from None
+        load_adapter(model, lora)
+    return model, tokenizer
+
+
+def _state_dict_for_saving(model, dtype) -> dict[str, torch.Tensor]:
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    check_state_dict(sd, model.params, "the model", "its ModelArgs")
+    dtype = to_dtype(dtype)
+    if dtype is not None:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+    return {k: v.cpu() for k, v in sd.items()}
+
+
+def save_model(model, tokenizer, path, format="hf", dtype=None, *, shards: int = 1, overwrite: bool = True):
+    """Write `model` (and `tokenizer`, may be None except for GGUF) to `path` as format
+    'hf', 'meta', 'gguf' (a file) or 'ours'. dtype: f32/f16/bf16 (GGUF also q8_0).
+
+    Files are written under a temporary name and renamed into place, so an interrupted save
+    never leaves a half-written file under a real name. Files in `path` that this format does
+    not write are left alone. overwrite=False refuses an existing non-empty path."""
+    if format not in FORMATS:
+        raise ValueError(f"format {format!r}: use one of {', '.join(FORMATS)}")
+    path = Path(path)
+    if not overwrite and path.exists() and (path.is_file() or any(path.iterdir())):
+        raise FileExistsError(f"{path}: already exists (pass --force / overwrite=True to replace it)")
+    if format == "gguf":
+        from .gguf import save_gguf
+        sd = _state_dict_for_saving(model, None if str(dtype).lower() in ("q8_0", "q4_0") else dtype)
+        if path.is_dir():
+            raise IsADirectoryError(f"{path}: is a directory; GGUF output is a single file")
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            save_gguf(tmp, model.params, sd, tokenizer, dtype)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+    sd = _state_dict_for_saving(model, dtype)
+    if path.is_file():
+        raise NotADirectoryError(f"{path}: is a file; {format} output is a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        if format == "hf":
+            from .hf import save_hf
+            save_hf(tmp, model.params, sd, tokenizer)
+        elif format == "meta":
+            from .meta import save_meta
+            save_meta(tmp, model.params, sd, tokenizer, shards)
+        else:
+            from safetensors.torch import save_file
+            (tmp / "params.json").write_text(json.dumps(model.params.to_params_json(), indent=2))
+            save_file({k: v.contiguous() for k, v in sd.items()}, tmp / OURS_WEIGHTS, metadata={"format": "pt"})
+            if tokenizer is not None:
+                (tmp / "tokenizer.model").write_bytes(tokenizer.model_bytes())
+        _move_into(tmp, path, format)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+# Files a format's loader reads; stale ones from an earlier save of another layout would win
+# format detection or shard discovery, so they are removed when a new save replaces the dir.
+_STALE = {"hf": ["model-*-of-*.safetensors", "model.safetensors.index.json"], "meta": ["consolidated.*.pth", "model.safetensors"],
+          "ours": ["config.json", "consolidated.*.pth"]}
+
+
+def _move_into(tmp: Path, path: Path, format: str) -> None:
+    if not path.exists():
+        os.replace(tmp, path)  # one atomic rename of the whole directory
+        return
+    for pattern in _STALE[format]:
+        for old in path.glob(pattern):
+            if not (tmp / old.name).exists():
+                old.unlink()
+    for f in tmp.iterdir():
+        os.replace(f, path / f.name)  # each file atomically
+
+
+__all__ = ["load_model", "save_model", "load_checkpoint", "build_model", "detect_format", "FORMATS"]
