@@ -1,0 +1,222 @@
+"""Tensor parallelism (annotated_llama/tensor_parallel.py) on 2 CPU processes under torchrun
+(gloo), against the single-process model. This file is also the worker script torchrun runs:
+`python tests/test_tensor_parallel.py MODE DIR`.
+
+The checkpoints are written here from one random tiny model, split by Meta's rules as this file
+states them (REFERENCE b4), independently of the module under test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from annotated_llama import ModelArgs, Transformer
+
+# GQA with H/K = 2, and everything divisible by 4 so a 4-shard checkpoint exists.
+TINY = dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=32, max_seq_len=64)
+# Big enough that per-rank memory dominates the noise, small enough to write and read in a second.
+MEMORY = dict(dim=512, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=2048, multiple_of=256, max_seq_len=64)
+VARIANTS = ["meta-1", "meta-2", "meta-4", "meta-2-vocab", "safetensors", "hf"]
+DEADLINE = 150  # seconds for one launch: a hang fails the test instead of the CI job
+
+
+# ---- checkpoints, split by Meta's rules -------------------------------------------------
+
+def meta_split_dim(name: str, vocab_parallel: bool):
+    if name.endswith(("norm.weight",)):
+        return None  # replicated
+    if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+        return 1  # row-parallel: input columns
+    if name == "tok_embeddings.weight":
+        return 0 if vocab_parallel else 1  # Llama 3's VocabParallelEmbedding vs LLaMA 1/2's ParallelEmbedding
+    return 0  # wq, wk, wv, w1, w3, output: output rows (whole heads, since heads divide by n)
+
+
+def save_meta(sd, args: ModelArgs, out: Path, n: int, vocab_parallel=False):
+    out.mkdir(parents=True)
+    params = args.to_params_json()
+    params["vocab_size"] = -1  # as Meta ships it
+    (out / "params.json").write_text(json.dumps(params))
+    for s in range(n):
+        shard = {}
+        for name, t in sd.items():
+            d = meta_split_dim(name, vocab_parallel)
+            shard[name] = (t if d is None else t.chunk(n, d)[s]).clone()
+        shard["rope.freqs"] = torch.zeros(args.head_dim // 2)  # LLaMA 1 ships it; loaders ignore it
+        torch.save(shard, out / f"consolidated.{s:02d}.pth")
+
+
+def random_model(preset: dict, seed: int) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(**preset))
+    with torch.no_grad():
+        for p in model.parameters():  # bigger than the default init, so logits differ by more than noise
+            p.normal_(0, 0.5 if p.ndim == 1 else 0.2).add_(1.0 if p.ndim == 1 else 0.0)
+    return model.eval()
+
+
+def exercise(model) -> dict:
+    """Every kind of forward call, then greedy decoding; same calls on one process or on rank 0."""
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, model.params.vocab_size, (2, 10), generator=g)  # (B, T)
+    out = {}
+    with torch.inference_mode():
+        model.clear_cache()
+        out["prefill"] = model(tokens[:, :7])
+        out["decode"] = torch.cat([model(tokens[:, 7 + i:8 + i], 7 + i) for i in range(3)], dim=1)
+        out["per_row"] = model(tokens[:, :1], torch.tensor([3, 5]))  # continuous batching's per-row slots
+        out["ragged"] = model(tokens, pad_left=torch.tensor([0, 4]))
+        out["no_cache"] = model(tokens, cache=False)
+        model.clear_cache()
+        seq = tokens[:1, :4]
+        logits = model(seq)
+        for _ in range(16):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+            seq = torch.cat([seq, nxt], dim=1)
+            logits = model(nxt, seq.shape[1] - 1)
+        out["greedy"] = seq[0].tolist()
+        out["cache_kv_heads"] = model.layers[0].attention.cache_k.shape[2]
+    return out
+
+
+# ---- the worker (runs under torchrun) ---------------------------------------------------
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def measure_load(load, warm_up) -> dict:
+    """Peak resident memory (MB) above the resident memory before `load()`. `warm_up()` loads a
+    tiny checkpoint the same way first: lazy imports and allocator arenas (~80 MB) are not the model."""
+    warm_up()
+    before = _status_mb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    result = load()
+    return {"peak_mb": _status_mb("VmHWM") - before, "result": result}
+
+
+def worker(mode: str, workdir: Path) -> int:
+    import torch.distributed as dist
+
+    from annotated_llama import tensor_parallel as tp
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if mode == "baseline":  # the single-process load: one torch.load of the whole checkpoint
+        def load(name, vocab_size):
+            sd = torch.load(workdir / name / "consolidated.00.pth", weights_only=True)
+            with torch.device("meta"):
+                model = Transformer(ModelArgs.from_params_json(workdir / name / "params.json", vocab_size=vocab_size))
+            sd.pop("rope.freqs")
+            model.load_state_dict(sd, assign=True)
+            return model
+        m = measure_load(lambda: load("memory", MEMORY["vocab_size"]), lambda: load("meta-1", TINY["vocab_size"]))
+        (workdir / "baseline.json").write_text(json.dumps({"peak_mb": m["peak_mb"]}))
+        return 0
+    if mode == "run":  # run_tensor_parallel with a front end that prints greedy tokens
+        path, n = sys.argv[3], int(sys.argv[4])
+
+        def front_end(model):
+            print("greedy", exercise(model)["greedy"], flush=True)
+
+        try:
+            return tp.run_tensor_parallel(path, n, front_end)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    # mode "parity": memory first (a fresh process), then every checkpoint variant
+    m = measure_load(lambda: tp.build_rank_model(workdir / "memory", world, rank),
+                     lambda: tp.build_rank_model(workdir / "meta-1", world, rank))
+    memory = {"peak_mb": m["peak_mb"], "params_mb": sum(p.numel() * 4 for p in m["result"].parameters()) / 2**20}
+    del m
+    dist.init_process_group("gloo")
+    results = {"memory": [None] * world}
+    dist.all_gather_object(results["memory"], memory)
+    for variant in VARIANTS:
+        model = tp.build_rank_model(workdir / variant, world, rank)
+        if rank == 0:
+            tp.lead(model)
+            results[variant] = exercise(model)
+            tp.stop_followers(model)
+        else:
+            tp.follow(model)
+    if rank == 0:
+        torch.save(results, workdir / "results.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+# ---- the tests ------------------------------------------------------------------------------
+
+def torchrun(*args, nproc=2, timeout=DEADLINE):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    from annotated_llama.weights.hf import meta_to_hf_state_dict
+
+    root = tmp_path_factory.mktemp("tp")
+    model = random_model(TINY, seed=0)
+    args, sd = model.params, model.state_dict()
+    save_meta(sd, args, root / "meta-1", 1)
+    save_meta(sd, args, root / "meta-2", 2)
+    save_meta(sd, args, root / "meta-4", 4)
+    save_meta(sd, args, root / "meta-2-vocab", 2, vocab_parallel=True)
+    (root / "safetensors").mkdir()
+    (root / "safetensors" / "params.json").write_text(json.dumps(args.to_params_json()))
+    save_file({k: v.contiguous() for k, v in sd.items()}, root / "safetensors" / "model.safetensors")
+    (root / "hf").mkdir()
+    (root / "hf" / "config.json").write_text(json.dumps(args.to_hf_config()))
+    save_file({k: v.contiguous() for k, v in meta_to_hf_state_dict(sd, args).items()}, root / "hf" / "model.safetensors")
+    big = random_model(MEMORY, seed=1)
+    save_meta(big.state_dict(), big.params, root / "memory", 1)
+    return root, exercise(model)
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_process_and_load_a_slice(checkpoints):
+    root, reference = checkpoints
+    t0 = time.time()
+    baseline = subprocess.Popen([sys.executable, __file__, "baseline", str(root)])
+    run = torchrun(__file__, "parity", str(root))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert baseline.wait(timeout=DEADLINE) == 0
+    results = torch.load(root / "results.pt", weights_only=True)
+    print(f"torchrun launch + baseline: {time.time() - t0:.1f} s")
+
+    for variant in VARIANTS:
+        got = results[variant]
+        for key in ("prefill", "decode", "per_row", "ragged", "no_cache"):
+            err = (got[key] - reference[key]).abs().max().item()
+            print(f"{variant:13s} {key:9s} max |diff| = {err:.2e}")
+            torch.testing.assert_close(got[key], reference[key], rtol=0, atol=1e-5, msg=f"{variant} {key}")
+        assert got["greedy"] == reference["greedy"], variant
+        assert got["cache_kv_heads"] == TINY["n_kv_heads"] // 2  # each rank caches only its share
+
+    single = json.loads((root / "baseline.json").read_text())["peak_mb"]
+    for rank, m in enumerate(results["memory"]):
+        print(f"rank {rank}: peak {m['peak_mb']:.1f} MB while loading its {m['params_mb']:.1f} MB slice; "
+              f"single-process load {single:.1f} MB; ratio {m['peak_mb'] / single:.2f}")
+        assert single > 50  # the model is 62 MB: the baseline really loaded it
+        assert m["peak_mb"] < 0.6 * single + 4, (rank, m, single)
+
+
+if __name__ == "__main__":
+    sys.exit(worker(sys.argv[1], Path(sys.argv[2])))
