@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import subprocess
-import sys
 import time
 
 import httpx
@@ -43,6 +41,15 @@ def greedy_reference(model, tokenizer, prompt: str, n: int) -> str:
     return tokenizer.decode(ids[-1:] + out)[len(tokenizer.decode(ids[-1:])):]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # Tiny models on a shared 2-core box: several intra-op threads only contend (10x slower).
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def tokenizer(spm_path):
     return Tokenizer(spm_path)
@@ -62,8 +69,11 @@ def client(served):
     return openai.OpenAI(base_url=served[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
+_http = httpx.Client(timeout=10)  # one client: a new one per call costs ~60 ms (TLS setup)
+
+
 def stats(url):
-    return httpx.get(url + "/health", timeout=10).json()["scheduler"]
+    return _http.get(url + "/health").json()["scheduler"]
 
 
 def test_models_and_health(served, client):
@@ -176,9 +186,14 @@ def test_disconnect_mid_stream_frees_slot(tokenizer):
         assert s["steps"] - closed_at <= 10, s  # freed within a few decode steps, far before its 150 tokens
 
 
-def test_cli_serve_help_and_bad_model():
-    out = subprocess.run([sys.executable, "-m", "annotated_llama", "serve", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "--api-key" in out.stdout and "127.0.0.1" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "annotated_llama", "serve", "--model", "/nonexistent/model"],
-                         capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "/nonexistent/model" in bad.stderr
+def test_cli_serve_help_and_bad_model(capsys):
+    from annotated_llama.__main__ import main
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--api-key" in out and "127.0.0.1" in out and "--max-batch-size" in out
+    assert main(["serve", "--model", "/nonexistent/model"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("annotated-llama serve: error:") and "/nonexistent/model" in err and len(err.splitlines()) == 1
+    assert main(["serve", "--max-batch-size", "0"]) == 2
+    assert "--max-batch-size must be positive" in capsys.readouterr().err
