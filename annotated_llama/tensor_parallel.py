@@ -210,14 +210,19 @@ def _full_shapes(args: ModelArgs) -> dict[str, torch.Size]:
         return {k: v.shape for k, v in Transformer(args).state_dict().items()}
 
 
+def shards_for_rank(n_shards: int, world_size: int, rank: int) -> range:
+    """The shards rank `rank` reads. Its slice of a split tensor is [r/N, (r+1)/N) of it, and shard
+    s holds [s/S, (s+1)/S): 8 shards on 2 ranks = 4 whole shards each, 1 shard on 4 ranks = a
+    quarter of shard 0 each; any S and N work when the heads divide by both."""
+    return range(rank * n_shards // world_size, ((rank + 1) * n_shards - 1) // world_size + 1)
+
+
 def _read_meta(path: Path, args: ModelArgs, S: int, N: int, rank: int, convert):
-    # Rank r's slice of a split tensor is [r/N, (r+1)/N) of it; shard s holds [s/S, (s+1)/S).
-    # So the rank opens only the shards that overlap, and copies only the overlapping rows or
-    # columns: 8 shards on 2 ranks = 4 whole shards each; 1 shard on 4 ranks = a quarter each.
     paths = [path / f"consolidated.{s:02d}.pth" for s in range(S)]
-    first, last = rank * S // N, ((rank + 1) * S - 1) // N
+    mine = shards_for_rank(S, N, rank)
+    first = mine[0]
     shards = {}
-    for s in range(first, last + 1):
+    for s in mine:
         if not paths[s].is_file():
             raise FileNotFoundError(f"{paths[s]}: no such file (rank {rank} of {N} needs it; the checkpoint has {S} shards)")
         shards[s] = torch.load(paths[s], map_location="cpu", weights_only=True, mmap=True)
