@@ -166,7 +166,7 @@ def save_model(model, tokenizer, path, format="hf", dtype=None, *, shards: int =
         raise FileExistsError(f"{path}: already exists (pass --force / overwrite=True to replace it)")
     if format == "gguf":
         from .gguf import save_gguf
-        sd = _state_dict_for_saving(model, None if str(dtype).lower() in ("q8_0", "q4_0") else dtype)
+        sd = _state_dict_for_saving(model, None)  # cast per tensor while writing (norms stay F32)
         if path.is_dir():
             raise IsADirectoryError(f"{path}: is a directory; GGUF output is a single file")
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -146,6 +146,17 @@ def load_hf(model_dir) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
         raise ValueError(f"{model_dir}: {e.args[0]} (not a LlamaForCausalLM checkpoint?)") from None
 
 
+def tiktoken_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """BPE merge rules equivalent to tiktoken's ranks: every split of a piece into two pieces,
+    ordered by the rank of the piece they make (tiktoken merges the lowest rank first)."""
+    merges = []
+    for piece, rank in ranks.items():
+        merges += [(rank, piece[:k], piece[k:]) for k in range(1, len(piece))
+                   if piece[:k] in ranks and piece[k:] in ranks]
+    merges.sort()
+    return [(a, b) for _, a, b in merges]
+
+
 def tokenizer_json(tokenizer) -> str | None:
     """HF's fast-tokenizer file (tokenizer.json) equivalent to our tokenizer, or None when the
     `tokenizers` package is absent. transformers can derive one from tokenizer.model itself,
@@ -181,11 +192,7 @@ def tokenizer_json(tokenizer) -> str | None:
         byte_char = _gpt2_bytes_to_unicode()
         ranks = tokenizer.tt._mergeable_ranks
         vocab = {"".join(byte_char[b] for b in piece): rank for piece, rank in ranks.items()}
-        for piece, rank in ranks.items():
-            merges += [(rank, piece[:k], piece[k:]) for k in range(1, len(piece))
-                       if piece[:k] in ranks and piece[k:] in ranks]
-        merges.sort()
-        text = [("".join(byte_char[b] for b in m[1]), "".join(byte_char[b] for b in m[2])) for m in merges]
+        text = [("".join(byte_char[b] for b in a), "".join(byte_char[b] for b in b_)) for a, b_ in tiktoken_merges(ranks)]
         fast = FastTokenizer(models.BPE(vocab=vocab, merges=text, ignore_merges=True))
         fast.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(LLAMA3_PAT, behavior="isolated"),

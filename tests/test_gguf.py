@@ -1,0 +1,218 @@
+"""GGUF: what we write is read back by llama.cpp's own `gguf` package with the expected keys,
+shapes and values, and our reader loads it to the same logits."""
+
+import numpy as np
+import pytest
+import torch
+
+from annotated_llama import ModelArgs, Tokenizer, Transformer
+from annotated_llama.weights import load_model, save_model
+
+gguf = pytest.importorskip("gguf")
+T = gguf.GGMLQuantizationType
+
+GGUF_NAMES = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output",
+              "attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v", "attention.wo": "attn_output",
+              "feed_forward.w1": "ffn_gate", "feed_forward.w3": "ffn_up", "feed_forward.w2": "ffn_down",
+              "attention_norm": "attn_norm", "ffn_norm": "ffn_norm"}
+EXPECTED_TYPE = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0}
+
+
+def gguf_name(meta: str) -> str:
+    parts = meta.removesuffix(".weight").split(".")
+    if parts[0] == "layers":
+        return f"blk.{parts[1]}.{GGUF_NAMES['.'.join(parts[2:])]}.weight"
+    return GGUF_NAMES[".".join(parts)] + ".weight"
+
+
+@pytest.fixture(scope="module")
+def spm_model(spm_path):
+    torch.manual_seed(0)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=32,
+                     norm_eps=1e-6, max_seq_len=128)
+    model = Transformer(args).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model, Tokenizer(spm_path)
+
+
+def field(reader, key):
+    return reader.fields[key].contents()
+
+
+def reference_weights(reader) -> dict[str, np.ndarray]:
+    # gguf's own dequantization, the numpy shape as the package reports it (innermost last)
+    out = {}
+    for t in reader.tensors:
+        data = t.data
+        if t.tensor_type == T.BF16:
+            data = data.view(np.uint16).astype(np.uint32) << 16  # bf16 bits -> f32 bits
+            out[t.name] = data.view(np.float32)
+        else:
+            out[t.name] = gguf.quants.dequantize(data, t.tensor_type)
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16", "q8_0"])
+def test_written_gguf_reads_back_in_the_gguf_package(tmp_path, spm_model, dtype):
+    model, tok = spm_model
+    args = model.params
+    path = tmp_path / f"tiny-{dtype}.gguf"
+    save_model(model, tok, path, format="gguf", dtype=dtype)
+    reader = gguf.GGUFReader(path)
+
+    assert field(reader, "general.architecture") == "llama"
+    expected_keys = {"llama.context_length": 128, "llama.embedding_length": 64, "llama.block_count": 2,
+                     "llama.feed_forward_length": args.ffn_hidden_dim, "llama.attention.head_count": 4,
+                     "llama.attention.head_count_kv": 2, "llama.rope.dimension_count": 16,
+                     "llama.vocab_size": 32000, "tokenizer.ggml.model": "llama", "tokenizer.ggml.bos_token_id": 1,
+                     "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0,
+                     "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": False}
+    for key, value in expected_keys.items():
+        assert field(reader, key) == value, key
+    assert field(reader, "llama.attention.layer_norm_rms_epsilon") == pytest.approx(1e-6)
+    assert field(reader, "llama.rope.freq_base") == 10000.0
+    assert field(reader, "general.file_type") == {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7}[dtype]
+
+    sp = tok.sp
+    assert field(reader, "tokenizer.ggml.tokens") == [sp.id_to_piece(i) for i in range(32000)]
+    scores = field(reader, "tokenizer.ggml.scores")
+    assert scores[:300:7] == pytest.approx([sp.get_score(i) for i in range(0, 300, 7)])
+    types = field(reader, "tokenizer.ggml.token_type")
+    assert types[:4] == [2, 3, 3, 6] and types[3 + 256] == 1  # unk, <s>, </s>, <0x00>, then normal pieces
+
+    sd = model.state_dict()
+    weights = reference_weights(reader)
+    by_name = {t.name: t for t in reader.tensors}
+    assert set(by_name) == {gguf_name(k) for k in sd}
+    for name, w in sd.items():
+        t = by_name[gguf_name(name)]
+        assert list(t.shape) == list(reversed(w.shape)), name  # GGUF lists dims innermost-first
+        expected_type = T.F32 if w.dim() == 1 else EXPECTED_TYPE[dtype]
+        assert t.tensor_type == expected_type, name
+        got = torch.from_numpy(np.ascontiguousarray(weights[t.name])).reshape(w.shape)
+        if expected_type == T.F32:
+            assert torch.equal(got, w), name
+        elif expected_type == T.F16:
+            assert torch.equal(got, w.half().float()), name
+        elif expected_type == T.BF16:
+            assert torch.equal(got, w.bfloat16().float()), name
+        else:  # Q8_0: per block of 32, d = max|w|/127 (stored in fp16), error <= d/2 (+ fp16 rounding of d)
+            blocks = w.reshape(-1, 32)
+            d = blocks.abs().amax(1, keepdim=True) / 127
+            err = (got.reshape(-1, 32) - blocks).abs()
+            assert (err <= d * 0.5 * 1.01 + d * 127 * 2 ** -11 + 1e-12).all(), name
+            assert err.max() > 0  # it did quantize
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16", "q8_0"])
+def test_our_reader_gives_the_same_logits(tmp_path, spm_model, dtype):
+    model, tok = spm_model
+    path = tmp_path / f"tiny-{dtype}.gguf"
+    save_model(model, tok, path, format="gguf", dtype=dtype)
+    loaded, loaded_tok = load_model(path, dtype="f32")
+    tokens = torch.randint(0, 32000, (2, 21))
+    with torch.no_grad():
+        got = loaded(tokens, cache=False)
+        exact = model(tokens, cache=False)
+        # the reference: the original model with its weights replaced by the gguf package's values
+        reference = Transformer(model.params).eval()
+        reader = gguf.GGUFReader(path)
+        weights = reference_weights(reader)
+        reference.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(weights[gguf_name(k)])).reshape(v.shape)
+                                   for k, v in model.state_dict().items()})
+        expected = reference(tokens, cache=False)
+    assert torch.equal(got, expected)
+    err = (got - exact).abs().max().item()
+    print(f"GGUF {dtype}: max abs logit error vs the float32 model {err:.2e}")
+    assert err < {"f32": 0.0, "f16": 5e-3, "bf16": 5e-2, "q8_0": 5e-2}[dtype] or (dtype == "f32" and err == 0)
+    for text in ["Hello world", "  spaces and 12345", "ünïcödé 🦙"]:
+        assert loaded_tok.encode(text, True, True) == tok.encode(text, True, True)
+
+
+def test_stored_dtype_is_kept_by_default(tmp_path, spm_model):
+    model, tok = spm_model
+    save_model(model, tok, tmp_path / "m.gguf", format="gguf", dtype="bf16")
+    loaded, _ = load_model(tmp_path / "m.gguf")
+    assert loaded.tok_embeddings.weight.dtype == torch.bfloat16
+    assert loaded.norm.weight.dtype == torch.bfloat16  # 1-D tensors were F32 on disk; one dtype in memory
+
+
+def test_llama31_rope_scaling_round_trip(tmp_path, spm_path):
+    args = ModelArgs.from_name("tiny-llama3", vocab_size=32000)
+    model = Transformer(args).eval()
+    save_model(model, Tokenizer(spm_path), tmp_path / "l31.gguf", format="gguf", dtype="f32")
+    reader = gguf.GGUFReader(tmp_path / "l31.gguf")
+    freqs = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+    assert freqs.tensor_type == T.F32 and list(freqs.shape) == [args.head_dim // 2]
+    loaded, _ = load_model(tmp_path / "l31.gguf")
+    assert loaded.params.use_scaled_rope and loaded.params.rope_original_context == 64
+    tokens = torch.randint(0, 32000, (1, 300))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens, cache=False), model(tokens, cache=False))
+
+
+def test_q4_0_tensors_are_read(tmp_path, spm_model):
+    # A file with Q4_0 matrices, written by the gguf package itself; our reader dequantizes like it.
+    model, tok = spm_model
+    save_model(model, tok, tmp_path / "f32.gguf", format="gguf", dtype="f32")
+    src = gguf.GGUFReader(tmp_path / "f32.gguf")
+    w = gguf.GGUFWriter(tmp_path / "q4.gguf", "llama")
+    for key, f in src.fields.items():
+        if key.startswith(("llama.", "tokenizer.")):
+            kind = f.types[0]
+            if kind == gguf.GGUFValueType.ARRAY:
+                w.add_array(key, f.contents())
+            else:
+                w.add_key_value(key, f.contents(), kind)
+    for t in src.tensors:
+        data = np.ascontiguousarray(t.data)
+        if data.ndim == 2:
+            w.add_tensor(t.name, gguf.quants.quantize(data, T.Q4_0), raw_dtype=T.Q4_0)
+        else:
+            w.add_tensor(t.name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    loaded, _ = load_model(tmp_path / "q4.gguf")
+    weights = reference_weights(gguf.GGUFReader(tmp_path / "q4.gguf"))
+    for name, p in loaded.state_dict().items():
+        assert torch.equal(p, torch.from_numpy(np.ascontiguousarray(weights[gguf_name(name)])).reshape(p.shape))
+
+
+def test_llama3_vocabulary_is_embedded_as_bpe(tmp_path, llama3_tokenizer):
+    args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=llama3_tokenizer.n_words, multiple_of=32)
+    save_model(Transformer(args), llama3_tokenizer, tmp_path / "l3.gguf", format="gguf", dtype="q8_0")
+    reader = gguf.GGUFReader(tmp_path / "l3.gguf")
+    assert field(reader, "tokenizer.ggml.model") == "gpt2"
+    assert field(reader, "tokenizer.ggml.pre") == "llama-bpe"
+    assert field(reader, "tokenizer.ggml.bos_token_id") == 128000
+    assert field(reader, "tokenizer.ggml.eot_token_id") == 128009
+    merges = reader.fields["tokenizer.ggml.merges"]
+    assert len(merges.data) > 200_000  # Llama 3 ships ~280k merge rules
+    assert merges.contents(0) == "Ġ Ġ"  # rank 256 is two spaces (GPT-2's byte map writes space as Ġ)
+    back = Tokenizer(tmp_path / "l3.gguf")
+    for text in ["Hello world!", "  x = 12345;\n\tnew line", "ünïcödé 🦙 <|eot_id|>"]:
+        assert back.encode(text, True, False) == llama3_tokenizer.encode(text, True, False)
+    assert back.stop_ids == llama3_tokenizer.stop_ids
+
+
+def test_gguf_convert_cli_and_bad_files(tmp_path, spm_model):
+    import subprocess
+    import sys
+
+    model, tok = spm_model
+    save_model(model, tok, tmp_path / "ours", format="ours")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "annotated_llama", *map(str, a)],  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    r = run("convert", tmp_path / "ours", tmp_path / "m.gguf", "--to", "gguf", "--dtype", "q8_0")
+    assert r.returncode == 0, r.stderr
+    assert gguf.GGUFReader(tmp_path / "m.gguf").tensors[0].tensor_type in (T.Q8_0, T.F32)
+    data = (tmp_path / "m.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 2])
+    r = run("convert", tmp_path / "cut.gguf", tmp_path / "out", "--to", "hf")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "cut.gguf" in r.stderr
+    assert "truncated" in r.stderr and not (tmp_path / "out").exists()
