@@ -117,7 +117,8 @@ def apply_lora(model: nn.Module, targets="wq,wv", r: int = 8, alpha: float = 16.
             continue
         for t in parse_targets(targets):
             parent = getattr(block, OUR_PARENT[t])
-            setattr(parent, t, LoRALinear(getattr(parent, t), r, alpha, dropout))
+            # a new module starts in training mode: follow the model's mode (no dropout in eval)
+            setattr(parent, t, LoRALinear(getattr(parent, t), r, alpha, dropout).train(model.training))
     mark_only_lora_trainable(model)
     return model
 
@@ -297,7 +298,7 @@ def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
         with torch.no_grad():
             m.lora_A.copy_(A)
             m.lora_B.copy_(B)
-        setattr(parent, child, m)
+        setattr(parent, child, m.train(model.training))  # eval model: no adapter dropout
     mark_only_lora_trainable(model)
     return model
 

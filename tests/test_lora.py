@@ -9,6 +9,14 @@ from annotated_llama import ModelArgs, Transformer
 from annotated_llama.lora import (LoRALinear, apply_lora, is_lora_parameter, load_adapter, lora_modules,
                                   merge_and_unload, merge_lora, parse_targets, save_adapter, unmerge_lora)
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # On this shared 2-core box (load ~10), two intra-op threads make tiny-model steps ~20x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 def tiny(name="tiny", **kw):
     torch.manual_seed(0)
@@ -137,3 +145,15 @@ def test_lora_linear_math():
     x = torch.randn(3, 6)
     expected = x @ lin.weight.T + 3.0 * (x @ m.lora_A.T @ m.lora_B.T)  # scaling alpha / r = 3
     assert torch.allclose(m(x), expected, atol=1e-6)
+
+
+def test_adapters_follow_the_models_mode(tmp_path):
+    # load_model returns an eval() model: adapters added to it must not apply dropout
+    model = apply_lora(tiny().eval(), "wq,wv", r=4, alpha=8, dropout=0.5)
+    randomize_adapters(model)
+    assert not any(m.training for m in lora_modules(model).values())
+    assert torch.equal(model(TOKENS, cache=False), model(TOKENS, cache=False))
+    save_adapter(model, tmp_path)
+    loaded = load_adapter(tiny().eval(), tmp_path)
+    assert not any(m.training for m in lora_modules(loaded).values())
+    assert torch.allclose(loaded(TOKENS, cache=False), model(TOKENS, cache=False), atol=1e-6)

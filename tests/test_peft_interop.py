@@ -6,14 +6,23 @@ permuted like the base weight's rows (a wrong permutation fails these comparison
 import pytest
 import torch
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+import peft  # the dev extra: a missing reference fails the test, it is never skipped
+import transformers
 
-from annotated_llama import ModelArgs, Transformer  # noqa: E402
-from annotated_llama.lora import apply_lora, load_adapter, lora_modules, save_adapter  # noqa: E402
-from annotated_llama.weights.hf import meta_to_hf_state_dict  # noqa: E402
+from annotated_llama import ModelArgs, Transformer
+from annotated_llama.lora import apply_lora, load_adapter, lora_modules, save_adapter
+from annotated_llama.weights.hf import meta_to_hf_state_dict
 
 TOKENS = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # On this shared 2-core box (load ~10), two intra-op threads make tiny-model steps ~20x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def base_pair(preset):

@@ -1,0 +1,188 @@
+"""An instruction set we can measure: Alpaca records with checkable answers, made from the Bible.
+
+Self-instruct data (self_instruct.py) has no right answers to score against. These tasks do: each
+record's `output` is the one correct reply, so held-out exact-match accuracy measures what
+instruction tuning taught. Tasks are small enough for a few-million-parameter model, and mix
+skills: recalling the corpus (continue a verse, which book), copying from the input (first and last
+word, reversing a list), counting, and small arithmetic. Each record carries a `task` field (Alpaca
+loaders ignore extra fields; the evaluation groups by it).
+
+The split is fixed by a seed. Held-out records share no source sentence and no (instruction, input)
+pair with the training records, so arithmetic is scored on sums the fine-tune never saw.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import defaultdict
+
+import torch
+
+from .alpaca import render_prompt
+
+# Four books of clearly different genres (narrative, law, war stories, poetry).
+BOOKS = ("Genesis", "Leviticus", "Judges", "Job")
+# Words for the list task: frequent concrete nouns of the corpus.
+NOUNS = ("bread", "water", "wine", "oil", "gold", "silver", "sheep", "goat", "ox", "camel", "donkey", "lamb",
+         "tent", "altar", "stone", "tree", "river", "field", "city", "gate", "house", "sword", "bow", "cloak",
+         "ring", "lamp", "cup", "bowl", "knife", "rope", "cedar", "olive", "fig", "grape", "honey", "salt")
+SENTENCE = re.compile(r"(?<=[.!?])\s+")
+HEADING = re.compile(r"^(.+?) (\d+)$")
+PLAIN = re.compile(r"^[A-Z][A-Za-z ,;’']*[A-Za-z][.!?]$")  # no quotation marks: answers stay unambiguous
+
+
+def read_bible(text: str) -> list[tuple[str, int, list[str]]]:
+    """[(book, chapter, sentences)] from the corpus layout: a `Book N` line, then the chapter's text."""
+    chapters, book, chapter = [], None, None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        m = HEADING.match(line)
+        if m and len(line) < 30:
+            book, chapter = m.group(1), int(m.group(2))
+        elif book is not None:
+            chapters.append((book, chapter, SENTENCE.split(line)))
+    return chapters
+
+
+def words(s: str) -> list[str]:
+    return re.findall(r"[A-Za-z’']+", s)
+
+
+# ---- the tasks: each (rng, sentence pool) -> (instruction, input, output) ----------------------
+
+def task_book(rng, pool):
+    book, s = rng.choice(pool["by_book"])
+    return f"Which book is this verse from? Answer {', '.join(BOOKS[:-1])} or {BOOKS[-1]}.", s, book
+
+
+def task_continue(rng, pool):
+    w = rng.choice(pool["plain"]).split()
+    k = rng.randint(3, len(w) - 2)
+    return "Continue this verse with its next two words.", " ".join(w[:k]), " ".join(w[k:k + 2]).strip(",;:.!?")
+
+
+def task_first_word(rng, pool):
+    s = rng.choice(pool["plain"])
+    return "What is the first word of this verse?", s, words(s)[0]
+
+
+def task_last_word(rng, pool):
+    s = rng.choice(pool["plain"])
+    return "What is the last word of this verse?", s, words(s)[-1]
+
+
+def task_count_words(rng, pool):
+    w = rng.choice(pool["plain"]).rstrip(".!?").replace(",", "").replace(";", "").split()
+    n = rng.randint(2, min(7, len(w)))
+    start = rng.randint(0, len(w) - n)
+    return "How many words are in this text?", " ".join(w[start:start + n]), str(n)
+
+
+def task_reverse_list(rng, pool):
+    items = rng.sample(NOUNS, rng.randint(3, 4))
+    return "Reverse the order of this list.", ", ".join(items), ", ".join(reversed(items))
+
+
+def task_arithmetic(rng, pool):
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    if rng.random() < 0.5:
+        return f"What is {a} plus {b}?", "", str(a + b)
+    a, b = max(a, b), min(a, b)
+    return f"What is {a} minus {b}?", "", str(a - b)
+
+
+TASKS = {"book": task_book, "continue": task_continue, "first_word": task_first_word,
+         "last_word": task_last_word, "count_words": task_count_words, "reverse_list": task_reverse_list,
+         "arithmetic": task_arithmetic}
+
+
+def _pools(chapters, rng, heldout_fraction):
+    plain = [(b, s) for b, _, ss in chapters for s in ss if PLAIN.match(s) and 6 <= len(s.split()) <= 20]
+    rng.shuffle(plain)
+    n_held = max(1, int(len(plain) * heldout_fraction))
+    pools = []
+    for part in (plain[:n_held], plain[n_held:]):
+        pools.append({"plain": [s for _, s in part], "by_book": [(b, s) for b, s in part if b in BOOKS]})
+    return pools  # (held-out pool, training pool): no sentence in both
+
+
+def make_records(corpus_text: str, n_train: int, n_heldout: int, seed: int = 0, tasks=None):
+    """(train, heldout) lists of records, n_train and n_heldout per task (fewer only if a task
+    runs out of distinct records), fixed by `seed`."""
+    rng = random.Random(seed)
+    held_pool, train_pool = _pools(read_bible(corpus_text), rng, heldout_fraction=0.15)
+    train, heldout = [], []
+    for name in tasks or TASKS:
+        make = TASKS[name]
+        seen = set()
+
+        def draw(pool, n):
+            out = []
+            for _ in range(50 * n):  # give up on duplicates after a while
+                if len(out) == n:
+                    break
+                instruction, inp, output = make(rng, pool)
+                if (instruction, inp) not in seen and output:
+                    seen.add((instruction, inp))
+                    out.append({"instruction": instruction, "input": inp, "output": output, "task": name})
+            return out
+
+        heldout += draw(held_pool, n_heldout)  # first, so arithmetic's few sums go to held-out too
+        train += draw(train_pool, n_train)
+    rng.shuffle(train)
+    return train, heldout
+
+
+# ---- evaluation -------------------------------------------------------------------------------
+
+@torch.no_grad()
+def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, stop_ids) -> list[tuple[list[int], bool]]:
+    """Greedy continuations of a batch of prompts: [(new ids without the stop id, stopped?)]."""
+    B = len(prompts)
+    T = max(len(p) for p in prompts)
+    pad_left = torch.tensor([T - len(p) for p in prompts])
+    tokens = torch.tensor([[0] * (T - len(p)) + p for p in prompts])  # (B, T) left-padded
+    out, done, stopped = [[] for _ in range(B)], [False] * B, [False] * B
+    model.clear_cache()
+    logits = model(tokens, 0, pad_left=pad_left)[:, -1]  # (B, V)
+    for step in range(max_new_tokens):
+        nxt = logits.argmax(-1)  # (B,)
+        for b in range(B):
+            if done[b]:
+                continue
+            if int(nxt[b]) in stop_ids:
+                done[b] = stopped[b] = True
+            else:
+                out[b].append(int(nxt[b]))
+                done[b] = len(out[b]) >= max_new_tokens
+        if all(done) or T + step + 1 >= model.params.max_seq_len:
+            break
+        logits = model(nxt[:, None], T + step, pad_left=pad_left)[:, -1]  # (B, V)
+    model.clear_cache()
+    return list(zip(out, stopped))
+
+
+def evaluate(model, tokenizer, records: list[dict], max_new_tokens: int = 24, batch_size: int = 16) -> dict:
+    """Exact match of the greedy reply (stripped) against `output`, overall and per task."""
+    model.eval()
+    stop_ids = set(getattr(tokenizer, "stop_ids", ())) or {tokenizer.eos_id}
+    hits, totals, stops, rows = defaultdict(int), defaultdict(int), 0, []
+    order = sorted(range(len(records)), key=lambda i: len(render_prompt(records[i])))  # similar lengths per batch
+    for start in range(0, len(order), batch_size):
+        batch = [records[i] for i in order[start:start + batch_size]]
+        prompts = [tokenizer.encode(render_prompt(r), bos=True, eos=False) for r in batch]
+        for r, (ids, stopped) in zip(batch, greedy_generate(model, prompts, max_new_tokens, stop_ids)):
+            reply = tokenizer.decode(ids).strip()
+            ok = reply == r["output"].strip()
+            task = r.get("task", "all")
+            hits[task] += ok
+            totals[task] += 1
+            stops += stopped
+            rows.append({"task": task, "output": r["output"], "reply": reply, "correct": ok, "stopped": stopped})
+    n = sum(totals.values())
+    return {"accuracy": sum(hits.values()) / max(n, 1), "n": n, "stopped_at_eos": stops / max(n, 1),
+            "per_task": {t: {"accuracy": hits[t] / totals[t], "n": totals[t]} for t in sorted(totals)},
+            "rows": rows}
