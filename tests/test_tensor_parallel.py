@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -161,9 +162,26 @@ def worker(mode: str, workdir: Path) -> int:
 # ---- the tests ------------------------------------------------------------------------------
 
 def torchrun(*args, nproc=2, timeout=DEADLINE):
+    return torchrun_together([args], nproc, timeout)[0]
+
+
+def torchrun_together(launches, nproc=2, timeout=DEADLINE):
+    """Several `torchrun --nproc_per_node nproc ARGS` at once (torch's import time dominates);
+    each must finish within `timeout` seconds, so a hang fails the test instead of the CI job."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               f"--nproc_per_node={nproc}", *args], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for args in launches]
+    deadline, results = time.time() + timeout, []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=max(1.0, deadline - time.time()))
+            results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +235,40 @@ def test_two_ranks_match_one_process_and_load_a_slice(checkpoints):
         assert single > 50  # the model is 62 MB: the baseline really loaded it
         assert m["peak_mb"] < 0.6 * single + 4, (rank, m, single)
 
+
+def test_tp_that_does_not_divide_the_heads_fails_before_starting_processes(checkpoints, monkeypatch):
+    from annotated_llama.tensor_parallel import run_tensor_parallel
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match=r"--tp 3: the model's n_heads \(8\) is not divisible by 3"):
+        run_tensor_parallel(checkpoints[0] / "meta-2", 3, front_end=None, argv=["never", "run"])
+
+
+@pytest.mark.slow
+def test_run_under_torchrun_and_errors_end_every_rank(checkpoints, tmp_path):
+    root, reference = checkpoints
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    for f in ("params.json", "consolidated.00.pth"):  # rank 1's consolidated.01.pth is gone
+        (missing / f).write_bytes((root / "meta-2" / f).read_bytes())
+    t0 = time.time()
+    ok, no_file, mismatch = torchrun_together([
+        (__file__, "run", str(root), str(root / "meta-2"), "2"),
+        (__file__, "run", str(root), str(missing), "2"),
+        (__file__, "run", str(root), str(root / "meta-2"), "4"),  # 2 processes started, --tp 4
+    ])
+    print(f"3 launches: {time.time() - t0:.1f} s")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert ok.stdout.count("greedy") == 1  # rank 0 alone prints
+    assert f"greedy {reference['greedy']}" in ok.stdout
+
+    for bad, message in ((no_file, r"^error: rank 1: \S+missing/consolidated\.01\.pth: no such file"),
+                         (mismatch, r"^error: --tp 4 does not match the 2 processes torchrun started")):
+        errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+        print(errors)
+        assert bad.returncode != 0
+        assert len(errors) == 1, bad.stderr[-3000:]  # one line, from rank 0 only
+        assert re.search(message, errors[0]), errors[0]
 
 if __name__ == "__main__":
     sys.exit(worker(sys.argv[1], Path(sys.argv[2])))
