@@ -211,6 +211,9 @@ PRESETS: dict[str, dict] = {
     "stories15M": dict(dim=288, n_layers=6, n_heads=6, vocab_size=32000, multiple_of=32, max_seq_len=256),
     # The 134M shape of ../MACHINE.md's reference-engine measurements (the speed benchmark).
     "bench-134m": dict(dim=768, n_layers=12, n_heads=12, vocab_size=32000, hidden_dim=2048, max_seq_len=1024),
+    # Ours: the embedded default model (annotated_llama/default_model), trained on the World
+    # English Bible with a 4,096-piece tokenizer by scripts/train_default_model.sh (6.9M params).
+    "bible-7m": dict(dim=256, n_layers=6, n_heads=8, vocab_size=4096, multiple_of=32, max_seq_len=256),
 }
 
 

@@ -1,0 +1,89 @@
+"""Export a training checkpoint as a model dir: params.json, model.safetensors (Meta key names,
+16-bit to halve the size), tokenizer.model, and eval.json with the validation perplexity measured
+on the exported (rounded) weights, so the figure shipped is the one a user reproduces.
+
+    python -m annotated_llama.train.export RUN_DIR|CKPT_DIR OUT_DIR --data SHARD_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..config import ModelArgs
+from .checkpoint import latest_checkpoint
+from .evaluation import EVAL_SEQ_LEN, EVAL_WINDOWS, evaluate_model, load_model_dir
+
+FILES = ("params.json", "model.safetensors", "tokenizer.model", "eval.json")
+
+
+def export(src, out_dir, data_dir, dtype: torch.dtype = torch.bfloat16, log_path=None) -> dict:
+    src = Path(src)
+    ckpt = src if (src / "train_state.pt").is_file() else latest_checkpoint(src)
+    if ckpt is None:
+        raise FileNotFoundError(f"{src}: no checkpoint (ckpt-NNNNNNN with train_state.pt) found")
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.export-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    args = ModelArgs.from_params_json(ckpt / "params.json")
+    state = load_file(ckpt / "model.safetensors")
+    save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, tmp / "model.safetensors")
+    shutil.copyfile(ckpt / "params.json", tmp / "params.json")
+    shutil.copyfile(ckpt / "tokenizer.model", tmp / "tokenizer.model")
+
+    train_state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=True)
+    model, _ = load_model_dir(tmp)
+    metrics = evaluate_model(model, data_dir, seq_len=EVAL_SEQ_LEN, max_windows=EVAL_WINDOWS)
+    info = {
+        **metrics,
+        "how": (f"mean next-token cross-entropy over the first {metrics['windows']} non-overlapping windows "
+                f"of {EVAL_SEQ_LEN} tokens of the validation split (val.bin: every 40th document held out), "
+                f"weights as stored ({str(dtype).removeprefix('torch.')}), forward in float32; "
+                "val_ppl = exp(val_loss). Reproduce: annotated-llama evaluate --model DIR --data SHARD_DIR"),
+        "params": args.num_params(),
+        "train_steps": train_state["step"], "train_tokens": train_state["tokens"],
+        "train_seconds": round(train_state["elapsed_s"], 1),
+        "train_config": {k: train_state["config"][k] for k in
+                         ("lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "eps",
+                          "grad_clip", "grad_accum", "dtype", "seed", "max_steps")},
+    }
+    if log_path and Path(log_path).is_file():
+        rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+        speed = [r for r in rows if "tokens_per_s" in r]
+        if speed:
+            info["tokens_per_s_median"] = sorted(r["tokens_per_s"] for r in speed)[len(speed) // 2]
+            mfu = sorted(r.get("mfu", 0.0) for r in speed)
+            info["mfu_median"] = mfu[len(mfu) // 2]
+    (tmp / "eval.json").write_text(json.dumps(info, indent=2) + "\n")
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in FILES:  # replace file by file: the package dir holds other files (__init__.py)
+        os.chmod(tmp / name, 0o644)
+        os.replace(tmp / name, out / name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return info
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("src", help="run dir (its newest checkpoint) or a checkpoint dir")
+    p.add_argument("out", help="model dir to write")
+    p.add_argument("--data", required=True, help="token shard dir with val.bin")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--log", help="log.jsonl of the run (default: SRC/log.jsonl)")
+    a = p.parse_args(argv)
+    log = a.log or (Path(a.src) / "log.jsonl")
+    info = export(a.src, a.out, a.data, getattr(torch, a.dtype), log)
+    print(json.dumps(info, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
