@@ -119,9 +119,18 @@ def chapter_env(tmp_path, monkeypatch):
     torch.set_grad_enabled(grad)
 
 
+_RESULTS: dict[Path, tuple] = {}  # chapter -> run_chapter's result, so chapter 6 is run once per session
+
+
+def run_chapter_once(path: Path, workdir: Path):
+    if path not in _RESULTS:
+        _RESULTS[path] = run_chapter(path, workdir)
+    return _RESULTS[path]
+
+
 @pytest.mark.parametrize("path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
 def test_chapter_runs(path, chapter_env):
-    problems, _ = run_chapter(path, chapter_env)
+    problems, _ = run_chapter_once(path, chapter_env)
     assert not problems, "\n\n".join(problems)
 
 
@@ -226,7 +235,7 @@ def _count_on_meta_device(name: str) -> int:
 def test_chapter6_parameter_counts(chapter_env):
     path = next((p for p in CHAPTERS if p.name.startswith("06_")), None)
     assert path is not None, "chapter 6 (docs/annotated/06_end_to_end.md) is missing"
-    problems, outputs = run_chapter(path, chapter_env)
+    problems, outputs = run_chapter_once(path, chapter_env)
     assert not problems, "\n\n".join(problems)
     printed = "".join(out for _, out in outputs)
     for name, paper in PAPER_SIZES.items():
