@@ -13,6 +13,7 @@
 Public API (stable; the server and the fine-tuning code import it):
     Message, Dialog                           Meta's TypedDict / list of messages
     TEMPLATES                                 ("none", "alpaca", "llama-2", "llama-3")
+    TEMPLATE_STOPS[template]                  stop strings that mean "the model began a new turn"
     format_alpaca(instruction, input="")      the exact Alpaca prompt string
     validate_dialog(dialog)                   ValueError unless [system] user (assistant user)*
     encode_dialog(tokenizer, dialog, template) -> list[int]    the prompt ids for generation
@@ -35,6 +36,10 @@ class Message(TypedDict):
 Dialog = List[Message]
 
 TEMPLATES = ("none", "alpaca", "llama-2", "llama-3")
+# Text that means the model has started a new turn by itself: a chat ends its answer there
+# (models fine-tuned without EOS in the targets run on into the next "### Instruction:",
+# REFERENCE section 3 item 7). Llama 3 needs none: <|eot_id|> is a stop id.
+TEMPLATE_STOPS = {"none": (), "alpaca": ("### Instruction:",), "llama-2": ("[INST]",), "llama-3": ()}
 
 # ---- Alpaca (tatsu-lab/stanford_alpaca train.py PROMPT_DICT) -------------------------------------
 # No trailing newline after "### Response:"; the training target is output + EOS.
@@ -173,6 +178,6 @@ def encode_prompt(tokenizer, text: str, template: str = "none", system: str | No
     return encode_dialog(tokenizer, dialog, template)
 
 
-__all__ = ["Message", "Dialog", "Role", "TEMPLATES", "ALPACA_PROMPT_INPUT", "ALPACA_PROMPT_NO_INPUT", "format_alpaca",
+__all__ = ["Message", "Dialog", "Role", "TEMPLATES", "TEMPLATE_STOPS", "ALPACA_PROMPT_INPUT", "ALPACA_PROMPT_NO_INPUT", "format_alpaca",
            "B_INST", "E_INST", "B_SYS", "E_SYS", "SPECIAL_TAGS", "validate_dialog", "encode_llama2_dialog",
            "encode_llama3_header", "encode_llama3_dialog", "encode_alpaca_dialog", "encode_dialog", "encode_prompt"]

@@ -96,8 +96,8 @@ def apply_top_k(logits: torch.Tensor, top_k: Setting) -> torch.Tensor:
     k = torch.as_tensor(top_k, device=logits.device).long().expand(B) if not isinstance(top_k, torch.Tensor) \
         else top_k.to(logits.device).long().reshape(B)
     k = torch.where(k <= 0, torch.full_like(k, V), k.clamp(max=V))  # (B,)
-    sorted_logits = logits.sort(dim=-1, descending=True).values  # (B, V)
-    kth = sorted_logits.gather(1, (k - 1)[:, None])  # (B, 1): the k-th largest value
+    largest = torch.topk(logits, int(k.max()), dim=-1).values  # (B, k_max), descending
+    kth = largest.gather(1, (k - 1)[:, None])  # (B, 1): each row's k-th largest value
     return logits.masked_fill(logits < kth, float("-inf"))
 
 

@@ -1,0 +1,120 @@
+"""`annotated-llama generate` and `chat` on a tiny random model saved in our checkpoint-dir format."""
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from annotated_llama import ModelArgs, Tokenizer, Transformer
+from annotated_llama.__main__ import main
+from annotated_llama.generation import Llama
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, spm_path):
+    d = tmp_path_factory.mktemp("tiny-ckpt")
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=32000, multiple_of=32, max_seq_len=96)
+    torch.manual_seed(0)
+    model = Transformer(args)
+    (d / "params.json").write_text(json.dumps(args.to_params_json()))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
+    shutil.copy(spm_path, d / "tokenizer.model")
+    return d
+
+
+def cli(capsys, *argv, stdin=None, monkeypatch=None):
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_json_fields_match_the_python_api(capsys, model_dir):
+    code, out, err = cli(capsys, "generate", "Hello there", "--model", str(model_dir), "--temperature", "0",
+                         "--max-new-tokens", "12", "--ignore-eos", "--json")
+    assert code == 0, err
+    obj = json.loads(out)
+    assert set(obj) >= {"text", "tokens", "prompt_tokens", "generated_tokens", "prefill_tokens_per_s",
+                        "decode_tokens_per_s"}
+    llama = Llama.build(str(model_dir))
+    ids = llama.tokenizer.encode("Hello there", bos=True, eos=False)
+    expected = llama.generate([ids], 12, temperature=0, ignore_eos=True)[0][0]
+    assert obj["tokens"] == expected and obj["generated_tokens"] == 12 and obj["prompt_tokens"] == len(ids)
+    assert obj["text"] == llama.text_completion(["Hello there"], temperature=0, max_gen_len=12,
+                                                ignore_eos=True)[0]["generation"]
+    assert obj["prefill_tokens_per_s"] > 0 and obj["decode_tokens_per_s"] > 0
+
+
+def test_generate_streams_the_same_text(capsys, model_dir):
+    argv = ["generate", "Once", "--model", str(model_dir), "--temperature", "0.8", "--seed", "3",
+            "--max-new-tokens", "10", "--ignore-eos", "--top-k", "40", "--repetition-penalty", "1.2"]
+    code, out, err = cli(capsys, *argv)
+    assert code == 0, err
+    code, js, _ = cli(capsys, *argv, "--json")
+    assert out == json.loads(js)["text"] + "\n"
+
+
+def test_generate_stop_string_and_template(capsys, model_dir):
+    base = ["generate", "Tell me", "--model", str(model_dir), "--temperature", "0", "--max-new-tokens", "20",
+            "--ignore-eos", "--json"]
+    full = json.loads(cli(capsys, *base)[1])["text"]
+    stop = full.strip()[3:6]
+    cut = json.loads(cli(capsys, *base, "--stop", stop, "--stop", "zzzq")[1])
+    assert cut["text"] == full[:full.index(stop)] and cut["generated_tokens"] < 20
+    code, out, err = cli(capsys, *base, "--template", "alpaca", "--system", "context here")
+    assert code == 0, err
+    assert json.loads(out)["prompt_tokens"] > 40  # the Alpaca preamble was added
+
+
+def test_generate_reads_the_prompt_from_stdin(capsys, model_dir, monkeypatch):
+    code, out, err = cli(capsys, "generate", "--model", str(model_dir), "--temperature", "0",
+                         "--max-new-tokens", "3", "--json", stdin="Hello there", monkeypatch=monkeypatch)
+    assert code == 0, err
+    assert json.loads(out)["prompt_tokens"] == len(Tokenizer(model_dir / "tokenizer.model").encode("Hello there", True, False))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--top-p", "0"], "top_p"),
+    (["--temperature", "-1"], "temperature"),
+    (["--tp", "2"], "torchrun"),
+    (["--template", "llama-3"], "Llama 3 tokenizer"),
+    (["--template", "llama-2", "--system", "say [INST]"], "special tags"),
+])
+def test_generate_errors_are_one_line(capsys, model_dir, extra, message):
+    code, out, err = cli(capsys, "generate", "Hi", "--model", str(model_dir), "--max-new-tokens", "2", *extra)
+    assert code == 2 and message in err and err.strip().count("\n") == 0, err
+
+
+def test_generate_errors_from_a_real_process(tmp_path, model_dir):
+    r = subprocess.run([sys.executable, "-m", "annotated_llama", "generate", "x" * 500, "--model", str(model_dir)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "context" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "annotated_llama", "generate", "Hi", "--model", str(tmp_path / "nope")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "nope" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_chat_over_stdin_ends_at_eof(capsys, model_dir, monkeypatch):
+    code, out, err = cli(capsys, "chat", "--model", str(model_dir), "--temperature", "0", "--max-new-tokens", "5",
+                         "--system", "Be brief.", stdin="Hello\n\nHow are you?\n", monkeypatch=monkeypatch)
+    assert code == 0, err
+    assert out.count("\n") == 2  # two answers, one line each; the empty line was skipped
+
+
+def test_chat_drops_oldest_turns_to_fit_the_context(spm_path):
+    from annotated_llama.cli.chat import fit_history
+    tok = Tokenizer(spm_path)
+    dialog = [{"role": "system", "content": "S"}]
+    for i in range(6):
+        dialog += [{"role": "user", "content": f"question {i} " * 5}, {"role": "assistant", "content": "answer " * 5}]
+    dialog.append({"role": "user", "content": "last"})
+    ids, kept = fit_history(tok, dialog, "llama-2", 60)
+    assert len(ids) <= 60 and kept[0]["role"] == "system" and kept[-1]["content"] == "last"
+    assert len(kept) < len(dialog) and kept[1]["role"] == "user"

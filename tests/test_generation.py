@@ -1,0 +1,217 @@
+"""Llama.generate / text_completion / chat_completion / stream on tiny random-weight models:
+against HF transformers' generate, against Meta's algorithm, and against each prompt alone."""
+
+import pytest
+import torch
+
+from annotated_llama import ModelArgs, Tokenizer, Transformer
+from annotated_llama.generation import Llama
+from annotated_llama.streaming import IncrementalDecoder, StopStringHolder, decode_continuation
+
+ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=32, max_seq_len=128)
+
+
+@pytest.fixture(scope="module")
+def spm(spm_path):
+    return Tokenizer(spm_path)
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(**{**ARGS, **overrides}))
+    with torch.no_grad():  # non-trivial norms, and logits spread enough that argmax has no near-ties
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+        model.output.weight.mul_(4)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def llama(spm):
+    return Llama(tiny_model(), spm)
+
+
+def prompts_of_lengths(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(3, 32000, (n - 1,), generator=g).tolist() for n in lengths]
+
+
+# ---- parity with HF transformers ----------------------------------------------------------------------
+
+def test_greedy_tokens_and_logprobs_match_hf_generate(llama):
+    transformers = pytest.importorskip("transformers")
+    from annotated_llama.weights.hf import meta_to_hf_state_dict
+    args = llama.model.params
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**args.to_hf_config())).float().eval()
+    hf.load_state_dict(meta_to_hf_state_dict(llama.model.state_dict(), args))
+    prompt = prompts_of_lengths([11])[0]
+    n = 40
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                          eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    hf_tokens = out.sequences[0, len(prompt):].tolist()
+    hf_logprobs = [float(torch.log_softmax(step[0], -1)[t]) for step, t in zip(out.logits, hf_tokens)]
+    assert len(hf_tokens) == n
+    for mode in ("batched", "meta"):
+        tokens, logprobs = llama.generate([prompt], n, temperature=0, logprobs=True, ignore_eos=True, mode=mode)
+        assert tokens[0] == hf_tokens, mode
+        err = max(abs(a - b) for a, b in zip(logprobs[0], hf_logprobs))
+        assert err < 1e-4, (mode, err)
+
+
+# ---- ragged batches -----------------------------------------------------------------------------------
+
+def test_ragged_batch_equals_each_prompt_alone_with_fewer_forward_calls(spm):
+    llama = Llama(tiny_model(1), spm)
+    prompts = prompts_of_lengths([3, 30, 7, 12, 5, 21, 9, 26])  # lengths differ 10x
+    n = 16
+    solo = [llama.generate([p], n, temperature=0, ignore_eos=True)[0][0] for p in prompts]
+    llama.forward_calls = 0
+    batch = llama.generate(prompts, n, temperature=0, ignore_eos=True)[0]
+    batched_calls = llama.forward_calls
+    assert batch == solo
+    llama.forward_calls = 0
+    meta = llama.generate(prompts, n, temperature=0, ignore_eos=True, mode="meta")[0]
+    meta_calls = llama.forward_calls
+    assert meta == solo
+    print(f"forward calls for 8 ragged prompts x {n} tokens: batched {batched_calls}, Meta {meta_calls}")
+    assert batched_calls == n  # one prefill + n-1 decode steps
+    assert meta_calls == (30 - 3) + n
+    assert batched_calls < len(prompts) * n
+
+
+def test_rows_that_stop_leave_the_batch(spm):
+    llama = Llama(tiny_model(2), spm)
+    prompts = prompts_of_lengths([4, 19, 8, 13], seed=3)
+    full = llama.generate(prompts, 12, temperature=0, ignore_eos=True)[0]
+    stop_tok = full[2][5]  # make a token row 2 emits mid-way a stop id
+    llama.tokenizer = Tokenizer(spm.path)
+    llama.tokenizer.stop_ids = {stop_tok}
+    solo = [llama.generate([p], 12, temperature=0)[0][0] for p in prompts]
+    assert len(solo[2]) <= 5 and solo[2] == full[2][:full[2].index(stop_tok)]
+    assert llama.generate(prompts, 12, temperature=0)[0] == solo
+    assert llama.generate(prompts, 12, temperature=0, mode="meta")[0] == solo
+
+
+def test_echo_and_logprobs_agree_with_metas_loop(llama):
+    prompts = prompts_of_lengths([6, 14], seed=4)
+    a_tok, a_lp = llama.generate(prompts, 8, temperature=0, logprobs=True, echo=True, ignore_eos=True)
+    b_tok, b_lp = llama.generate(prompts, 8, temperature=0, logprobs=True, echo=True, ignore_eos=True, mode="meta")
+    assert a_tok == b_tok and a_tok[0][:6] == prompts[0] and len(a_tok[1]) == 14 + 8
+    for x, y in zip(a_lp, b_lp):
+        assert len(x) == len(y) and max(abs(u - v) for u, v in zip(x, y)) < 1e-4
+
+
+def test_max_gen_len_defaults_to_the_rest_of_the_context(llama):
+    prompt = prompts_of_lengths([120], seed=5)[0]
+    tokens, _ = llama.generate([prompt], None, temperature=0, ignore_eos=True)
+    assert len(tokens[0]) == 128 - 120
+
+
+def test_max_batch_size_splits_large_batches(spm):
+    llama = Llama(tiny_model(), spm, max_batch_size=2)
+    prompts = prompts_of_lengths([3, 9, 5, 7, 4], seed=6)
+    assert llama.generate(prompts, 5, temperature=0, ignore_eos=True)[0] == \
+        [llama.generate([p], 5, temperature=0, ignore_eos=True)[0][0] for p in prompts]
+
+
+# ---- sampling, seeds, streaming, stop strings ----------------------------------------------------------------
+
+def test_seeded_sampling_is_reproducible(llama):
+    prompts = prompts_of_lengths([5, 9], seed=7)
+    a = llama.generate(prompts, 20, temperature=1.0, top_p=0.95, top_k=50, seed=123, ignore_eos=True)[0]
+    b = llama.generate(prompts, 20, temperature=1.0, top_p=0.95, top_k=50, seed=123, ignore_eos=True)[0]
+    c = llama.generate(prompts, 20, temperature=1.0, top_p=0.95, top_k=50, seed=124, ignore_eos=True)[0]
+    assert a == b and a != c
+    # the build seed makes the sequence of calls reproducible, as Meta's torch.manual_seed does
+    x, y = Llama(llama.model, llama.tokenizer, seed=9), Llama(llama.model, llama.tokenizer, seed=9)
+    assert [x.generate(prompts, 10, 1.0, ignore_eos=True)[0] for _ in range(2)] == \
+        [y.generate(prompts, 10, 1.0, ignore_eos=True)[0] for _ in range(2)]
+    # row 0 with seed s is what the prompt gives alone with seed s
+    assert llama.generate(prompts[:1], 20, 1.0, 0.95, top_k=50, seed=123, ignore_eos=True)[0][0] == a[0]
+
+
+def test_stream_concatenates_to_text_completion(llama):
+    kw = dict(temperature=0.9, top_p=0.9, max_gen_len=40, seed=11, ignore_eos=True)
+    pieces = list(llama.stream("Once upon a time", **kw))
+    (done,) = llama.text_completion(["Once upon a time"], **kw)
+    assert len(pieces) > 5 and "".join(pieces) == done["generation"]
+    ids = llama.tokenizer.encode("Once upon a time", True, False)
+    toks = llama.generate([ids], 40, 0.9, 0.9, seed=11, ignore_eos=True)[0][0]
+    assert done["generation"] == decode_continuation(llama.tokenizer, ids, toks)
+
+
+def test_stop_string_split_across_tokens_is_caught(llama):
+    prompt = "The story"
+    ids = llama.tokenizer.encode(prompt, True, False)
+    toks = llama.generate([ids], 30, temperature=0, ignore_eos=True)[0][0]
+    full = decode_continuation(llama.tokenizer, ids, toks)
+    # a stop string made of the end of one token's text and the start of the next one's
+    for k in range(3, len(toks) - 1):
+        left = decode_continuation(llama.tokenizer, ids, toks[:k])
+        stop = full[len(left) - 2:len(left) + 2]
+        if len(left) >= 2 and full.find(stop) == len(left) - 2 and stop.strip() == stop and len(stop) == 4:
+            break
+    else:
+        pytest.fail("no token boundary to test")
+    expected = full[:full.index(stop)]
+    llama.forward_calls = 0
+    (out,) = llama.text_completion([prompt], temperature=0, max_gen_len=30, stop=[stop], ignore_eos=True)
+    assert out["generation"] == expected and llama.forward_calls < 30  # stopped early
+    pieces = list(llama.stream(prompt, temperature=0, max_gen_len=30, stop=[stop, "never appears"],
+                               ignore_eos=True))
+    assert "".join(pieces) == expected
+    assert all(stop not in p for p in pieces)
+
+
+def test_incremental_decoder_never_splits_characters(spm, llama3_tokenizer):
+    for tok in (spm, llama3_tokenizer):
+        context = tok.encode("Say:", bos=True, eos=False)
+        ids = tok.encode(" héllo 😀 wörld 日本語 ok", bos=False, eos=False)
+        dec = IncrementalDecoder(tok, context)
+        pieces = [dec.push(i) for i in ids] + [dec.flush()]
+        assert "".join(pieces) == decode_continuation(tok, context, ids)
+        assert "".join(pieces).strip() == "héllo 😀 wörld 日本語 ok"
+        assert not any("\ufffd" in p for p in pieces)
+
+
+def test_stop_string_holder():
+    h = StopStringHolder(["### Instruction"])
+    out = [h.push(x) for x in ["Hel", "lo #", "## Inst", "ruction:", " more"]]
+    assert out == ["Hel", "lo ", "", "", ""] and h.stopped and h.flush() == ""
+    h = StopStringHolder(["###"])
+    assert [h.push("a#"), h.push("#b"), h.flush()] == ["a", "##b", ""]
+    h = StopStringHolder(["x##", "##"])
+    assert h.push("ab#") == "ab" and h.push("#c") == "" and h.stopped
+    h = StopStringHolder(["END"])
+    assert h.push("the EN") == "the " and h.flush() == "EN"
+
+
+def test_chat_completion_shapes(llama):
+    dialogs = [[{"role": "user", "content": "Hi"}],
+               [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"}]]
+    out = llama.chat_completion(dialogs, temperature=0, max_gen_len=6)
+    assert [set(r) for r in out] == [{"generation"}] * 2
+    assert all(r["generation"]["role"] == "assistant" and isinstance(r["generation"]["content"], str) for r in out)
+    out = llama.text_completion(["a", "b c"], temperature=0, max_gen_len=4, logprobs=True)
+    assert all(len(r["tokens"]) == len(r["logprobs"]) <= 4 for r in out)
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: m.generate([list(range(1, 200))], 5), "context"),
+    (lambda m: m.generate([[1, 5]], 5, top_p=0.0), "top_p"),
+    (lambda m: m.generate([[1, 5]], 5, top_p=1.01), "top_p"),
+    (lambda m: m.generate([[1, 5]], 5, temperature=-0.5), "temperature"),
+    (lambda m: m.generate([[1, 5]], 0), "max_gen_len"),
+    (lambda m: m.generate([], 5), "empty batch"),
+    (lambda m: m.text_completion([], max_gen_len=5), "empty batch"),
+    (lambda m: m.chat_completion([[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]]),
+     "alternate"),
+    (lambda m: m.text_completion(["a"], stop=[""]), "stop"),
+])
+def test_bad_input_raises_value_error(llama, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(llama)
