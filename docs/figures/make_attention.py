@@ -1,14 +1,17 @@
 """Figure: where the default model's attention heads look.
 
-    python docs/figures/make_attention.py [OUT_DIR] [--random-tiny]
+    python docs/figures/make_attention.py [OUT_DIR] [--model DIR | --random-tiny]
         writes OUT_DIR/attention.png (default docs/figures/)
 
 The embedded default model (annotated_llama/default_model) reads a verse; the figure shows the attention
-probabilities softmax(q k^T / sqrt(D)) of four heads in its first and last layers, recomputed from what each
+probabilities softmax(q k^T / sqrt(D)) of the four sharpest heads (lowest entropy) of its first and last layers,
+on a square-root colour scale, recomputed from what each
 attention module receives (the normalized input and the rotary tables), exactly as the model computes them.
 --random-tiny draws the same picture for the random-weight "tiny" preset (only for developing this script:
 random weights have no meaningful pattern). A missing default model is an error, never a silent fallback.
 """
+
+from __future__ import annotations
 
 import argparse
 import sys
@@ -18,6 +21,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import PowerNorm  # noqa: E402
 import torch  # noqa: E402
 
 from annotated_llama import ModelArgs, Tokenizer, Transformer  # noqa: E402
@@ -28,11 +32,13 @@ PROMPT = "In the beginning, God created the heavens and the earth. The earth was
 HEADS_SHOWN = 4
 
 
-def load_default_model() -> tuple[Transformer, Tokenizer]:
+def load_model_dir(d: Path | None) -> tuple[Transformer, Tokenizer]:
+    """Our checkpoint layout (params.json, model.safetensors, tokenizer.model); None: the default model."""
     from safetensors.torch import load_file
 
-    from annotated_llama.default_model import default_model_dir
-    d = default_model_dir()  # raises FileNotFoundError naming the directory
+    if d is None:
+        from annotated_llama.default_model import default_model_dir
+        d = default_model_dir()  # raises FileNotFoundError naming the directory
     model = Transformer(ModelArgs.from_params_json(d / "params.json"))
     model.load_state_dict(load_file(d / "model.safetensors"))
     return model.eval(), Tokenizer(d / "tokenizer.model")
@@ -64,7 +70,7 @@ def attention_probabilities(model: Transformer, tokens: torch.Tensor) -> list[to
     return probs
 
 
-def main(out_dir: Path, random_tiny: bool = False) -> Path:
+def main(out_dir: Path, random_tiny: bool = False, model_dir: Path | None = None) -> Path:
     if random_tiny:
         torch.manual_seed(0)
         model = Transformer(ModelArgs.from_name("tiny")).eval()
@@ -72,26 +78,31 @@ def main(out_dir: Path, random_tiny: bool = False) -> Path:
         labels = [str(int(t)) for t in tokens[0]]
         title = "random-weight tiny model (development only)"
     else:
-        model, tok = load_default_model()
+        model, tok = load_model_dir(model_dir)
         tokens = torch.tensor([tok.encode(PROMPT, bos=True, eos=False)])
         labels = [tok.id_to_piece(int(t)).replace("\u2581", "_") for t in tokens[0]]
-        title = f"the default model ({model.params.n_layers} layers, {model.params.n_heads} heads)"
+        name = "the default model" if model_dir is None else str(model_dir)
+        title = f"{name} ({model.params.n_layers} layers, {model.params.n_heads} heads)"
     probs = attention_probabilities(model, tokens)
     layers = [0, len(probs) - 1]
     n_heads = min(HEADS_SHOWN, probs[0].shape[0])
+    # per layer, the sharpest heads (lowest mean entropy of their attention rows): the ones with a pattern
+    entropy = [-(p * p.clamp_min(1e-12).log()).sum(-1).mean(-1) for p in probs]  # per layer: (H,)
+    shown = {layer: sorted(entropy[layer].argsort()[:n_heads].tolist()) for layer in layers}
     fig, axes = plt.subplots(len(layers), n_heads, figsize=(3.3 * n_heads, 3.5 * len(layers)), dpi=100,
                              squeeze=False)
     T = tokens.shape[1]
     for row, layer in enumerate(layers):
-        for h in range(n_heads):
-            ax = axes[row][h]
-            ax.imshow(probs[layer][h].numpy(), cmap="Blues", vmin=0, vmax=1)
+        for col, h in enumerate(shown[layer]):
+            ax = axes[row][col]
+            ax.imshow(probs[layer][h].numpy(), cmap="Blues", norm=PowerNorm(0.5, vmin=0, vmax=1))
             ax.set_title(f"layer {layer}, head {h}", fontsize=9)
             ax.set_xticks(range(T), labels, rotation=90, fontsize=6)
-            ax.set_yticks(range(T), labels if h == 0 else [], fontsize=6)
+            ax.set_yticks(range(T), labels if col == 0 else [], fontsize=6)
     fig.supxlabel("key (attended-to token)", fontsize=9)
     fig.supylabel("query (token being predicted from)", fontsize=9)
-    fig.suptitle(f"Attention probabilities of {title}", fontsize=11)
+    fig.suptitle(f"Attention probabilities of {title}: the four sharpest heads of the first and last layer",
+                 fontsize=11)
     fig.tight_layout()
     out = Path(out_dir) / "attention.png"
     fig.savefig(out, pil_kwargs={"optimize": True})
@@ -102,10 +113,11 @@ def main(out_dir: Path, random_tiny: bool = False) -> Path:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="draw attention patterns of the default model")
     ap.add_argument("out_dir", nargs="?", type=Path, default=HERE)
+    ap.add_argument("--model", type=Path, default=None, help="a checkpoint dir instead of the default model")
     ap.add_argument("--random-tiny", action="store_true", help="a random tiny model instead (development only)")
     args = ap.parse_args()
     try:
-        print(main(args.out_dir, args.random_tiny))
+        print(main(args.out_dir, args.random_tiny, args.model))
     except (OSError, ValueError) as e:
         print(f"make_attention.py: error: {e}", file=sys.stderr)
         sys.exit(2)
