@@ -18,7 +18,6 @@ import contextlib
 import difflib
 import importlib.util
 import io
-import json
 import re
 import runpy
 import subprocess
@@ -297,11 +296,3 @@ def test_every_figure_script_is_tested():
     scripts = {p.name for p in FIGURES.glob("make_*.py")}
     untested = scripts - set(FIGURE_SCRIPTS) - {"make_speed_chart.py"}
     assert not untested, f"figure scripts not in FIGURE_SCRIPTS: {sorted(untested)}"
-
-
-def test_loss_log_is_json_lines():
-    # The loss curve's input, written by the pretraining run: fail clearly when it is missing.
-    log = FIGURES / "default_model_log.jsonl"
-    assert log.is_file(), f"{_rel(log)} is missing (written by the default model's pretraining run)"
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    assert any("val_loss" in r for r in rows) and any("loss" in r for r in rows), f"{_rel(log)}: no loss/val_loss"
