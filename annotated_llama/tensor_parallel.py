@@ -325,7 +325,7 @@ def build_rank_model(path, world_size: int, rank: int, group=None, dtype=None, d
 # model. A forward pre-hook broadcasts each call's inputs, and the other ranks run the same
 # call, so the collectives inside line up. Sampling happens on rank 0 only: nothing to agree on.
 
-_STOP, _FORWARD = 0, 1
+_STOP, _FORWARD, _SWAP = 0, 1, 2
 
 
 def _src(group):
@@ -376,6 +376,9 @@ def follow(model: Transformer, group=None) -> None:
             cmd, B, T, start, has_pad, cache, has_cache = receive(7).tolist()
             if cmd == _STOP:
                 return
+            if cmd == _SWAP:
+                _swap_rows(model, B, T, start)
+                continue
             tokens = receive(B, T)
             start_pos = start if start >= 0 else receive(B)
             pad_left = receive(B) if has_pad else None
@@ -387,98 +390,145 @@ def follow(model: Transformer, group=None) -> None:
                 pass  # bad input: rank 0 raised the same error before any collective, and reports it
 
 
+def swap_cache_rows(model: Transformer, a: int, b: int, length: int, group=None) -> None:
+    """Swap slots [0, length) of KV-cache rows a and b in every layer, on every rank when rank 0
+    leads: the one cache edit a batching scheduler needs besides forward calls (moving a finished
+    row's slot to the end, prefilling one request in a scratch row), mirrored so ranks agree."""
+    if getattr(model, "tp_world_size", 1) > 1 and dist.is_initialized():
+        header = torch.tensor([_SWAP, a, b, length, 0, 0, 0], device=model.norm.weight.device)
+        dist.broadcast(header, _src(group), group=group)
+    _swap_rows(model, a, b, length)
+
+
+def _swap_rows(model, a, b, length):
+    for layer in model.layers:
+        for c in (layer.attention.cache_k, layer.attention.cache_v):  # (B, S_max, K/N, D)
+            c[[a, b], :length] = c[[b, a], :length]
+
+
 def stop_followers(model: Transformer, group=None) -> None:
     device = model.norm.weight.device
     dist.broadcast(torch.tensor([_STOP, 0, 0, 0, 0, 0, 0], device=device), _src(group), group=group)
 
 
-class TensorParallelError(ValueError):
-    """An error every rank has agreed on (so every rank exits, none waits forever)."""
-
-
 def agree(error: str | None, group=None) -> None:
-    """Collective: raise TensorParallelError on every rank if any rank had an error."""
+    """Collective: raise ValueError on every rank if any rank had an error (none waits forever)."""
     errors = [None] * dist.get_world_size(group)
     dist.all_gather_object(errors, error, group=group)
     first = next((e for e in errors if e), None)
     if first:
-        raise TensorParallelError(first)
+        raise ValueError(first)
 
 
 # ---- launching: `annotated-llama generate --tp N` -----------------------------------------
 
-ERROR_FILE_ENV = "ANNOTATED_LLAMA_TP_ERROR_FILE"  # where rank 0 leaves its one-line error for the launcher
+def _shutdown():
+    dist.barrier()  # MACHINE.md: tearing down right after collectives aborted without a barrier first
+    dist.destroy_process_group()
 
 
-def run_tensor_parallel(model_path, tp: int, front_end, *, device="cpu", dtype=None, argv=None) -> int:
-    """Run `front_end(model)` on rank 0 of a tensor-parallel group of `tp` processes.
-
-    Outside torchrun, relaunch this command (`argv`, default sys.argv[1:]) under
-    `python -m torch.distributed.run --standalone --nproc_per_node tp`; inside, load this rank's
-    slice of `model_path`, then rank 0 runs the front end while the others follow.
-    """
-    if "WORLD_SIZE" not in os.environ:
-        args, _, _ = inspect_checkpoint(model_path)
-        check_divisible(args, tp)  # fail before starting any process
-        return relaunch(tp, sys.argv[1:] if argv is None else argv)
+def start(model_path, tp: int, *, device="cpu", dtype=None, max_seq_len=None, timeout=None) -> Transformer:
+    """Under torchrun: join the process group and load this rank's slice of `model_path`. An
+    error on any rank ends every rank: rank 0 raises ValueError (one line), the others exit quietly.
+    `timeout` (a timedelta): how long a follower may wait for rank 0's next call (a server idles)."""
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
-    if device == "cuda":
+    if torch.device(device).type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         device = torch.device("cuda", torch.cuda.current_device())
-    dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
-    in_step = False  # False whenever every rank is at the same point, so a barrier cannot hang
+    dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo", timeout=timeout)
+    model, error = None, None
     try:
-        model, error = None, None
-        try:
-            if world != tp:
-                raise ValueError(f"--tp {tp} does not match the {world} processes torchrun started (WORLD_SIZE={world})")
-            model = build_rank_model(model_path, world, rank, dtype=dtype, device=device)
-        except Exception as e:  # any failure: every rank must hear of it, or the others would wait
-            error = (f"rank {rank}: " if rank else "") + (str(e).splitlines()[0] if str(e) else type(e).__name__)
+        if world != tp:
+            raise ValueError(f"--tp {tp} does not match the {world} processes torchrun started (WORLD_SIZE={world})")
+        model = build_rank_model(model_path, world, rank, dtype=dtype, device=device)
+        if max_seq_len is not None and max_seq_len < model.params.max_seq_len:
+            from .generation import set_context_length
+            set_context_length(model, max_seq_len)  # on every rank: the same checks, the same cache
+    except Exception as e:  # any failure: every rank must hear of it, or the others would wait
+        message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        error = (f"rank {rank}: " if rank else "") + (message.splitlines()[0] if message else type(e).__name__)
+    try:
         agree(error)
-        in_step = True
-        if rank > 0:
-            follow(model)
-            in_step = False
-            return 0
-        lead(model)
-        try:
-            with torch.inference_mode():
-                return front_end(model) or 0
-        finally:
-            stop_followers(model)
-            in_step = False
-    except (ValueError, OSError, KeyError, TypeError) as e:
+    except ValueError:
+        _shutdown()
         if rank > 0:
             raise SystemExit(2) from None  # rank 0 reports it
-        message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        if os.environ.get(ERROR_FILE_ENV):  # launched by `relaunch`: it prints the one line
-            Path(os.environ[ERROR_FILE_ENV]).write_text(message)
-            raise SystemExit(2) from None
         raise
+    return model
+
+
+def run_tensor_parallel(model_path, tp: int, front_end, *, device="cpu", dtype=None, argv=None, timeout=None) -> int:
+    """Run `front_end(model)` on rank 0 of `tp` processes while the others follow its forward calls
+    (e.g. `serve --tp N`: the front end creates the app and runs uvicorn). Outside torchrun,
+    relaunch this command (`argv`, default sys.argv[1:]) under it first."""
+    if "WORLD_SIZE" not in os.environ:
+        return relaunch(model_path, tp, sys.argv[1:] if argv is None else argv)
+    model = start(model_path, tp, device=device, dtype=dtype, timeout=timeout)
+    if dist.get_rank() > 0:
+        follow(model)
+        _shutdown()
+        return 0
+    lead(model)
+    try:
+        with torch.inference_mode():
+            return front_end(model) or 0
     finally:
-        if not in_step:
-            # MACHINE.md: tearing down right after collectives aborted without a barrier first
-            dist.barrier()
-            dist.destroy_process_group()
+        stop_followers(model)
+        _shutdown()
 
 
-def relaunch(tp: int, argv: list[str]) -> int:
+def build_llama(args):
+    """`generate`/`chat --tp N`: a `Llama` on rank 0 over its slice of the model. The other ranks
+    follow rank 0 and exit when it does; outside torchrun this relaunches the command under it."""
+    import atexit
+
+    from .generation import Llama
+    from .tokenizer import Tokenizer, default_tokenizer_path
+
+    if args.model is None:
+        from .default_model import default_model_dir
+        args.model = str(default_model_dir())
+    if getattr(args, "lora", None):
+        raise ValueError(f"--lora {args.lora}: not supported with --tp (merge it first: annotated-llama merge-lora)")
+    if "WORLD_SIZE" not in os.environ:
+        raise SystemExit(relaunch(args.model, args.tp, sys.argv[1:]))
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model = start(args.model, args.tp, device=args.device, dtype=dtype, max_seq_len=args.max_seq_len)
+    if dist.get_rank() > 0:
+        follow(model)
+        _shutdown()
+        raise SystemExit(0)
+    lead(model)
+    atexit.register(lambda: (stop_followers(model), _shutdown()))  # however rank 0's command ends
+    tokenizer_path = args.tokenizer or default_tokenizer_path(args.model)
+    if tokenizer_path is None:
+        raise ValueError(f"{args.model}: no tokenizer.model found beside the weights; pass --tokenizer")
+    tokenizer = Tokenizer(tokenizer_path)
+    if tokenizer.n_words > model.params.vocab_size:
+        raise ValueError(f"{tokenizer_path}: the tokenizer has {tokenizer.n_words} ids but the model only "
+                         f"{model.params.vocab_size}")
+    return Llama(model, tokenizer, seed=1 if args.seed is None else args.seed)
+
+
+def relaunch(model_path, tp: int, argv: list[str]) -> int:
     """Run `annotated-llama ARGV` under torchrun with `tp` processes; its error as one line."""
+    args, _, _ = inspect_checkpoint(model_path)
+    check_divisible(args, tp)  # fail before starting any process
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp}",
            "-m", "annotated_llama", *argv]
     env = dict(os.environ)
     # torchrun would set 1 thread per process (and warn); share the cores out instead.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // tp)))
-    with tempfile.TemporaryDirectory() as tmp:
-        env[ERROR_FILE_ENV] = error_file = os.path.join(tmp, "error")
-        with open(os.path.join(tmp, "stderr"), "w+") as log:
-            rc = subprocess.call(cmd, env=env, stderr=log)  # stdout streams straight through
-            log.seek(0)
-            captured = log.read()
-        if os.path.exists(error_file):
-            raise ValueError(Path(error_file).read_text())
-        sys.stderr.write(captured)
-        if rc:
-            raise OSError(f"the {tp} tensor-parallel processes failed (torchrun exit status {rc}; output above)")
+    with tempfile.TemporaryFile("w+") as log:
+        rc = subprocess.call(cmd, env=env, stderr=log)  # stdout (rank 0's text) streams straight through
+        log.seek(0)
+        captured = log.read()
+    # Rank 0 reports errors as `annotated-llama CMD: error: MESSAGE`; torchrun then adds a long
+    # report of its own. Pass on rank 0's line alone.
+    errors = re.findall(r"^annotated-llama [\w-]+: error: (.*)$", captured, flags=re.M)
+    if rc and errors:
+        raise ValueError(errors[0])
+    sys.stderr.write(captured)
+    if rc:
+        raise OSError(f"the {tp} tensor-parallel processes failed (torchrun exit status {rc}; output above)")
     return 0

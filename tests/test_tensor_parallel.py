@@ -66,6 +66,8 @@ def random_model(preset: dict, seed: int) -> Transformer:
 
 def exercise(model) -> dict:
     """Every kind of forward call, then greedy decoding; same calls on one process or on rank 0."""
+    from annotated_llama.tensor_parallel import swap_cache_rows
+
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, model.params.vocab_size, (2, 10), generator=g)  # (B, T)
     out = {}
@@ -75,6 +77,8 @@ def exercise(model) -> dict:
         out["decode"] = torch.cat([model(tokens[:, 7 + i:8 + i], 7 + i) for i in range(3)], dim=1)
         out["per_row"] = model(tokens[:, :1], torch.tensor([3, 5]))  # continuous batching's per-row slots
         out["ragged"] = model(tokens, pad_left=torch.tensor([0, 4]))
+        swap_cache_rows(model, 0, 1, 10)  # a scheduler's cache edit, mirrored on every rank
+        out["swapped"] = model(tokens[:, :1], torch.tensor([10, 10]))
         out["no_cache"] = model(tokens, cache=False)
         model.clear_cache()
         seq = tokens[:1, :4]
@@ -221,7 +225,7 @@ def test_two_ranks_match_one_process_and_load_a_slice(checkpoints):
 
     for variant in VARIANTS:
         got = results[variant]
-        for key in ("prefill", "decode", "per_row", "ragged", "no_cache"):
+        for key in ("prefill", "decode", "per_row", "ragged", "swapped", "no_cache"):
             err = (got[key] - reference[key]).abs().max().item()
             print(f"{variant:13s} {key:9s} max |diff| = {err:.2e}")
             torch.testing.assert_close(got[key], reference[key], rtol=0, atol=1e-5, msg=f"{variant} {key}")
