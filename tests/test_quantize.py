@@ -1,0 +1,174 @@
+"""Weight-only int8 / int4: kernels against a float dequantized reference, logits and
+perplexity of a quantized model against the float model, checkpoints, the CLI."""
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from annotated_llama import ModelArgs, Transformer
+from annotated_llama.quantize import (Int4Linear, Int8Linear, load_quantized, pack_nibbles, quantize_int4,
+                                      quantize_int8, quantize_model, read_quantization, save_quantized,
+                                      unpack_nibbles)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny byte-level model trained for a few seconds on model.py's text, and held-out bytes.
+    Quantization error only shows on a model that learned something (random weights give
+    perplexity ~ vocab whatever their precision)."""
+    torch.manual_seed(0)
+    data = torch.tensor(list((ROOT / "annotated_llama" / "model.py").read_bytes()), dtype=torch.long)
+    split = int(len(data) * 0.9)
+    train, val = data[:split], data[split:]
+    model = Transformer(ModelArgs.from_name("tiny", vocab_size=256))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        starts = torch.randint(0, len(train) - 65, (8,))
+        batch = torch.stack([train[s:s + 65] for s in starts])  # (16, 65)
+        logits = model(batch[:, :-1], cache=False)
+        loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), val
+
+
+def perplexity(model, val: torch.Tensor, T: int = 64) -> float:
+    n = (len(val) - 1) // T
+    x = val[: n * T].view(n, T)  # (n, T)
+    y = val[1: n * T + 1].view(n, T)
+    with torch.no_grad():
+        logits = model(x, cache=False)
+    return math.exp(F.cross_entropy(logits.flatten(0, 1), y.flatten()).item())
+
+
+def test_int8_roundtrip_error_is_half_a_step():
+    w = torch.randn(48, 96)
+    q, s = quantize_int8(w)
+    assert q.dtype == torch.int8 and s.shape == (48,)
+    err = (q.float() * s[:, None] - w).abs()
+    assert (err <= s[:, None] / 2 + 1e-6).all()  # round-to-nearest: at most half a step
+    assert (q.abs().amax(1) == 127).all()  # the largest weight of each row uses the full range
+
+
+def test_int4_groups_and_nibbles():
+    w = torch.randn(32, 128)
+    q, s, m = quantize_int4(w, 32)
+    assert q.max() <= 15 and q.min() >= 0 and s.shape == m.shape == (32, 4)
+    deq = (q.float().view(32, 4, 32) * s[..., None] + m[..., None]).view(32, 128)
+    assert ((deq - w).abs().view(32, 4, 32) <= s[..., None] / 2 + 1e-6).all()
+    assert torch.equal(unpack_nibbles(pack_nibbles(q)), q)
+    assert pack_nibbles(torch.tensor([[3, 10]], dtype=torch.uint8)).item() == 3 | (10 << 4)
+
+
+@pytest.mark.parametrize("B", [1, 5])
+def test_int8_kernel_matches_dequantized_matmul(B):
+    lin = torch.nn.Linear(96, 48, bias=False)
+    q = Int8Linear.from_linear(lin)
+    x = torch.randn(B, 3, 96)
+    ref = x @ q.dequantized().T  # float32 reference of the same integers
+    out = q(x)
+    assert out.shape == (B, 3, 48) and out.dtype == torch.float32
+    # bf16 activations: relative error ~2^-8 of the dot product's magnitude
+    assert (out - ref).abs().max() < 0.02 * ref.abs().max()
+
+
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_int4_kernel_matches_dequantized_matmul(group_size):
+    lin = torch.nn.Linear(128, 64, bias=False)
+    q = Int4Linear.from_linear(lin, group_size)
+    x = torch.randn(4, 128)
+    ref = x @ q.dequantized().T
+    assert (q(x) - ref).abs().max() < 0.02 * ref.abs().max()
+    # and the dequantized weight is close to the original: at most half a step per entry
+    assert (q.dequantized() - lin.weight).abs().max() < 0.5 * (lin.weight.abs().max() * 2 / 15) + 1e-6
+
+
+def test_int4_rejects_shapes_the_kernel_cannot_take():
+    with pytest.raises(ValueError, match="int4"):
+        Int4Linear(100, 64, 128)
+    with pytest.raises(ValueError, match="mode"):
+        quantize_model(Transformer(ModelArgs.from_name("tiny")), "int3")
+
+
+def test_quantized_logits_close_and_perplexity_within_bounds(trained):
+    model, val = trained
+    base = perplexity(model, val)
+    assert base < 40, "the fixture model should have learned something (byte perplexity well under 256)"
+    x = val[:64][None]
+    with torch.no_grad():
+        ref = model(x, cache=False)
+    ppl = {}
+    for mode, logit_bound, ppl_bound in (("int8", 0.05, 0.01), ("int4", 0.5, 0.05)):
+        q = quantize_model(copy.deepcopy(model), mode, group_size=32)
+        kinds = {type(m) for m in q.modules()}
+        assert (Int4Linear if mode == "int4" else Int8Linear) in kinds
+        with torch.no_grad():
+            out = q(x, cache=False)
+        # stated bounds: max |logit error| relative to the logits' range
+        assert (out - ref).abs().max() < logit_bound * (ref.max() - ref.min()), mode
+        ppl[mode] = perplexity(q, val)
+        assert ppl[mode] / base - 1 < ppl_bound, (mode, base, ppl[mode])
+    assert ppl["int8"] != base  # the quantized model really differs
+
+
+def test_quantized_model_cached_decode_matches_full_forward(trained):
+    model, val = trained
+    q = quantize_model(copy.deepcopy(model), "int8")
+    x = val[:20][None]
+    with torch.no_grad():
+        full = q(x, cache=False)
+        q.clear_cache()
+        steps = [q(x[:, :10], 0)[:, -1]] + [q(x[:, i:i + 1], i)[:, -1] for i in range(10, 19)]
+    assert torch.allclose(torch.stack(steps, 1), full[:, 9:19], atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_save_and_load_quantized_checkpoint(tmp_path, mode):
+    model = Transformer(ModelArgs.from_name("tiny-gqa")).eval()
+    q = quantize_model(model, mode, group_size=32)
+    save_quantized(q, tmp_path / "q", tokenizer_model=b"tok")
+    assert read_quantization(tmp_path / "q" / "model.safetensors") == {"mode": mode, "group_size": 32}
+    assert (tmp_path / "q" / "tokenizer.model").read_bytes() == b"tok"
+    assert not list((tmp_path / "q").glob("*.tmp"))
+    loaded = load_quantized(tmp_path / "q")
+    x = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(q(x, cache=False), loaded(x, cache=False))
+    # int8 stores 1 byte per weight, int4 half a byte (plus scales): the file shrinks
+    n_linear = sum(m.in_features * m.out_features for m in loaded.modules()
+                   if isinstance(m, (Int8Linear, Int4Linear)))
+    size = (tmp_path / "q" / "model.safetensors").stat().st_size
+    assert size < n_linear * (1.3 if mode == "int8" else 0.8) + 4 * 2 * 512 * 64 + 20000
+
+
+def test_cli_quantize(tmp_path, spm_path):
+    from safetensors.torch import save_file
+    from annotated_llama.__main__ import main
+    args = ModelArgs.from_name("tiny", vocab_size=32000)  # the tokenizer's vocabulary
+    model = Transformer(args).eval()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "params.json").write_text(json.dumps(args.to_params_json()))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(src / "model.safetensors"))
+    (src / "tokenizer.model").write_bytes(spm_path.read_bytes())
+    assert main(["quantize", str(src), str(tmp_path / "dst"), "--mode", "int8"]) == 0
+    loaded = load_quantized(tmp_path / "dst")
+    x = torch.randint(0, 32000, (1, 8))
+    with torch.no_grad():
+        err = (loaded(x, cache=False) - model(x, cache=False)).abs().max()
+    assert err < 0.05
+    assert (tmp_path / "dst" / "tokenizer.model").read_bytes() == spm_path.read_bytes()
+    # bad input: one line naming the argument, exit 2, the destination left alone
+    (tmp_path / "dst2").mkdir()
+    (tmp_path / "dst2" / "model.safetensors").write_bytes(b"mine")
+    assert main(["quantize", str(src), str(tmp_path / "dst2"), "--mode", "int8"]) == 2
+    assert (tmp_path / "dst2" / "model.safetensors").read_bytes() == b"mine"
+    assert main(["quantize", str(tmp_path / "nope"), str(tmp_path / "dst3")]) == 2
