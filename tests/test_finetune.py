@@ -1,0 +1,156 @@
+"""Fine-tuning end to end on a tiny model: the CLI writes a PEFT adapter or a checkpoint through the shared
+loop, a fine-tuned model stops at EOS on its training prompts, merge-lora equals the adapter, bad input fails
+in one line before anything is written."""
+
+import json
+
+import pytest
+import torch
+
+from annotated_llama import ModelArgs, Transformer, Tokenizer
+from annotated_llama.__main__ import main
+from annotated_llama.alpaca import render_prompt
+from annotated_llama.instruct_tasks import evaluate, greedy_generate
+from annotated_llama.lora import lora_modules
+
+RECORDS = [
+    {"instruction": "Name the first book.", "input": "", "output": "Genesis"},
+    {"instruction": "Reverse the order of this list.", "input": "bread, water, lamb", "output": "lamb, water, bread"},
+    {"instruction": "What is 3 plus 4?", "input": "", "output": "7"},
+    {"instruction": "What is the last word of this verse?", "input": "God saw the light.", "output": "light"},
+    {"instruction": "Say hello.", "input": "", "output": "Hello there, friend."},
+    {"instruction": "Count the words.", "input": "in the beginning", "output": "3"},
+]
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # On this shared 2-core box (load ~10), two intra-op threads make tiny-model steps ~20x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_path(tmp_path_factory):
+    """A 400-piece SentencePiece BPE trained in a second on the templates and records above."""
+    import sentencepiece as spm
+
+    d = tmp_path_factory.mktemp("tok")
+    lines = [render_prompt(r) + " " + r["output"] for r in RECORDS] * 20
+    lines += ["In the beginning, God created the heavens and the earth. Which book, how many words?"] * 20
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(d / "tokenizer"), vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   split_digits=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+                                   minloglevel=2, num_threads=1)
+    return d / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory, tiny_tokenizer_path):
+    from annotated_llama.weights import save_model
+
+    tok = Tokenizer(tiny_tokenizer_path)
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.from_name("tiny", vocab_size=tok.n_words, max_seq_len=128))
+    out = tmp_path_factory.mktemp("base") / "model"
+    save_model(model, tok, out, format="ours")
+    return out
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    p = tmp_path / "train.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    return p
+
+
+def test_lora_finetune_writes_a_peft_adapter_and_log(base_dir, data_file, tmp_path, capsys):
+    from annotated_llama.weights import load_model
+
+    out = tmp_path / "adapter"
+    rc = main(["finetune", "--model", str(base_dir), "--data", str(data_file), "--out", str(out), "--lora",
+               "--max-steps", "4", "--batch-size", "2", "--lr", "1e-2", "--lora-targets", "wq,wk,wv",
+               "--lora-r", "4", "--log-every", "1", "--seed", "3"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["step"] == 4 and 0 < result["trainable_params"] < result["total_params"]
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["target_modules"] == ["k_proj", "q_proj", "v_proj"]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+    # the adapter loads through load_model(lora=...) and differs from the base only by the adapters
+    base, _ = load_model(base_dir)
+    tuned, _ = load_model(base_dir, lora=out)
+    assert len(lora_modules(tuned)) == 3 * 2
+    assert any(m.lora_B.abs().sum() > 0 for m in lora_modules(tuned).values())
+    tokens = torch.tensor([[1, 5, 9, 20, 33]])
+    assert not torch.allclose(base(tokens, cache=False), tuned(tokens, cache=False))
+
+
+def test_merge_lora_cli_equals_the_adapter(base_dir, data_file, tmp_path):
+    from annotated_llama.weights import load_model
+
+    adapter = tmp_path / "adapter"
+    assert main(["finetune", "--model", str(base_dir), "--data", str(data_file), "--out", str(adapter), "--lora",
+                 "--max-steps", "3", "--batch-size", "3", "--lr", "2e-2", "--lora-targets", "all"]) == 0
+    merged_dir = tmp_path / "merged"
+    assert main(["merge-lora", str(base_dir), str(adapter), str(merged_dir)]) == 0
+    tokens = torch.tensor([[1, 5, 9, 20, 33, 7]])
+    with_adapter, _ = load_model(base_dir, lora=adapter)
+    merged, _ = load_model(merged_dir)
+    assert not lora_modules(merged)
+    assert torch.allclose(merged(tokens, cache=False), with_adapter(tokens, cache=False), atol=1e-5, rtol=0)
+    base, _ = load_model(base_dir)
+    assert not torch.allclose(merged(tokens, cache=False), base(tokens, cache=False), atol=1e-4)
+    # OUT is never overwritten
+    assert main(["merge-lora", str(base_dir), str(adapter), str(merged_dir)]) == 2
+
+
+@pytest.mark.slow
+def test_finetuned_model_stops_at_eos_on_training_prompts(base_dir, data_file, tmp_path):
+    from annotated_llama.weights import load_model
+
+    base, tok = load_model(base_dir)
+    prompts = [tok.encode(render_prompt(r), bos=True, eos=False) for r in RECORDS]
+    before = greedy_generate(base, prompts, 20, tok.stop_ids)
+    assert not any(stopped for _, stopped in before)  # random weights: run to the length limit
+    out = tmp_path / "full"
+    assert main(["finetune", "--model", str(base_dir), "--data", str(data_file), "--out", str(out),
+                 "--max-steps", "60", "--batch-size", "6", "--lr", "3e-3", "--log-every", "20"]) == 0
+    tuned, tok = load_model(out)
+    after = greedy_generate(tuned, prompts, 20, tok.stop_ids)
+    for r, (ids, stopped) in zip(RECORDS, after):
+        assert stopped, f"no EOS after {tok.decode(ids)!r}"
+        assert tok.decode(ids) == r["output"]
+    report = evaluate(tuned, tok, RECORDS)
+    assert report["accuracy"] == 1.0 and report["stopped_at_eos"] == 1.0
+
+
+def test_bad_record_stops_before_training(base_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([RECORDS[0], {"instruction": "no output"}]))
+    out = tmp_path / "never"
+    rc = main(["finetune", "--model", str(base_dir), "--data", str(bad), "--out", str(out), "--lora"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err
+    assert err.endswith("bad.json: record 1: field 'output' is missing")
+    assert not out.exists()
+
+
+def test_bad_lora_targets_and_adapter(base_dir, data_file, tmp_path, capsys):
+    rc = main(["finetune", "--model", str(base_dir), "--data", str(data_file), "--out", str(tmp_path / "x"),
+               "--lora", "--lora-targets", "wq,attn"])
+    assert rc == 2 and "unknown LoRA target 'attn'" in capsys.readouterr().err
+    rc = main(["merge-lora", str(base_dir), str(tmp_path / "no-adapter"), str(tmp_path / "m")])
+    assert rc == 2 and "not a PEFT adapter dir" in capsys.readouterr().err
+
+
+def test_eval_instruct_cli_reports_per_task(base_dir, tmp_path, capsys):
+    data = tmp_path / "heldout.jsonl"
+    data.write_text("".join(json.dumps({**r, "task": t}) + "\n" for r, t in zip(RECORDS, "aabbcc")))
+    assert main(["eval-instruct", "--model", str(base_dir), "--data", str(data), "--max-new-tokens", "4",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 6 and set(report["per_task"]) == {"a", "b", "c"}
+    assert report["accuracy"] == 0.0  # random weights
