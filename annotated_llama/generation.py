@@ -13,8 +13,8 @@ work until the last row finishes. Ours:
             (`model(tokens, start_pos=LongTensor[B])`, the per-row-slot path of model.py);
             the position of a token is its slot, so a row's numbers do not depend on its
             neighbours: a ragged batch gives, row for row, what each prompt gives alone.
-  finish    a row leaves the batch (its cache rows dropped) the moment it samples a stop id,
-            spends its budget, or (text_completion) its text hits a stop string.
+  finish    a row leaves the batch (its cache row swapped behind the active ones) the moment it
+            samples a stop id, spends its budget, or (text_completion) its text hits a stop string.
 
 `mode="meta"` runs Meta's token-at-a-time teacher-forced loop instead, for comparison and tests.
 `Llama.forward_calls` counts the model calls either way.
@@ -23,7 +23,7 @@ work until the last row finishes. Ours:
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -274,7 +274,7 @@ class Llama:
                 n_gen, budget = [n_gen[b] for b in keep], [budget[b] for b in keep]
                 if isinstance(generators, list):
                     generators = [generators[b] for b in keep]
-                compact_cache(self.model, idx)
+                retire_rows(self.model, keep, int(pos.max()))
             logits = self._forward(next_tok[:, None], pos)[:, 0]  # (B, V)
             pos = pos + 1
 
@@ -338,11 +338,23 @@ class Llama:
 
 # ---- model surgery the generator needs ---------------------------------------------------------
 
-def compact_cache(model, keep: torch.Tensor) -> None:
-    """Keep only batch rows `keep` (LongTensor) of every layer's KV cache (finished rows leave)."""
+def retire_rows(model, keep: List[int], length: int) -> None:
+    """Move KV-cache rows `keep` (increasing) to the front, in order, swapping slots [0, length).
+    The next forward call passes only len(keep) rows, and the model uses cache rows [0, B): the
+    finished rows' work stops. In-place swaps, not a smaller copy, so under tensor parallelism
+    the same swap can be mirrored on every rank (tensor_parallel.swap_cache_rows)."""
+    swap = _swap_rows
+    if getattr(model, "tp_world_size", 1) > 1:
+        from .tensor_parallel import swap_cache_rows as swap
+    for j, src in enumerate(keep):
+        if src != j:  # keep[j] >= j, so a row moved out of the way is never needed again
+            swap(model, j, src, length)
+
+
+def _swap_rows(model, a: int, b: int, length: int) -> None:
     for layer in model.layers:
-        attn = layer.attention
-        attn.cache_k, attn.cache_v = attn.cache_k[keep], attn.cache_v[keep]
+        for c in (layer.attention.cache_k, layer.attention.cache_v):  # (B, S_max, K, D)
+            c[[a, b], :length] = c[[b, a], :length]
 
 
 def set_context_length(model, max_seq_len: int) -> None:
@@ -358,4 +370,4 @@ def set_context_length(model, max_seq_len: int) -> None:
     model.reset_rope()
 
 
-__all__ = ["Llama", "compact_cache", "set_context_length"]
+__all__ = ["Llama", "retire_rows", "set_context_length"]
