@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
@@ -155,10 +154,6 @@ def create_app(engine_or_model, tokenizer=None, *, model_name: str = "annotated-
         message = f"{request.method} {request.url.path}: {exc.detail}"
         return APIError(exc.status_code, message, kind, headers=getattr(exc, "headers", None)).response()
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request, exc):
-        return APIError(400, str(exc)).response()
-
     @app.exception_handler(Exception)
     async def _server_error(request, exc):
         log.exception("internal error on %s %s", request.method, request.url.path)
@@ -244,8 +239,12 @@ def create_app(engine_or_model, tokenizer=None, *, model_name: str = "annotated-
                                 top_k=req.top_k, repetition_penalty=req.repetition_penalty, seed=req.seed,
                                 stop=req.stops(), ignore_eos=req.ignore_eos)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def emit(ev: Event):  # on the scheduler's thread: hand the event to this request's loop
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the server is shutting down
+                loop.call_soon_threadsafe(events.put_nowait, ev)
         try:
-            job = scheduler.start().submit(ids, params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+            job = scheduler.start().submit(ids, params, emit)
         except QueueFull as e:
             raise APIError(503, f"server busy: {e}; retry later", "unavailable_error", code="queue_full",
                            headers={"Retry-After": "1"}) from None
@@ -404,26 +403,3 @@ class RequestLog:
         finally:
             line(" (client disconnected)")
 
-
-@contextlib.contextmanager
-def run_in_thread(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-    """A real uvicorn server for `app` on a background thread (tests, benchmarks, docs); yields
-    its base URL. port 0: any free port."""
-    import threading
-
-    import uvicorn
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                                           timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"uvicorn did not start on {host}:{port}")
-        time.sleep(0.02)
-    bound = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://{host}:{bound}"
-    finally:
-        server.should_exit = True
-        thread.join(30)

@@ -23,7 +23,8 @@ import openai
 import torch
 
 from annotated_llama import ModelArgs, Tokenizer, Transformer
-from annotated_llama.server import create_app, run_in_thread
+from annotated_llama.cli.serve import run_in_thread
+from annotated_llama.server import create_app
 
 PROMPTS = ["Once upon a time", "The history of", "In the beginning", "My favourite food is", "The rain in Spain",
            "When I was young", "The best way to learn", "Yesterday I saw"]

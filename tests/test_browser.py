@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from annotated_llama import ModelArgs, Tokenizer, Transformer
-from annotated_llama.server import create_app, run_in_thread
+from annotated_llama.cli.serve import run_in_thread
+from annotated_llama.server import create_app
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from annotated_llama import ModelArgs, Tokenizer, Transformer
-from annotated_llama.server import create_app, run_in_thread
+from annotated_llama.cli.serve import run_in_thread
+from annotated_llama.server import create_app
 
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=32, max_seq_len=192)
 PROMPTS = ["The capital of France is", "Once upon a time", "1 2 3 4", "def main():", "In the beginning",
@@ -168,7 +169,7 @@ def test_sixteen_concurrent_clients_share_batches(served, client, tokenizer):
 
 def test_disconnect_mid_stream_frees_slot(tokenizer):
     model = tiny_model()
-    app = create_app(model, tokenizer, max_batch_size=2, step_delay=0.02)
+    app = create_app(model, tokenizer, max_batch_size=2, step_delay=0.05)
     with run_in_thread(app) as url:
         body = {"prompt": "Tell me a long story", "max_tokens": 150, "temperature": 0, "ignore_eos": True,
                 "stream": True}

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from annotated_llama import ModelArgs, Tokenizer, Transformer
-from annotated_llama.server import create_app, run_in_thread
+from annotated_llama.cli.serve import run_in_thread
+from annotated_llama.server import create_app
 
 KEY = "sk-test-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -167,15 +168,20 @@ def test_unknown_fields_ignored_and_health_open(url, http):
 def test_full_queue_answers_503_with_retry_after(tokenizer):
     app = create_app(tiny_model(), tokenizer, max_batch_size=1, max_queue=1, step_delay=0.02)
     with run_in_thread(app) as base:
-        slow = {"prompt": "hi", "max_tokens": 40, "ignore_eos": True}
+        slow = {"prompt": "hi", "max_tokens": 24, "ignore_eos": True}
 
         def post(_):
             return httpx.post(base + P, json=slow, timeout=60)
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            running = [pool.submit(post, i) for i in range(2)]  # one decoding, one waiting
+        def until(key, value):
             deadline = time.monotonic() + 10
-            while httpx.get(base + "/health").json()["scheduler"]["waiting"] < 1 and time.monotonic() < deadline:
+            while httpx.get(base + "/health").json()["scheduler"][key] < value and time.monotonic() < deadline:
                 time.sleep(0.01)
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            running = [pool.submit(post, 0)]
+            until("active", 1)  # one decoding...
+            running.append(pool.submit(post, 1))
+            until("waiting", 1)  # ...one waiting: the queue is full
             r = httpx.post(base + P, json=slow, timeout=60)
             assert r.status_code == 503 and r.headers["retry-after"] == "1"
             assert r.json()["error"]["code"] == "queue_full"

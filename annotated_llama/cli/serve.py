@@ -6,7 +6,10 @@ so exposing it to a network must be a decision (then also pass --api-key).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+import time
 
 
 def add_arguments(p):
@@ -58,3 +61,26 @@ def run(args):
     print(f"annotated-llama serve: {name} on http://{args.host}:{args.port}/ (chat page), "
           f"API at http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="info")
+
+
+@contextlib.contextmanager
+def run_in_thread(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+    """A real uvicorn server for `app` on a background thread (tests, benchmarks, docs); yields
+    its base URL. port 0: any free port."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                                           timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"uvicorn did not start on {host}:{port}")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
