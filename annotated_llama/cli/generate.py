@@ -49,10 +49,10 @@ def build_llama(args):
     import torch
 
     if args.tp is not None and args.tp > 1:
-        # ---- TENSOR-PARALLEL HOOK: the tensor-parallel developer replaces this block. ----
-        raise ValueError(f"--tp {args.tp}: tensor parallelism (--tp N>1) needs torchrun "
-                         f"(torchrun --nproc_per_node {args.tp} -m annotated_llama generate ...), "
-                         "which is not wired up yet")
+        # ---- TENSOR-PARALLEL HOOK: relaunches under torchrun when needed; rank 0 gets a Llama over
+        # its slice of the model, the other ranks follow its forward calls and exit with it. ----
+        from ..tensor_parallel import build_llama as build_tensor_parallel_llama
+        return build_tensor_parallel_llama(args)
     if args.tp is not None and args.tp < 1:
         raise ValueError(f"--tp must be >= 1, got {args.tp}")
     if str(args.device).startswith("cuda") and not torch.cuda.is_available():
