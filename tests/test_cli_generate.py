@@ -92,7 +92,7 @@ def test_generate_reads_the_prompt_from_stdin(capsys, model_dir, monkeypatch):
 @pytest.mark.parametrize("extra, message", [
     (["--top-p", "0"], "top_p"),
     (["--temperature", "-1"], "temperature"),
-    (["--tp", "2"], "torchrun"),
+    (["--tp", "3"], "not divisible"),  # n_heads 4: refused before any process starts
     (["--template", "llama-3"], "Llama 3 tokenizer"),
     (["--template", "llama-2", "--system", "say [INST]"], "special tags"),
 ])
@@ -101,6 +101,7 @@ def test_generate_errors_are_one_line(capsys, model_dir, extra, message):
     assert code == 2 and message in err and err.strip().count("\n") == 0, err
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: ~5 s alone, tens of seconds on a loaded box
 def test_generate_errors_from_a_real_process(tmp_path, model_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "annotated_llama", "generate", "x" * 500, "--model", str(model_dir)],
@@ -109,6 +110,29 @@ def test_generate_errors_from_a_real_process(tmp_path, model_dir):
     assert r.stderr.strip().count("\n") == 0 and "context" in r.stderr
     code = main(["generate", "Hi", "--model", str(tmp_path / "nope")])
     assert code == 2
+
+
+def test_build_caps_but_never_extends_the_context(model_dir):
+    assert Llama.build(str(model_dir), max_seq_len=64).max_seq_len == 64
+    llama = Llama.build(str(model_dir))  # default 2048 > the trained 96: stays 96
+    assert llama.max_seq_len == 96
+    with pytest.raises(ValueError, match="context"):
+        llama.generate([[1] * 96], 4)
+
+
+def test_generate_on_an_hf_directory(capsys, model_dir, tmp_path):
+    """A directory saved by transformers itself (config.json + model.safetensors) + tokenizer.model."""
+    transformers = pytest.importorskip("transformers")
+    from annotated_llama.weights.hf import meta_to_hf_state_dict
+    from safetensors.torch import load_file
+    args = ModelArgs.from_params_json(model_dir / "params.json")
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**args.to_hf_config()))
+    hf.load_state_dict(meta_to_hf_state_dict(load_file(str(model_dir / "model.safetensors")), args))
+    hf.save_pretrained(tmp_path / "hf")
+    shutil.copy(model_dir / "tokenizer.model", tmp_path / "hf" / "tokenizer.model")
+    runs = [json.loads(cli(capsys, "generate", "Hello", "--model", str(d), "--temperature", "0",
+                           "--max-new-tokens", "8", "--ignore-eos", "--json")[1]) for d in (model_dir, tmp_path / "hf")]
+    assert runs[0]["tokens"] == runs[1]["tokens"] and len(runs[0]["tokens"]) == 8
 
 
 def test_chat_over_stdin_ends_at_eof(capsys, model_dir, monkeypatch):
