@@ -92,7 +92,7 @@ def test_generate_reads_the_prompt_from_stdin(capsys, model_dir, monkeypatch):
 @pytest.mark.parametrize("extra, message", [
     (["--top-p", "0"], "top_p"),
     (["--temperature", "-1"], "temperature"),
-    (["--tp", "3"], "not divisible"),  # n_heads 4: refused before any process starts
+    (["--tp", "3"], "--tp 3"),  # n_heads 4 is not divisible by 3: refused before any process starts
     (["--template", "llama-3"], "Llama 3 tokenizer"),
     (["--template", "llama-2", "--system", "say [INST]"], "special tags"),
 ])
