@@ -1,0 +1,288 @@
+"""A fast generation path, applied to a finished model from outside (the model stays plain).
+
+Why the plain path is slower than it needs to be (docs/annotated/10_speed.md):
+  - Batch-1 decoding reads every weight once per token: it is bound by memory bandwidth, so
+    it wants the fewest bytes per weight and a fast matrix-vector kernel. On our CPU that is
+    float16 `F.linear` (or int8/int4 packed kernels), while float16 matrix-matrix products
+    have no fast CPU kernel at all: prefill and batched decode want bfloat16. So we keep one
+    weight copy per phase ("per-phase dtypes"), memory permitting.
+  - Each token runs ~30 small ops per layer; in eager PyTorch each costs microseconds of
+    Python and dispatch. We fuse q/k/v and w1/w3 into one matmul each, keep every shape
+    static (a preallocated KV cache attended through a mask, as gpt-fast does), and can
+    `torch.compile` the decode step (CUDA graphs on GPU with mode="reduce-overhead").
+  - Prefill computes logits for the last position only (the plain forward returns all of
+    them: T x C x V extra FLOPs).
+
+Ragged batches are left-padded, as in model.forward(pad_left=...).
+Shape letters: B batch, T new tokens, L cache length, H heads, K kv heads, D head_dim,
+C dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model import Transformer
+
+MODES = ("float32", "mixed", "bfloat16", "float16", "int8", "int4")
+
+
+def _linear(x: torch.Tensor, w) -> torch.Tensor:
+    # a float weight tensor, or a quantized module (quantize.Int8Linear / Int4Linear)
+    return F.linear(x, w) if isinstance(w, torch.Tensor) else w(x)
+
+
+def _fuse(linears: Sequence[nn.Module], dtype: torch.dtype):
+    """One weight for several Linears that read the same input: concatenate output rows."""
+    from .quantize import Int4Linear, Int8Linear
+    first = linears[0]
+    if isinstance(first, Int8Linear):
+        m = Int8Linear(first.in_features, sum(l.out_features for l in linears), device=first.weight.device)
+        m.weight.copy_(torch.cat([l.weight for l in linears]))
+        m.scales.copy_(torch.cat([l.scales for l in linears]))
+        return m
+    if isinstance(first, Int4Linear) and all(isinstance(l, Int4Linear) for l in linears):
+        from .quantize import unpack_nibbles
+        m = Int4Linear(first.in_features, sum(l.out_features for l in linears), first.group_size,
+                       device=first.packed.device)
+        m.set_quantized(torch.cat([unpack_nibbles(l._nibbles) for l in linears]),
+                        torch.cat([l._scales for l in linears]), torch.cat([l._mins for l in linears]))
+        return m
+    if isinstance(first, nn.Linear):
+        return torch.cat([l.weight.detach() for l in linears]).to(dtype).contiguous()  # (sum N, C)
+    return nn.ModuleList(linears)  # mixed int4/int8: no fusion; _FusedLayer splits by hand
+
+
+class _Weights:
+    """One phase's weights: fused q|k|v and w1|w3, in that phase's dtype (or quantized)."""
+
+    def __init__(self, model: Transformer, dtype: torch.dtype):
+        self.dtype = dtype
+        self.layers = []
+        for layer in model.layers:
+            a, f = layer.attention, layer.feed_forward
+            self.layers.append(dict(
+                attn_norm=layer.attention_norm.weight.detach().float(),
+                wqkv=_fuse([a.wq, a.wk, a.wv], dtype), wo=_fuse([a.wo], dtype),
+                ffn_norm=layer.ffn_norm.weight.detach().float(),
+                w13=_fuse([f.w1, f.w3], dtype), w2=_fuse([f.w2], dtype)))
+        self.norm = model.norm.weight.detach().float()
+        self.output = _fuse([model.output], dtype)
+
+
+def _apply_linear(x, w):
+    if isinstance(w, nn.ModuleList):  # unfused fallback
+        return torch.cat([m(x) for m in w], dim=-1)
+    return _linear(x, w)
+
+
+def _rms_norm(x, weight, eps):
+    # Meta's order: normalise in float32, cast back, then scale (REFERENCE b1)
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight.to(x.dtype)
+
+
+def _rope(x, cos, sin):
+    # x: (B, T, N, D) with Meta's interleaved pairs; cos, sin: (B|1, T, D/2)
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, N, D/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos[:, :, None], sin[:, :, None]  # (B|1, T, 1, D/2)
+    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), -1).flatten(-2).to(x.dtype)  # (B, T, N, D)
+
+
+class FastDecoder:
+    """Greedy or sampled generation with per-phase weight dtypes and a static KV cache.
+
+    FastDecoder(model, mode="mixed").generate([[1, 5, 9]], max_new_tokens=32) -> [[...32 ids]]
+    mode: "float32"; "mixed" (CPU default: float16 for batch-1 decode, bfloat16 for prefill
+    and batched decode); "bfloat16"; "float16"; "int8"/"int4" (weight-only, bf16 activations).
+    compile=True wraps the decode step in torch.compile (minutes on a small CPU; a few seconds
+    of a GPU's time), with CUDA graphs on CUDA.
+    """
+
+    def __init__(self, model: Transformer, mode: Optional[str] = None, *, compile: bool = False,
+                 group_size: int = 128):
+        device = model.tok_embeddings.weight.device
+        mode = mode or ("mixed" if device.type == "cpu" else "bfloat16")
+        if mode not in MODES:
+            raise ValueError(f"FastDecoder mode must be one of {MODES}, got {mode!r}")
+        self.mode, self.device, self.args = mode, device, model.params
+        self.eps = model.params.norm_eps
+        self.H, self.K, self.D = model.params.n_heads, model.params.n_kv_heads, model.params.head_dim
+        if mode in ("int8", "int4"):
+            from .quantize import quantize_model
+            if getattr(model, "quantization", None) is None:
+                model = quantize_model(copy.deepcopy(model), mode, group_size=group_size)
+            prefill = decode = _Weights(model, torch.bfloat16)
+            cache_dtype = torch.bfloat16
+        else:
+            p_dtype = {"float32": torch.float32, "float16": torch.float16}.get(mode, torch.bfloat16)
+            d_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(mode, torch.float16)
+            prefill = _Weights(model, p_dtype)
+            decode = prefill if d_dtype == p_dtype else _Weights(model, d_dtype)
+            cache_dtype = d_dtype
+        self.prefill_w, self.decode_w, self.cache_dtype = prefill, decode, cache_dtype
+        # the embedding table is read one row per token: keep it as is (float32)
+        self.embed = model.tok_embeddings.weight.detach()
+        self.rope_cos, self.rope_sin = model.rope_cos, model.rope_sin
+        self.cache_k = self.cache_v = None
+        self.stats = {}
+        self._step = self.decode_step
+        if compile:
+            kw = {"mode": "reduce-overhead"} if device.type == "cuda" else {}
+            self._step = torch.compile(self.decode_step, fullgraph=True, dynamic=False, **kw)
+
+    # ---- the two phases ----------------------------------------------------------------
+
+    def reset(self, B: int, L: int):
+        shape = (self.args.n_layers, B, self.K, L, self.D)  # (layers, B, K, L, D): heads first for SDPA
+        c = self.cache_k
+        if c is None or c.shape != shape:
+            self.cache_k = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
+            self.cache_v = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
+
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor, pad_left: Optional[torch.Tensor] = None,
+                weights: Optional[_Weights] = None) -> torch.Tensor:
+        """Run the prompt (B, T) from slot 0, fill the cache; float32 logits (B, V) of the last position."""
+        w = weights or self.prefill_w
+        B, T = tokens.shape
+        x = self.embed[tokens].to(w.dtype)  # (B, T, C)
+        positions = torch.arange(T, device=self.device)[None]  # (1, T)
+        mask = None
+        if pad_left is not None:
+            positions = (positions - pad_left[:, None]).clamp(min=0)  # (B, T)
+            keys = torch.arange(T, device=self.device)
+            allowed = (keys <= keys[:, None]) & (keys >= pad_left[:, None, None])  # (B, T, T)
+            mask = (allowed | (keys == keys[:, None]))[:, None]  # (B, 1, T, T); pads see themselves
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B|1, T, D/2)
+        for i, lw in enumerate(w.layers):
+            h = _rms_norm(x, lw["attn_norm"], self.eps)
+            q, k, v = self._qkv(h, lw, cos, sin)  # (B, H|K, T, D)
+            self.cache_k[i, :B, :, :T] = k.to(self.cache_dtype)
+            self.cache_v[i, :B, :, :T] = v.to(self.cache_dtype)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=self.K != self.H)  # (B, H, T, D)
+            x = x + _apply_linear(o.transpose(1, 2).reshape(B, T, self.H * self.D), lw["wo"])
+            x = x + self._ffn(_rms_norm(x, lw["ffn_norm"], self.eps), lw)
+        x = _rms_norm(x[:, -1], w.norm, self.eps)  # (B, C): only the last position's logits
+        return _apply_linear(x, w.output).float()  # (B, V)
+
+    def _qkv(self, h, lw, cos, sin):
+        B, T, _ = h.shape
+        H, K, D = self.H, self.K, self.D
+        qkv = _apply_linear(h, lw["wqkv"]).view(B, T, H + 2 * K, D)  # (B, T, H+2K, D)
+        qk = _rope(qkv[:, :, : H + K], cos, sin)  # q and k rotated together, never v
+        q, k = qk[:, :, :H], qk[:, :, H:]
+        v = qkv[:, :, H + K:]
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K|K, T, D)
+
+    def _ffn(self, h, lw):
+        # SwiGLU with w1 and w3 in one matmul: (B, T, 2F) -> two (B, T, F) halves
+        a, b = _apply_linear(h, lw["w13"]).chunk(2, dim=-1)
+        return _apply_linear(F.silu(a) * b, lw["w2"])
+
+    def decode_step(self, token: torch.Tensor, pos: torch.Tensor, pad_left: torch.Tensor,
+                     w: _Weights) -> torch.Tensor:
+        """One token per row. token (B, 1); pos: 0-d slot index shared by all rows; pad_left (B,).
+        Static shapes throughout (attention reads all L slots through a mask), so the step
+        compiles once and never syncs with the host."""
+        B = token.shape[0]
+        L = self.cache_k.shape[3]
+        x = self.embed[token].to(w.dtype)  # (B, 1, C)
+        rope_pos = (pos - pad_left)[:, None]  # (B, 1): each row counts from its first real token
+        cos, sin = self.rope_cos[rope_pos], self.rope_sin[rope_pos]  # (B, 1, D/2)
+        keys = torch.arange(L, device=token.device)
+        mask = ((keys <= pos) & (keys >= pad_left[:, None]))[:, None, None]  # (B, 1, 1, L)
+        for i, lw in enumerate(w.layers):
+            h = _rms_norm(x, lw["attn_norm"], self.eps)
+            q, k, v = self._qkv(h, lw, cos, sin)  # (B, H|K, 1, D)
+            ck, cv = self.cache_k[i, :B], self.cache_v[i, :B]  # (B, K, L, D) views
+            ck.index_copy_(2, pos.view(1), k.to(self.cache_dtype))
+            cv.index_copy_(2, pos.view(1), v.to(self.cache_dtype))
+            o = F.scaled_dot_product_attention(q.to(self.cache_dtype), ck, cv, attn_mask=mask,
+                                               enable_gqa=self.K != self.H)  # (B, H, 1, D)
+            x = x + _apply_linear(o.to(w.dtype).reshape(B, 1, self.H * self.D), lw["wo"])
+            x = x + self._ffn(_rms_norm(x, lw["ffn_norm"], self.eps), lw)
+        x = _rms_norm(x[:, 0], w.norm, self.eps)  # (B, C)
+        return _apply_linear(x, w.output).float()  # (B, V)
+
+    def decode_weights(self, B: int) -> _Weights:
+        # float16 matrix-vector is the fast batch-1 path; more rows need bfloat16 (MACHINE.md)
+        return self.decode_w if B == 1 or self.device.type != "cpu" else self.prefill_w
+
+    # ---- generation --------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompt_tokens: Sequence[Sequence[int]], max_new_tokens: int, *,
+                 temperature: float = 0.0, top_k: Optional[int] = None, top_p: float = 1.0,
+                 stop_ids: Sequence[int] = (), seed: Optional[int] = None) -> list[list[int]]:
+        """New tokens for each prompt (stop ids included, nothing after them).
+        temperature=0 is greedy. Ragged prompts are left-padded; each row gives what it
+        would alone (up to float rounding)."""
+        if not prompt_tokens or any(len(p) == 0 for p in prompt_tokens):
+            raise ValueError("prompt_tokens: every prompt needs at least one token")
+        B, T = len(prompt_tokens), max(len(p) for p in prompt_tokens)
+        if T + max_new_tokens > self.args.max_seq_len:
+            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={self.args.max_seq_len}")
+        L = min(self.args.max_seq_len, -(-(T + max_new_tokens) // 128) * 128)  # round up: fewer recompiles
+        self.reset(B, L)
+        tokens = torch.zeros(B, T, dtype=torch.long)
+        pad = torch.tensor([T - len(p) for p in prompt_tokens])
+        for b, p in enumerate(prompt_tokens):
+            tokens[b, T - len(p):] = torch.tensor(p)
+        tokens, pad = tokens.to(self.device), pad.to(self.device)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(seed if seed is not None else torch.initial_seed())
+        stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=self.device)
+
+        t0 = time.perf_counter()
+        logits = self.prefill(tokens, pad if bool(pad.any()) else None)
+        nxt = sample(logits, temperature, top_k, top_p, gen)  # (B,)
+        out = [nxt]
+        done = torch.isin(nxt, stop)
+        first_token_s = time.perf_counter() - t0
+        w = self.decode_weights(B)
+        for i in range(max_new_tokens - 1):
+            if bool(done.all()):  # the one host sync per token
+                break
+            pos = torch.tensor(T + i, device=self.device)
+            logits = self._step(nxt[:, None], pos, pad, w)
+            nxt = sample(logits, temperature, top_k, top_p, gen)
+            out.append(nxt)
+            done |= torch.isin(nxt, stop)
+        rows = torch.stack(out, 1).tolist()  # (B, N)
+        total = time.perf_counter() - t0
+        self.stats = {"prefill_s": first_token_s, "decode_s": total - first_token_s,
+                      "prompt_tokens": B * T, "decode_tokens": B * (len(out) - 1)}
+        stops = set(stop_ids)
+        return [r[: next((j + 1 for j, t in enumerate(r) if t in stops), len(r))] for r in rows]
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: float,
+           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """(B, V) float32 logits -> (B,) token ids. Greedy at temperature 0; else Meta's top-p
+    (REFERENCE b7) after an optional top-k."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        p_sorted, idx = probs.sort(dim=-1, descending=True)
+        p_sorted = p_sorted.masked_fill(p_sorted.cumsum(-1) - p_sorted > top_p, 0.0)
+        choice = torch.multinomial(p_sorted / p_sorted.sum(-1, keepdim=True), 1, generator=generator)
+        return idx.gather(-1, choice)[:, 0]
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def prepare_fast(model: Transformer, mode: Optional[str] = None, *, compile: bool = False) -> FastDecoder:
+    """Build a FastDecoder for `model` (the model itself is left untouched and still usable)."""
+    return FastDecoder(model.eval(), mode, compile=compile)
