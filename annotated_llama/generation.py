@@ -44,6 +44,7 @@ class Llama:
         # touching the global RNG. Calls without a `seed=` continue this stream, as Meta's do.
         self.generator = make_generator(seed, self.device)
         self.forward_calls = 0  # model calls made so far (tests and benchmarks read it)
+        self.prefill_chunk = 512  # prompt positions per prefill call (bounds the logits' memory)
 
     @staticmethod
     def build(ckpt_dir=None, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 8,
@@ -239,13 +240,23 @@ class Llama:
         presence = token_presence(padded, V) if penalize else None  # (B, V) for the repetition penalty
         stop_ids = torch.tensor(sorted(self.tokenizer.stop_ids), device=dev, dtype=torch.long)
 
-        logits = self._forward(grid, 0)  # (B, L, V): prefill every prompt in one call
-        if prompt_logprobs:  # echo + logprobs: Meta scores prompt tokens 1.. (position 0 gets 0)
-            lp = F.log_softmax(logits[:, :-1], dim=-1).gather(2, grid[:, 1:, None])[..., 0]  # (B, L-1)
+        # Prefill every prompt together: one call for prompts up to `prefill_chunk` tokens, longer
+        # ones in chunks (Meta v2's chunked-prefill mask), so the (B, T, V) logits stay bounded.
+        logits = torch.empty(B, V, device=dev)  # each row's next-token logits
+        prompt_lp = []
+        for s in range(0, L, self.prefill_chunk):
+            e = min(L, s + self.prefill_chunk)
+            chunk = self._forward(grid[:, s:e], s)  # (B, e-s, V)
+            if prompt_logprobs:  # echo + logprobs: log p(token j+1 | tokens <= j), Meta's convention
+                target = grid[:, s + 1:e + 1]  # (B, <= e-s)
+                prompt_lp.append(F.log_softmax(chunk[:, :target.shape[1]], -1).gather(2, target[..., None])[..., 0])
+            here = ((lengths - 1 >= s) & (lengths - 1 < e)).nonzero()[:, 0]  # rows whose prompt ends here
+            logits[here] = chunk[here, lengths[here] - 1 - s]
+        if prompt_logprobs:  # position 0 has no prediction: Meta leaves it 0
+            lp = torch.cat(prompt_lp, dim=1)  # (B, L-1)
             for b, p in enumerate(prompts):
                 for j in range(len(p)):
                     yield rows[b], None, (0.0 if j == 0 else float(lp[b, j - 1]))
-        logits = logits[torch.arange(B, device=dev), lengths - 1]  # (B, V): each row's next-token logits
 
         row_ids = list(rows)  # the batch rows still active, as caller row numbers
         pos = lengths.clone()  # (B,) the slot each row's next token goes to

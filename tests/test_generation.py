@@ -112,6 +112,18 @@ def test_echo_and_logprobs_agree_with_metas_loop(llama):
         assert len(x) == len(y) and max(abs(u - v) for u, v in zip(x, y)) < 1e-4
 
 
+def test_chunked_prefill_gives_the_same_tokens(spm):
+    llama = Llama(tiny_model(3), spm)
+    prompts = prompts_of_lengths([40, 9, 23], seed=8)
+    one = llama.generate(prompts, 6, temperature=0, logprobs=True, echo=True, ignore_eos=True)
+    llama.prefill_chunk = 16
+    llama.forward_calls = 0
+    chunked = llama.generate(prompts, 6, temperature=0, logprobs=True, echo=True, ignore_eos=True)
+    assert llama.forward_calls == 3 + 5  # 40 prompt positions in chunks of 16, then 5 decode steps
+    assert chunked[0] == one[0]
+    assert max(abs(a - b) for x, y in zip(one[1], chunked[1]) for a, b in zip(x, y)) < 1e-4
+
+
 def test_max_gen_len_defaults_to_the_rest_of_the_context(llama):
     prompt = prompts_of_lengths([120], seed=5)[0]
     tokens, _ = llama.generate([prompt], None, temperature=0, ignore_eos=True)
