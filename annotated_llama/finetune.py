@@ -47,6 +47,7 @@ class FinetuneConfig:
     log_every: int = 10
     template: str = "alpaca"
     progress: bool = True
+    resume: bool = False  # continue from the newest checkpoint in `out` (the loop's exact resume)
 
 
 def own_weights(model):
@@ -96,7 +97,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         out_dir=str(out), max_steps=max_steps, lr=lr, min_lr_ratio=0.0,  # stanford_alpaca: cosine to 0
         warmup_steps=max(1, round(cfg.warmup_ratio * max_steps)), weight_decay=cfg.weight_decay,
         grad_accum=cfg.grad_accum, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed,
-        log_every=cfg.log_every, keep_checkpoints=1, progress=cfg.progress)
+        log_every=cfg.log_every, keep_checkpoints=1, progress=cfg.progress, resume=cfg.resume)
 
     def write_files(d: Path):  # into each checkpoint: an adapter, or what load_model needs
         if cfg.lora:

@@ -29,7 +29,13 @@ def add_arguments(p):
 
 
 def run(args):
+    import importlib.util
+
     from ..self_instruct import Config, run as generate
+
+    missing = [m for m in ("openai", "rouge_score") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"self-instruct needs the {' and '.join(missing)} package(s): pip install -e '.[dev]'")
 
     cfg = Config(seed_tasks=args.seed_tasks, out=args.out, num=args.num, endpoint=args.endpoint, model=args.model,
                  api_key=args.api_key, batch=args.batch, temperature=args.temperature, top_p=args.top_p,
