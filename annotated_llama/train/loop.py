@@ -156,7 +156,7 @@ def token_loss_eval(batches) -> Callable[[nn.Module], dict]:
         total, count = 0.0, 0
         for inputs, targets in (batches() if callable(batches) else batches):
             loss, n = token_loss(model, inputs.to(_device_of(model)), targets.to(_device_of(model)))
-            total, count = total + float(loss), count + n
+            total, count = total + float(loss.detach()), count + n
         val_loss = total / max(count, 1)
         return {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "val_tokens": count}
     return evaluate
