@@ -145,14 +145,14 @@ def test_raw_sse_framing_ends_with_done(served):
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
 
 
+@pytest.mark.slow  # 16 no-cache reference decodes + 16 concurrent requests
 def test_sixteen_concurrent_clients_share_batches(served, client, tokenizer):
     url, _, model = served
     solo = {p: greedy_reference(model, tokenizer, p, 16) for p in PROMPTS}
     before = stats(url)
 
-    def ask(prompt):
-        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        r = c.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
+    def ask(prompt):  # the client is thread-safe; each call is its own HTTP connection from the pool
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
         return r.choices[0].text, r.usage.completion_tokens
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
@@ -198,3 +198,65 @@ def test_cli_serve_help_and_bad_model(capsys):
     assert err.startswith("annotated-llama serve: error:") and "/nonexistent/model" in err and len(err.splitlines()) == 1
     assert main(["serve", "--max-batch-size", "0"]) == 2
     assert "--max-batch-size must be positive" in capsys.readouterr().err
+
+
+def test_chat_templates_match_raw_prompts(served, client):
+    from annotated_llama.chat_format import format_alpaca
+    q = "List three fruits."
+    for template, raw in (("alpaca", format_alpaca(q)), ("none", q)):
+        chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": q}], max_tokens=8,
+                                              temperature=0, extra_body={"template": template})
+        comp = client.completions.create(model="tiny", prompt=raw, max_tokens=8, temperature=0)
+        assert chat.choices[0].message.content == comp.choices[0].text, template
+        assert chat.usage.prompt_tokens == comp.usage.prompt_tokens
+
+
+def test_kv_budget_limits_the_batch(tokenizer):
+    from annotated_llama.scheduler import SamplingParams, Scheduler
+    model = tiny_model()
+    prompts = [tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS[:4]]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    worst = max(len(p) for p in prompts) + params.max_tokens
+    s = Scheduler(model, tokenizer, max_batch_size=4, kv_budget=2 * worst)  # room for two at a time
+    with pytest.raises(ValueError, match="KV budget"):
+        s.submit([1] * (2 * worst), params, lambda ev: None)
+    done = concurrent.futures.ThreadPoolExecutor(4)
+    answers = list(done.map(lambda p: s.generate(p, params).text, prompts))
+    done.shutdown()
+    s.stop()
+    assert answers == [greedy_reference(model, tokenizer, p, 6) for p in PROMPTS[:4]]
+    assert s.stats()["max_batch_seen"] == 2 and s.stats()["completed"] == 4
+
+
+@pytest.mark.slow  # the first meta-device model build imports torch's prims (seconds on a busy box)
+def test_cli_serve_loads_a_checkpoint_dir(tmp_path, tokenizer, spm_path, monkeypatch):
+    # `serve --model DIR` builds the app from our checkpoint format; uvicorn.run is replaced by a
+    # TestClient so no port is opened.
+    import json
+    import shutil
+
+    import uvicorn
+    from fastapi.testclient import TestClient
+    from safetensors.torch import save_file
+
+    from annotated_llama.__main__ import main
+    model = tiny_model()
+    (tmp_path / "params.json").write_text(json.dumps(model.params.to_params_json()))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
+    shutil.copy(spm_path, tmp_path / "tokenizer.model")
+    seen = {}
+
+    def fake_run(app, host, port, **kw):
+        seen.update(host=host, port=port)
+        with TestClient(app) as c:
+            seen["models"] = c.get("/v1/models", headers={"Authorization": "Bearer k"}).json()
+            seen["noauth"] = c.get("/v1/models").status_code
+            seen["text"] = c.post("/v1/completions", headers={"Authorization": "Bearer k"}, json={
+                "prompt": PROMPTS[3], "max_tokens": 5, "temperature": 0}).json()["choices"][0]["text"]
+            seen["page"] = c.get("/").text
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    assert main(["serve", "--model", str(tmp_path), "--api-key", "k", "--port", "8123"]) == 0
+    assert (seen["host"], seen["port"], seen["noauth"]) == ("127.0.0.1", 8123, 401)
+    assert seen["models"]["data"][0]["id"] == tmp_path.name
+    assert seen["text"] == greedy_reference(model, tokenizer, PROMPTS[3], 5)
+    assert '<label for="prompt">' in seen["page"]
