@@ -144,6 +144,14 @@ def test_bad_lora_targets_and_adapter(base_dir, data_file, tmp_path, capsys):
     assert rc == 2 and "unknown LoRA target 'attn'" in capsys.readouterr().err
     rc = main(["merge-lora", str(base_dir), str(tmp_path / "no-adapter"), str(tmp_path / "m")])
     assert rc == 2 and "not a PEFT adapter dir" in capsys.readouterr().err
+    # an adapter made for another shape: one line naming the module and both shapes
+    from annotated_llama.lora import apply_lora, save_adapter
+    other = apply_lora(Transformer(ModelArgs.from_name("tiny", dim=32, vocab_size=400)), "wv", r=2, alpha=4)
+    save_adapter(other, tmp_path / "other")
+    rc = main(["eval-instruct", "--model", str(base_dir), "--lora", str(tmp_path / "other"), "--data",
+               str(data_file)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and "v_proj in layer 0 is 32x32 but the model's wv is 64x64" in err
 
 
 def test_eval_instruct_cli_reports_per_task(base_dir, tmp_path, capsys):

@@ -67,3 +67,21 @@ def test_peft_adapter_loads_in_ours(tmp_path, preset):
     assert len(lora_modules(ours)) == 7 * ours.params.n_layers
     got = ours(TOKENS, cache=False)
     assert torch.allclose(got, expected, atol=1e-4, rtol=0)
+
+
+def test_peft_loads_our_adapter_onto_our_hf_export(tmp_path):
+    # the user's path: `save_model(format="hf")`, then transformers + PEFT from the files
+    from annotated_llama.weights import save_model
+
+    ours, _ = base_pair("tiny-gqa")
+    save_model(ours, None, tmp_path / "hf", format="hf")
+    apply_lora(ours, "wq,wk,w1", r=2, alpha=4)
+    with torch.no_grad():
+        for i, m in enumerate(lora_modules(ours).values()):
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=torch.Generator().manual_seed(i)) * 0.2)
+    save_adapter(ours, tmp_path / "adapter")
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf")
+    peft_model = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        got = peft_model(TOKENS).logits
+    assert torch.allclose(got, ours(TOKENS, cache=False), atol=1e-4, rtol=0)

@@ -32,6 +32,7 @@ class Stub:
 
     def __init__(self, script, delay=0.0):
         self.script, self.delay, self.calls, self.bodies = script, delay, 0, []
+        self.in_flight = self.max_in_flight = 0
         self.lock = threading.Lock()
         stub = self
 
@@ -42,7 +43,11 @@ class Stub:
                     n = stub.calls
                     stub.calls += 1
                     stub.bodies.append(body)
+                    stub.in_flight += 1
+                    stub.max_in_flight = max(stub.max_in_flight, stub.in_flight)
                 time.sleep(stub.delay)
+                with stub.lock:
+                    stub.in_flight -= 1
                 status, text, finish = stub.script(n, body)
                 if status == 200:
                     payload = {"id": f"chatcmpl-{n}", "object": "chat.completion", "created": 0,
@@ -182,6 +187,13 @@ def test_retries_on_429_and_500(tmp_path, stub):
     report = run(config(tmp_path, s.url, num=3, batch=1))
     assert report["retries"] == 2 and report["kept"] == 3 and report["requested"] == 1
     assert s.calls == 3
+
+
+def test_requests_are_concurrent_up_to_batch(tmp_path, stub):
+    s = stub(lambda n, body: (200, unique_tasks(n, 1), "stop"), delay=0.5)
+    report = run(config(tmp_path, s.url, num=6, batch=3))
+    assert report["requested"] == 6 and report["kept"] == 6
+    assert s.max_in_flight == 3  # three at a time, never more
 
 
 def test_client_errors_are_one_line(tmp_path, stub, capsys):
