@@ -149,6 +149,9 @@ def test_seeded_sampling_is_reproducible(llama):
     x, y = Llama(llama.model, llama.tokenizer, seed=9), Llama(llama.model, llama.tokenizer, seed=9)
     assert [x.generate(prompts, 10, 1.0, ignore_eos=True)[0] for _ in range(2)] == \
         [y.generate(prompts, 10, 1.0, ignore_eos=True)[0] for _ in range(2)]
+    # temperature -> 0 converges to greedy
+    assert llama.generate(prompts, 12, temperature=1e-5, seed=5, ignore_eos=True)[0] == \
+        llama.generate(prompts, 12, temperature=0, ignore_eos=True)[0]
     # row 0 with seed s is what the prompt gives alone with seed s
     assert llama.generate(prompts[:1], 20, 1.0, 0.95, top_k=50, seed=123, ignore_eos=True)[0][0] == a[0]
 
