@@ -128,7 +128,7 @@ def worker(mode: str, workdir: Path) -> int:
         m = measure_load(lambda: load("memory", MEMORY["vocab_size"]), lambda: load("meta-1", TINY["vocab_size"]))
         (workdir / "baseline.json").write_text(json.dumps({"peak_mb": m["peak_mb"]}))
         return 0
-    if mode == "run":  # run_tensor_parallel with a front end that prints greedy tokens
+    if mode == "run":  # run_tensor_parallel (serve's entry) with a front end that prints greedy tokens
         path, n = sys.argv[3], int(sys.argv[4])
 
         def front_end(model):
@@ -165,17 +165,15 @@ def worker(mode: str, workdir: Path) -> int:
 
 # ---- the tests ------------------------------------------------------------------------------
 
-def torchrun(*args, nproc=2, timeout=DEADLINE):
-    return torchrun_together([args], nproc, timeout)[0]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-def torchrun_together(launches, nproc=2, timeout=DEADLINE):
-    """Several `torchrun --nproc_per_node nproc ARGS` at once (torch's import time dominates);
-    each must finish within `timeout` seconds, so a hang fails the test instead of the CI job."""
+def run_together(commands, timeout=DEADLINE):
+    """Run the commands at once (torch's import time dominates each); every one must finish
+    within `timeout` seconds, so a hang fails the test instead of the CI job."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                               f"--nproc_per_node={nproc}", *args], env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for args in launches]
+    procs = [subprocess.Popen(c, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for c in commands]
     deadline, results = time.time() + timeout, []
     try:
         for p in procs:
@@ -207,6 +205,9 @@ def checkpoints(tmp_path_factory):
     (root / "hf").mkdir()
     (root / "hf" / "config.json").write_text(json.dumps(args.to_hf_config()))
     save_file({k: v.contiguous() for k, v in meta_to_hf_state_dict(sd, args).items()}, root / "hf" / "model.safetensors")
+    cli = random_model({**TINY, "vocab_size": 32000}, seed=2)  # LLaMA's 32k tokenizer fits it
+    save_meta(cli.state_dict(), cli.params, root / "cli", 2)
+    (root / "cli" / "tokenizer.model").write_bytes((Path(__file__).parent / "data" / "llama-spm.model").read_bytes())
     big = random_model(MEMORY, seed=1)
     save_meta(big.state_dict(), big.params, root / "memory", 1)
     return root, exercise(model)
@@ -216,10 +217,10 @@ def checkpoints(tmp_path_factory):
 def test_two_ranks_match_one_process_and_load_a_slice(checkpoints):
     root, reference = checkpoints
     t0 = time.time()
-    baseline = subprocess.Popen([sys.executable, __file__, "baseline", str(root)])
-    run = torchrun(__file__, "parity", str(root))
+    run, baseline = run_together([TORCHRUN + [__file__, "parity", str(root)],
+                                  [sys.executable, __file__, "baseline", str(root)]])
     assert run.returncode == 0, run.stderr[-3000:]
-    assert baseline.wait(timeout=DEADLINE) == 0
+    assert baseline.returncode == 0, baseline.stderr[-3000:]
     results = torch.load(root / "results.pt", weights_only=True)
     print(f"torchrun launch + baseline: {time.time() - t0:.1f} s")
 
@@ -240,39 +241,52 @@ def test_two_ranks_match_one_process_and_load_a_slice(checkpoints):
         assert m["peak_mb"] < 0.6 * single + 4, (rank, m, single)
 
 
-def test_tp_that_does_not_divide_the_heads_fails_before_starting_processes(checkpoints, monkeypatch):
-    from annotated_llama.tensor_parallel import run_tensor_parallel
+def test_tp_that_does_not_divide_the_heads_fails_before_starting_processes(checkpoints, capsys):
+    from annotated_llama.__main__ import main
 
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    with pytest.raises(ValueError, match=r"--tp 3: the model's n_heads \(8\) is not divisible by 3"):
-        run_tensor_parallel(checkpoints[0] / "meta-2", 3, front_end=None, argv=["never", "run"])
+    assert main(["generate", "--model", str(checkpoints[0] / "cli"), "--tp", "3", "Hello"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["annotated-llama generate: error: --tp 3: the model's n_heads (8) is not divisible by 3"]
 
 
 @pytest.mark.slow
-def test_run_under_torchrun_and_errors_end_every_rank(checkpoints, tmp_path):
-    root, reference = checkpoints
+def test_generate_tp_2_and_errors_end_every_rank(checkpoints, tmp_path, capsys):
+    from annotated_llama.__main__ import main
+
+    root, _ = checkpoints
     missing = tmp_path / "missing"
     missing.mkdir()
-    for f in ("params.json", "consolidated.00.pth"):  # rank 1's consolidated.01.pth is gone
-        (missing / f).write_bytes((root / "meta-2" / f).read_bytes())
+    for f in ("params.json", "consolidated.00.pth", "tokenizer.model"):  # rank 1's consolidated.01.pth is gone
+        (missing / f).write_bytes((root / "cli" / f).read_bytes())
+    generate = ["-m", "annotated_llama", "generate", "--temperature", "0", "--max-new-tokens", "12", "--json"]
     t0 = time.time()
-    ok, no_file, mismatch = torchrun_together([
-        (__file__, "run", str(root), str(root / "meta-2"), "2"),
-        (__file__, "run", str(root), str(missing), "2"),
-        (__file__, "run", str(root), str(root / "meta-2"), "4"),  # 2 processes started, --tp 4
-    ])
+    launches = [  # all at once: each spends most of its time importing torch
+        [sys.executable, *generate, "--model", str(root / "cli"), "--tp", "2", "In the beginning"],
+        [sys.executable, *generate, "--model", str(missing), "--tp", "2", "In the beginning"],
+        TORCHRUN + [__file__, "run", str(root), str(root / "meta-2"), "4"],  # 2 processes, --tp 4
+    ]
+    tp_cli, no_file, mismatch = run_together(launches)
     print(f"3 launches: {time.time() - t0:.1f} s")
-    assert ok.returncode == 0, ok.stderr[-3000:]
-    assert ok.stdout.count("greedy") == 1  # rank 0 alone prints
-    assert f"greedy {reference['greedy']}" in ok.stdout
 
-    for bad, message in ((no_file, r"^error: rank 1: \S+missing/consolidated\.01\.pth: no such file"),
+    # the single-process CLI (weights/ merges the shards) is the reference
+    capsys.readouterr()
+    assert main(generate[2:] + ["--model", str(root / "cli"), "In the beginning"]) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert tp_cli.returncode == 0, tp_cli.stderr[-3000:]
+    got = json.loads(tp_cli.stdout)  # rank 0 alone printed: one JSON object
+    assert got["tokens"] == single["tokens"] and got["text"] == single["text"]
+    assert len(got["tokens"]) == 12
+
+
+    for bad, message in ((no_file, r"^annotated-llama generate: error: rank 1: \S+missing/consolidated\.01\.pth: "
+                                   r"no such file \(rank 1 of 2 needs it; the checkpoint has 2 shards\)$"),
                          (mismatch, r"^error: --tp 4 does not match the 2 processes torchrun started")):
-        errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
-        print(errors)
-        assert bad.returncode != 0
+        print(bad.stderr.strip()[-400:])
+        assert bad.returncode != 0  # and every rank ended before the deadline
+        errors = [line for line in bad.stderr.splitlines() if "error:" in line]
         assert len(errors) == 1, bad.stderr[-3000:]  # one line, from rank 0 only
         assert re.search(message, errors[0]), errors[0]
+    assert no_file.stderr.strip().count("\n") == 0  # the relaunching CLI passes on that line alone
 
 if __name__ == "__main__":
     sys.exit(worker(sys.argv[1], Path(sys.argv[2])))
