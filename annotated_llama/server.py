@@ -33,7 +33,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .chat_format import TEMPLATES, encode_dialog, encode_prompt
+from .chat_format import TEMPLATE_STOPS, TEMPLATES, encode_dialog, encode_prompt
 from .scheduler import Event, QueueFull, SamplingParams, Scheduler
 
 log = logging.getLogger("annotated_llama.server")
@@ -226,9 +226,11 @@ def create_app(engine_or_model, tokenizer=None, *, model_name: str = "annotated-
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         limit = req.max_completion_tokens or req.max_tokens
-        return await run_job(request, req, ids, limit or max(n_ctx - len(ids), 1), chat=True)
+        # a chat answer also ends where the model starts a new turn by itself ("[INST]", "### Instruction:")
+        return await run_job(request, req, ids, limit or max(n_ctx - len(ids), 1), chat=True,
+                             stops=TEMPLATE_STOPS[chosen])
 
-    async def run_job(request: Request, req: _Common, ids: list[int], max_tokens: int, chat: bool):
+    async def run_job(request: Request, req: _Common, ids: list[int], max_tokens: int, chat: bool, stops=()):
         if len(ids) + max_tokens > n_ctx:
             raise APIError(400, f"This model's maximum context length is {n_ctx} tokens. However, you requested "
                                 f"{len(ids) + max_tokens} tokens ({len(ids)} in the "
@@ -237,10 +239,13 @@ def create_app(engine_or_model, tokenizer=None, *, model_name: str = "annotated-
                            param="messages" if chat else "prompt", code="context_length_exceeded")
         params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                 top_k=req.top_k, repetition_penalty=req.repetition_penalty, seed=req.seed,
-                                stop=req.stops(), ignore_eos=req.ignore_eos)
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+                                stop=req.stops() + list(stops), ignore_eos=req.ignore_eos)
+        loop, events, leading = asyncio.get_running_loop(), asyncio.Queue(), [chat]
 
         def emit(ev: Event):  # on the scheduler's thread: hand the event to this request's loop
+            if leading[0] and ev.text:  # a chat answer starts at its first non-space (Meta strips it)
+                ev.text = ev.text.lstrip()
+                leading[0] = not ev.text
             with contextlib.suppress(RuntimeError):  # the loop is closed: the server is shutting down
                 loop.call_soon_threadsafe(events.put_nowait, ev)
         try:
