@@ -394,6 +394,10 @@ def swap_cache_rows(model: Transformer, a: int, b: int, length: int, group=None)
     """Swap slots [0, length) of KV-cache rows a and b in every layer, on every rank when rank 0
     leads: the one cache edit a batching scheduler needs besides forward calls (moving a finished
     row's slot to the end, prefilling one request in a scratch row), mirrored so ranks agree."""
+    cache = model.layers[0].attention.cache_k  # (B, S_max, K/N, D); checked before the broadcast
+    if cache is None or not (0 <= a < cache.shape[0] and 0 <= b < cache.shape[0] and 0 <= length <= cache.shape[1]):
+        raise ValueError(f"swap_cache_rows({a}, {b}, {length}): outside the KV cache "
+                         f"{None if cache is None else tuple(cache.shape[:2])}")
     if getattr(model, "tp_world_size", 1) > 1 and dist.is_initialized():
         header = torch.tensor([_SWAP, a, b, length, 0, 0, 0], device=model.norm.weight.device)
         dist.broadcast(header, _src(group), group=group)
