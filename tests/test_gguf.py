@@ -219,13 +219,10 @@ def test_llama3_vocabulary_is_embedded_as_bpe(tmp_path, llama3_tokenizer):
 
 
 def test_gguf_convert_cli_and_bad_files(tmp_path, spm_model, written):
-    import subprocess
-    import sys
+    from test_weights import cli as run
 
     model, tok = spm_model
     save_model(model, tok, tmp_path / "ours", format="ours")
-    run = lambda *a: subprocess.run([sys.executable, "-m", "annotated_llama", *map(str, a)],  # noqa: E731
-                                    capture_output=True, text=True, timeout=120)
     r = run("convert", tmp_path / "ours", tmp_path / "m.gguf", "--to", "gguf", "--dtype", "q8_0")
     assert r.returncode == 0, r.stderr
     from annotated_llama.weights.gguf import read_gguf

@@ -1,9 +1,6 @@
 """Weights: HF and Meta layouts both ways, shard merging by Meta's rules, safe loading of bad input."""
 
 import json
-import subprocess
-import sys
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -181,8 +178,17 @@ def test_dtype_is_chosen_at_load(tmp_path):
 # ---- bad input: one line naming the file, non-zero exit, nothing overwritten ---------------------
 
 def cli(*argv):
-    return subprocess.run([sys.executable, "-m", "annotated_llama", *map(str, argv)],
-                          capture_output=True, text=True, timeout=120)
+    # In process (the same main() as `python -m annotated_llama`), capturing stderr.
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    from annotated_llama.__main__ import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = main([str(a) for a in argv])
+    return SimpleNamespace(returncode=rc, stderr=err.getvalue())
 
 
 @pytest.fixture
@@ -257,3 +263,17 @@ def test_existing_destination_needs_force(tmp_path, good_ours):
     result = cli("convert", good_ours, dst, "--to", "hf", "--force", "--quiet")
     assert result.returncode == 0, result.stderr
     assert load_model(dst)[0].params.dim == 64
+
+
+@pytest.mark.slow
+def test_llama3_hf_export_tokenizes_like_tiktoken(tmp_path, llama3_tokenizer):
+    # transformers cannot read Meta's tiktoken file; our tokenizer.json (byte-level BPE with
+    # merges ranked like tiktoken's and Llama 3's split regex) must give the same ids.
+    args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=llama3_tokenizer.n_words, multiple_of=32)
+    save_model(Transformer(args), llama3_tokenizer, tmp_path / "hf", format="hf", dtype="bf16")
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    texts = (__import__("pathlib").Path(__file__).parent / "data" / "llama3-bpe.inp").read_text()
+    for text in [t for t in texts.split("\n__ggml_vocab_test__\n") if t] + ["  x = 12345;\n\tnew line"]:
+        assert auto(text)["input_ids"] == llama3_tokenizer.encode(text, bos=True, eos=False), repr(text)
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == sorted(llama3_tokenizer.stop_ids)

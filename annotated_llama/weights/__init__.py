@@ -130,7 +130,11 @@ def load_model(path, dtype=None, device="cpu", lora=None):
     dtype None keeps the stored dtype (GGUF quantized tensors: float32)."""
     args, sd, tok_path = load_checkpoint(path)
     model = build_model(args, sd, dtype, device)
-    tokenizer = Tokenizer(tok_path) if tok_path is not None else None
+    if tok_path is not None and tok_path == Path(path) and Path(path).is_file():  # GGUF: vocab inside
+        from .gguf import gguf_tokenizer
+        tokenizer = gguf_tokenizer(tok_path)
+    else:
+        tokenizer = Tokenizer(tok_path) if tok_path is not None else None
     if tokenizer is not None and tokenizer.n_words > args.vocab_size:
         raise ValueError(f"{tok_path}: the tokenizer has {tokenizer.n_words} ids but the model only "
                          f"{args.vocab_size} embeddings")

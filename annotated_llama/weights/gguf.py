@@ -172,9 +172,9 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 STRING, ARRAY = 8, 9
 
 
-def read_gguf(path: Path) -> tuple[dict, dict[str, tuple[int, tuple[int, ...], np.ndarray]]]:
-    """(metadata without the tokenizer.* arrays, {name: (ggml type, numpy shape, raw bytes)}),
-    the bytes memory-mapped copy-on-write."""
+def read_gguf(path: Path) -> tuple[dict, dict[str, tuple[int, tuple[int, ...], np.ndarray]], int]:
+    """(metadata without the tokenizer.* arrays, {name: (ggml type, numpy shape, raw bytes)},
+    the offset where the key/value section ends), the bytes memory-mapped copy-on-write."""
     import mmap
     import struct
 
@@ -220,6 +220,7 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, tuple[int, tuple[int, ...], n
         v = value(kind, keep)
         if keep:
             meta[key] = v
+    kv_end = pos
     g = _gguf()
     infos = []
     for _ in range(n_tensors):
@@ -237,7 +238,7 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, tuple[int, tuple[int, ...], n
         if start + offset + nbytes > len(mm):
             raise ValueError(f"truncated: tensor {name} ends past the end of the file")
         tensors[name] = (ttype, shape, np.frombuffer(mm, np.uint8, nbytes, start + offset))
-    return meta, tensors
+    return meta, tensors, kv_end
 
 
 def _decode(ttype, shape, raw: np.ndarray, g) -> torch.Tensor:
@@ -257,7 +258,7 @@ def _decode(ttype, shape, raw: np.ndarray, g) -> torch.Tensor:
 def load_gguf(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     g = _gguf()
     try:
-        meta, tensors = read_gguf(path)
+        meta, tensors, _ = read_gguf(path)
     except (ValueError, OSError, UnicodeDecodeError, __import__("struct").error) as e:
         raise ValueError(f"{path}: not a readable GGUF file ({e})") from None
 
@@ -301,3 +302,24 @@ def load_gguf(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
         if not torch.allclose(base / rope_frequencies(args), rope_freqs, rtol=1e-4):
             raise ValueError(f"{path}: rope_freqs does not match Llama 3.1's rope scaling; not supported")
     return args, sd
+
+
+def gguf_tokenizer(path: Path):
+    """The Tokenizer of a GGUF file without reading its tensor data: Tokenizer(path) reads the
+    whole file (S bytes, twice over), so hand it a vocabulary-only copy of the header instead
+    (magic, version, zero tensors, the key/value section)."""
+    import struct
+    import tempfile
+
+    from ..tokenizer import Tokenizer
+
+    _, _, kv_end = read_gguf(path)
+    with open(path, "rb") as f:
+        header = f.read(kv_end)
+    version, _, n_kv = struct.unpack_from("<IQQ", header, 4)
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab = Path(tmp) / Path(path).name
+        vocab.write_bytes(b"GGUF" + struct.pack("<IQQ", version, 0, n_kv) + header[24:])
+        tokenizer = Tokenizer(vocab)
+    tokenizer.path = Path(path)
+    return tokenizer

@@ -165,7 +165,7 @@ def tokenizer_json(tokenizer) -> str | None:
     "▁" "▁lead"). Here the merges are ranked as SentencePiece's BPE applies them: by the
     score of the merged piece (Llama 3's tiktoken: by rank)."""
     try:
-        from tokenizers import Tokenizer as FastTokenizer, decoders, models, normalizers, pre_tokenizers, processors
+        from tokenizers import Regex, Tokenizer as FastTokenizer, decoders, models, normalizers, pre_tokenizers, processors
     except ImportError:
         return None
     vocab, merges = {}, []
@@ -195,7 +195,7 @@ def tokenizer_json(tokenizer) -> str | None:
         text = [("".join(byte_char[b] for b in a), "".join(byte_char[b] for b in b_)) for a, b_ in tiktoken_merges(ranks)]
         fast = FastTokenizer(models.BPE(vocab=vocab, merges=text, ignore_merges=True))
         fast.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(LLAMA3_PAT, behavior="isolated"),
+            pre_tokenizers.Split(Regex(LLAMA3_PAT), behavior="isolated"),  # a str would be literal
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         fast.decoder = decoders.ByteLevel()
         specials = sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1])
