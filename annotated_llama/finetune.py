@@ -47,6 +47,7 @@ class FinetuneConfig:
     log_every: int = 10
     template: str = "alpaca"
     progress: bool = True
+    ckpt_every: int = 0  # 0: a checkpoint (and, with LoRA, an adapter in it) only at the end
     resume: bool = False  # continue from the newest checkpoint in `out` (the loop's exact resume)
 
 
@@ -97,7 +98,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         out_dir=str(out), max_steps=max_steps, lr=lr, min_lr_ratio=0.0,  # stanford_alpaca: cosine to 0
         warmup_steps=max(1, round(cfg.warmup_ratio * max_steps)), weight_decay=cfg.weight_decay,
         grad_accum=cfg.grad_accum, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed,
-        log_every=cfg.log_every, keep_checkpoints=1, progress=cfg.progress, resume=cfg.resume)
+        log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, keep_checkpoints=1, progress=cfg.progress,
+        resume=cfg.resume)
 
     def write_files(d: Path):  # into each checkpoint: an adapter, or what load_model needs
         if cfg.lora:

@@ -26,6 +26,8 @@ def add_arguments(p):
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--lora-targets", default="wq,wv", help="comma-separated wq,wk,wv,wo,w1,w2,w3 (or HF names), "
                    "or 'all'")
+    p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (with --lora each holds "
+                   "the adapter so far); 0: only at the end")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
@@ -49,6 +51,6 @@ def run(args):
         max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, max_len=args.max_len,
         seed=args.seed, dtype=args.dtype, device=args.device, log_every=args.log_every, template=args.template,
-        resume=args.resume)
+        ckpt_every=args.ckpt_every, resume=args.resume)
     result = finetune(cfg)
     print(json.dumps(result))
