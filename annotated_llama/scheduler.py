@@ -36,6 +36,9 @@ from .sampling import make_generator, sample
 from .streaming import TextStream
 
 
+PREFILL_CHUNK = 512  # prompt tokens per prefill forward
+
+
 class QueueFull(RuntimeError):
     """The wait queue is full; retry later (HTTP 503 + Retry-After)."""
 
@@ -66,10 +69,10 @@ class Job:
     """One request inside the scheduler. `emit` is called on the scheduler thread."""
 
     def __init__(self, prompt_tokens: list[int], params: SamplingParams, emit: Callable[[Event], None],
-                 tokenizer):
+                 tokenizer, device="cpu"):
         self.prompt_tokens, self.params, self.emit = list(prompt_tokens), params, emit
         seed = params.seed if params.seed is not None else random.getrandbits(63)
-        self.generator = make_generator(seed)  # per request: its draws ignore who shares the batch
+        self.generator = make_generator(seed, device)  # per request: its draws ignore who shares the batch
         self.presence: Optional[torch.Tensor] = None  # (V,) bool, for the repetition penalty
         self.text = TextStream(tokenizer, context_ids=prompt_tokens, stops=params.stop)
         self.generated: list[int] = []
@@ -113,10 +116,11 @@ class Scheduler:
     # ---- the public side (any thread) -------------------------------------------------
 
     def start(self) -> "Scheduler":
-        if self.thread is None or not self.thread.is_alive():
-            self.stopping = False
-            self.thread = threading.Thread(target=self._run, name="annotated-llama-scheduler", daemon=True)
-            self.thread.start()
+        with self.cond:  # two threads starting it at once must not get two model owners
+            if self.thread is None or not self.thread.is_alive():
+                self.stopping = False
+                self.thread = threading.Thread(target=self._run, name="annotated-llama-scheduler", daemon=True)
+                self.thread.start()
         return self
 
     def stop(self, timeout: float = 10.0):
@@ -129,7 +133,7 @@ class Scheduler:
     def submit(self, prompt_tokens: list[int], params: SamplingParams, emit: Callable[[Event], None]) -> Job:
         if not prompt_tokens:
             raise ValueError("the prompt is empty")
-        job = Job(prompt_tokens, params, emit, self.tokenizer)
+        job = Job(prompt_tokens, params, emit, self.tokenizer, self._device)
         if job.reserve > self.max_seq_len:
             raise ValueError(f"prompt ({len(prompt_tokens)}) + max_tokens ({params.max_tokens}) exceeds "
                              f"the context of {self.max_seq_len} tokens")
@@ -242,7 +246,9 @@ class Scheduler:
         P = len(job.prompt_tokens)
         tokens = torch.tensor([job.prompt_tokens], device=self._device)  # (1, P)
         saved = [c[0, :P].clone() for c in self._caches()] if row else None  # row 0's slots we overwrite
-        logits = self.model(tokens, torch.zeros(1, dtype=torch.long, device=self._device))  # (1, P, V)
+        for i in range(0, P, PREFILL_CHUNK):  # chunks: logits (1, chunk, V), not (1, P, V), in memory
+            chunk = tokens[:, i:i + PREFILL_CHUNK]  # (1, <=chunk)
+            logits = self.model(chunk, torch.full((1,), i, dtype=torch.long, device=self._device))
         if row:
             for c, s in zip(self._caches(), saved):
                 c[row, :P] = c[0, :P]

@@ -272,3 +272,23 @@ def test_cli_serve_loads_a_checkpoint_dir(tmp_path, tokenizer, spm_path, monkeyp
     assert seen["models"]["data"][0]["id"] == tmp_path.name
     assert seen["text"] == greedy_reference(model, tokenizer, PROMPTS[3], 5)
     assert '<label for="prompt">' in seen["page"]
+
+
+def test_chunked_prefill_and_repetition_penalty_match_references(tokenizer, monkeypatch):
+    from annotated_llama import scheduler as sched
+    from annotated_llama.generation import Llama
+    model = tiny_model()
+    monkeypatch.setattr(sched, "PREFILL_CHUNK", 4)  # a 13-token prompt in 4 forwards
+    prompt = "The history of the world in a few words"
+    ids = tokenizer.encode(prompt, bos=True, eos=False)
+    assert len(ids) > 8
+    s = sched.Scheduler(model, tokenizer, max_batch_size=2).start()
+    try:
+        plain = s.generate(ids, sched.SamplingParams(max_tokens=8, temperature=0)).text
+        penalized = s.generate(ids, sched.SamplingParams(max_tokens=8, temperature=0, repetition_penalty=0.2)).text
+    finally:
+        s.stop()
+    assert plain == greedy_reference(model, tokenizer, prompt, 8)
+    want = Llama(tiny_model(), tokenizer).text_completion([prompt], temperature=0, max_gen_len=8,
+                                                         repetition_penalty=0.2)[0]["generation"]
+    assert penalized == want and penalized != plain  # penalty < 1 favours the prompt's tokens: it must show
