@@ -66,6 +66,7 @@ def test_greedy_tokens_and_logprobs_match_hf_generate(llama):
         tokens, logprobs = llama.generate([prompt], n, temperature=0, logprobs=True, ignore_eos=True, mode=mode)
         assert tokens[0] == hf_tokens, mode
         err = max(abs(a - b) for a, b in zip(logprobs[0], hf_logprobs))
+        print(f"{mode}: 40 greedy tokens equal HF; max logprob error {err:.1e}")
         assert err < 1e-4, (mode, err)
 
 
