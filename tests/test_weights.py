@@ -277,3 +277,21 @@ def test_llama3_hf_export_tokenizes_like_tiktoken(tmp_path, llama3_tokenizer):
         assert auto(text)["input_ids"] == llama3_tokenizer.encode(text, bos=True, eos=False), repr(text)
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     assert generation["eos_token_id"] == sorted(llama3_tokenizer.stop_ids)
+
+
+def test_lora_adapter_is_applied_at_load(tmp_path):
+    from annotated_llama.lora import apply_lora, lora_modules, save_adapter
+
+    base = random_model(ModelArgs.from_name("tiny-gqa"))
+    save_model(base, None, tmp_path / "base", format="ours")
+    tuned = apply_lora(random_model(ModelArgs.from_name("tiny-gqa")), targets="wq,wv", r=4)
+    tuned.load_state_dict(base.state_dict(), strict=False)  # same base weights
+    with torch.no_grad():
+        for m in lora_modules(tuned).values():
+            m.lora_B.normal_()  # B starts at zero: make the adapter do something
+    save_adapter(tuned, tmp_path / "adapter")
+    loaded, _ = load_model(tmp_path / "base", lora=tmp_path / "adapter")
+    tokens = torch.randint(0, 512, (1, 12))
+    expected = logits(tuned.eval(), tokens)
+    assert (logits(loaded, tokens) - expected).abs().max() < 1e-5
+    assert (logits(base, tokens) - expected).abs().max() > 1e-3

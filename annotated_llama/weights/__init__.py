@@ -141,9 +141,11 @@ def load_model(path, dtype=None, device="cpu", lora=None):
     if lora is not None:
         try:
             from ..lora import load_adapter
-        except ImportError:
+        except ModuleNotFoundError as e:
+            if e.name != __package__.rsplit(".", 1)[0] + ".lora":
+                raise
             raise ValueError(f"--lora {lora}: LoRA support (annotated_llama/lora.py) is not available") from None
-        load_adapter(model, lora)
+        model = load_adapter(model, lora) or model
     return model, tokenizer
 
 
