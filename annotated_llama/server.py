@@ -262,18 +262,23 @@ def create_app(engine_or_model, tokenizer=None, *, model_name: str = "annotated-
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(stream_events(request, job, events, shape, chat, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        pieces, final = [], None
+        pieces, final, checked, getter = [], None, time.monotonic(), None
         try:
             while final is None:
-                try:
-                    ev: Event = await asyncio.wait_for(events.get(), timeout=0.5)
-                except asyncio.TimeoutError:  # no news: is the client still there?
+                getter = getter or asyncio.ensure_future(events.get())  # kept across waits: no event lost
+                done, _ = await asyncio.wait({getter}, timeout=0.5)
+                if done:
+                    ev: Event = getter.result()
+                    getter = None
+                    pieces.append(ev.text)
+                    final = ev if ev.finish_reason is not None else None
+                if final is None and time.monotonic() - checked > 0.5:  # is the client still there?
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         return JSONResponse({}, status_code=499)
-                    continue
-                pieces.append(ev.text)
-                final = ev if ev.finish_reason is not None else None
         finally:
+            if getter is not None:
+                getter.cancel()
             if final is None:  # cancelled (client gone, server stopping): free the row
                 scheduler.cancel(job)
         if final.finish_reason not in ("stop", "length"):
@@ -301,7 +306,8 @@ def create_app(engine_or_model, tokenizer=None, *, model_name: str = "annotated-
             while True:
                 ev: Event = await events.get()
                 if ev.finish_reason is None:
-                    yield chunk(ev.text)
+                    if ev.text:  # (a chat answer's leading spaces become empty pieces)
+                        yield chunk(ev.text)
                     continue
                 done = True
                 request.state.usage = (ev.prompt_tokens, ev.completion_tokens)
@@ -406,5 +412,5 @@ class RequestLog:
         try:
             await self.app(scope, receive, logged_send)
         finally:
-            line(" (client disconnected)")
+            line(" (response not completed)")
 

@@ -186,6 +186,15 @@ def test_disconnect_mid_stream_frees_slot(tokenizer):
         assert s["active"] == 0 and s["cancelled"] == 1 and s["completed"] == 0
         assert s["steps"] - closed_at <= 10, s  # freed within a few decode steps, far before its 150 tokens
 
+        # a non-streamed request whose client gives up: the handler notices (it polls every 0.5 s)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/completions", json={**body, "stream": False}, timeout=0.3)
+        deadline = time.monotonic() + 10
+        while stats(url)["cancelled"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        s = stats(url)
+        assert s["active"] == 0 and s["cancelled"] == 2 and s["completed"] == 0, s
+
 
 def test_cli_serve_help_and_bad_model(capsys):
     from annotated_llama.__main__ import main
