@@ -74,14 +74,14 @@ def _fetch_once(url: str, part: Path, timeout: float, quiet: bool) -> bool:
         raise
     with response:
         if offset and response.status != 206:  # the server ignored the Range: start over
-            _say(quiet, f"{part.name}: server does not resume; restarting from byte 0")
+            _say(quiet, f"{part.name[:-5]}: the server does not resume; restarting from byte 0")
             offset = 0
         elif offset:
             match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
             if not match or int(match.group(1)) != offset:
                 raise DownloadError(f"{public(url)}: server resumed at the wrong byte "
                                     f"({response.headers.get('Content-Range')!r} for a request from {offset})")
-            _say(quiet, f"{part.name}: resuming at byte {offset:,}")
+            _say(quiet, f"{part.name[:-5]}: resuming at byte {offset:,}")
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length is not None else None
         with open(part, "ab" if offset else "wb") as f, _progress(part.name[:-5], total, offset, quiet) as bar:
@@ -133,7 +133,12 @@ def download_file(url: str, dest, md5: str | None = None, *, timeout: float = 30
                 socket.timeout, OSError) as e:
             if isinstance(e, DownloadError):
                 raise
-            error = type(e).__name__ if not str(e) else f"{type(e).__name__}: {e}"
+            if isinstance(e, http.client.IncompleteRead):
+                error = f"connection closed {e.expected:,} bytes early"
+            elif isinstance(e, (TimeoutError, socket.timeout)) or "timed out" in str(e):
+                error = f"no data for {timeout:g} s"
+            else:
+                error = type(e).__name__ if not str(e) else f"{type(e).__name__}: {e}"
         else:
             if md5 is None or md5_of(part) == md5:
                 os.replace(part, dest)  # only now does it get its final name
