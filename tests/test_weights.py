@@ -61,6 +61,19 @@ def test_sharded_transformers_checkpoint(tmp_path):
         assert (logits(model, tokens) - ref(tokens).logits).abs().max() < 1e-4
 
 
+def test_older_pytorch_model_bin_export(tmp_path):
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=101, multiple_of=32)
+    ref = hf_reference(args)
+    ref.save_pretrained(tmp_path / "hf")
+    st = tmp_path / "hf" / "model.safetensors"
+    torch.save(load_file(st), tmp_path / "hf" / "pytorch_model.bin")  # as transformers 4 wrote them
+    st.unlink()
+    model, _ = load_model(tmp_path / "hf")
+    tokens = torch.randint(0, 101, (1, 20))
+    with torch.no_grad():
+        assert (logits(model, tokens) - ref(tokens).logits).abs().max() < 1e-4
+
+
 def test_hf_to_ours_to_hf_is_bit_exact(tmp_path):
     args = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=101, multiple_of=32)
     hf_reference(args).to(torch.bfloat16).save_pretrained(tmp_path / "hf")

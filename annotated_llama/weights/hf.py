@@ -102,21 +102,30 @@ def read_safetensors(path) -> dict[str, torch.Tensor]:
 
 
 def read_hf_weights(model_dir) -> dict[str, torch.Tensor]:
-    """HF's tensors from model.safetensors, or from the shards model.safetensors.index.json names."""
+    """HF's tensors from model.safetensors, or the shards an index names; older exports'
+    pytorch_model.bin (+ index) go through torch.load(weights_only=True)."""
     import json
     from pathlib import Path
 
+    from .meta import load_pth
+
     model_dir = Path(model_dir)
-    index = model_dir / HF_INDEX
-    if not index.is_file():
-        return read_safetensors(model_dir / HF_WEIGHTS)
+    for weights, index, read in ((HF_WEIGHTS, HF_INDEX, read_safetensors),
+                                 ("pytorch_model.bin", "pytorch_model.bin.index.json", load_pth)):
+        if (model_dir / weights).is_file():
+            return read(model_dir / weights)
+        if (model_dir / index).is_file():
+            break
+    else:
+        raise ValueError(f"{model_dir}: config.json but no weights (expected {HF_WEIGHTS} or {HF_INDEX})")
+    index = model_dir / index
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (ValueError, KeyError, TypeError):
-        raise ValueError(f"{index}: not a safetensors index (expected a 'weight_map' object)") from None
+        raise ValueError(f"{index}: not a weights index (expected a 'weight_map' object)") from None
     sd = {}
     for file in sorted(set(weight_map.values())):
-        part = read_safetensors(model_dir / file)
+        part = read(model_dir / file)
         for name in part:
             if weight_map.get(name) == file:
                 sd[name] = part[name]
