@@ -377,7 +377,9 @@ def parse(schema: type[BaseModel], data: dict):
         return schema.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
+        # the field's path, without pydantic's union-member tags ("prompt.str" -> "prompt")
+        loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and (
+            p in ("str", "int", "float", "bool") or "[" in p or "-" in p)))
         raise APIError(400, f"{loc}: {err['msg']}" if loc else err["msg"], param=loc or None) from None
     except RecursionError:
         raise APIError(400, "the request is nested too deeply") from None
