@@ -124,6 +124,16 @@ def test_chat_page_in_chromium(server, browser):
     assert s["active"] == 0 and s["cancelled"] == cancelled_before + 1, s
     assert s["tokens_generated"] < 24 + 150  # the long answer did not run to its 150 tokens
 
+    # 3b. the keyboard: Escape stops too
+    settings(page, max_tokens="100", seed="9")
+    page.fill("#prompt", "Another long one.")
+    page.press("#prompt", "Enter")
+    page.wait_for_function("(document.querySelectorAll('.msg.assistant .content')[2]?.textContent.length || 0) > 0",
+                           timeout=20_000)
+    page.keyboard.press("Escape")
+    page.wait_for_function("document.body.dataset.state === 'idle'", timeout=10_000)
+    assert page.locator(".msg.assistant").last.get_attribute("data-finish") == "stopped"
+
     # 4. an over-long message: the server's context error appears as readable text
     page.fill("#prompt", "word " * 400)
     page.press("#prompt", "Enter")

@@ -171,6 +171,9 @@ prompt.addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); send(); }
 });
 $("stop").addEventListener("click", () => { if (controller) controller.abort(); });
+document.addEventListener("keydown", (e) => {  // Escape stops, wherever the focus is
+  if (e.key === "Escape" && controller) { e.preventDefault(); controller.abort(); }
+});
 $("clear").addEventListener("click", () => {
   if (controller) controller.abort();
   history = [];
