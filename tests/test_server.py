@@ -301,3 +301,17 @@ def test_chunked_prefill_and_repetition_penalty_match_references(tokenizer, monk
     want = Llama(tiny_model(), tokenizer).text_completion([prompt], temperature=0, max_gen_len=8,
                                                          repetition_penalty=0.2)[0]["generation"]
     assert penalized == want and penalized != plain  # penalty < 1 favours the prompt's tokens: it must show
+
+
+def test_create_app_accepts_a_llama_and_rejects_bad_settings(tokenizer):
+    from fastapi.testclient import TestClient
+
+    from annotated_llama.generation import Llama
+    model = tiny_model()
+    with TestClient(create_app(Llama(model, tokenizer), model_name="from-llama")) as c:
+        r = c.post("/v1/completions", json={"prompt": PROMPTS[4], "max_tokens": 4, "temperature": 0})
+    assert r.json()["choices"][0]["text"] == greedy_reference(model, tokenizer, PROMPTS[4], 4)
+    with pytest.raises(ValueError, match="tokenizer"):
+        create_app(model)
+    with pytest.raises(ValueError, match="template"):
+        create_app(model, tokenizer, template="chatml")
