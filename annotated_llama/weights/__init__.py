@@ -63,23 +63,24 @@ def detect_format(path) -> str:
                      "config.json + model.safetensors, params.json + model.safetensors, or a .gguf file)")
 
 
-def load_checkpoint(path) -> tuple[ModelArgs, dict[str, torch.Tensor], Path | None]:
-    """(args, state dict with Meta's names, tokenizer path or None), tensors memory-mapped."""
+def load_checkpoint(path) -> tuple[ModelArgs, dict[str, torch.Tensor], Tokenizer | None]:
+    """(args, state dict with Meta's names, tokenizer or None), tensors memory-mapped."""
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "gguf":
-        from .gguf import load_gguf
+        from .gguf import gguf_tokenizer, load_gguf
         args, sd = load_gguf(path)
-        return args, sd, path  # the vocabulary is inside the file
-    tok_path = default_tokenizer_path(path)
+        return args, sd, gguf_tokenizer(path)  # the vocabulary is inside the file
+    # Meta ships tokenizer.model beside the model dirs; HF keeps it inside
+    tok_path = default_tokenizer_path(path) if fmt != "hf" else path / "tokenizer.model"
+    tokenizer = Tokenizer(tok_path) if tok_path is not None and tok_path.is_file() else None
     if fmt == "hf":
         from .hf import load_hf
         args, sd = load_hf(path)
         weights = path / "model.safetensors"
     elif fmt == "meta":
         from .meta import load_meta
-        n_words = Tokenizer(tok_path).n_words if tok_path is not None else None
-        args, sd = load_meta(path, path / "params.json", n_words)
+        args, sd = load_meta(path, path / "params.json", tokenizer.n_words if tokenizer else None)
         weights = path / "consolidated.00.pth"
     else:
         from .hf import read_safetensors
@@ -88,9 +89,12 @@ def load_checkpoint(path) -> tuple[ModelArgs, dict[str, torch.Tensor], Path | No
         sd = read_safetensors(weights)
         if args.vocab_size == -1:  # as Meta's: taken from the tokenizer, else from the embedding
             emb = sd.get("tok_embeddings.weight")
-            args.vocab_size = Tokenizer(tok_path).n_words if tok_path else (emb.shape[0] if emb is not None else -1)
+            args.vocab_size = tokenizer.n_words if tokenizer else (emb.shape[0] if emb is not None else -1)
     check_state_dict(sd, args, weights, path / ("config.json" if fmt == "hf" else "params.json"))
-    return args, sd, tok_path
+    if tokenizer is not None and tokenizer.n_words > args.vocab_size:
+        raise ValueError(f"{tok_path}: the tokenizer has {tokenizer.n_words} ids but the model only "
+                         f"{args.vocab_size} embeddings")
+    return args, sd, tokenizer
 
 
 def check_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs, weights_file, config_file) -> None:
@@ -128,16 +132,8 @@ def build_model(args: ModelArgs, sd: dict[str, torch.Tensor], dtype=None, device
 def load_model(path, dtype=None, device="cpu", lora=None):
     """(model, tokenizer or None) from a Meta/HF/ours dir or a .gguf file; see CONTRACT.md.
     dtype None keeps the stored dtype (GGUF quantized tensors: float32)."""
-    args, sd, tok_path = load_checkpoint(path)
+    args, sd, tokenizer = load_checkpoint(path)
     model = build_model(args, sd, dtype, device)
-    if tok_path is not None and tok_path == Path(path) and Path(path).is_file():  # GGUF: vocab inside
-        from .gguf import gguf_tokenizer
-        tokenizer = gguf_tokenizer(tok_path)
-    else:
-        tokenizer = Tokenizer(tok_path) if tok_path is not None else None
-    if tokenizer is not None and tokenizer.n_words > args.vocab_size:
-        raise ValueError(f"{tok_path}: the tokenizer has {tokenizer.n_words} ids but the model only "
-                         f"{args.vocab_size} embeddings")
     if lora is not None:
         try:
             from ..lora import load_adapter
