@@ -234,3 +234,23 @@ def test_gguf_convert_cli_and_bad_files(tmp_path, spm_model, written):
     r = run("convert", tmp_path / "cut.gguf", tmp_path / "out", "--to", "hf")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "cut.gguf" in r.stderr
     assert "truncated" in r.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_our_gguf_with_the_same_greedy_tokens(spm_model, written):
+    # Needs llama-cpp-python (the `bench` extra); the GGUF keys above are what it reads.
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model, tok = spm_model
+    llm = llama_cpp.Llama(model_path=str(written("f32")[0]), n_ctx=128, n_threads=2, verbose=False)
+    prompt = tok.encode("The llama is a domesticated", bos=True, eos=False)
+    assert llm.tokenize(b"The llama is a domesticated", add_bos=True) == prompt  # the embedded vocabulary
+    theirs = []
+    for t in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
+        theirs.append(t)
+        if len(theirs) == 24:
+            break
+    ours = list(prompt)
+    with torch.no_grad():
+        for _ in range(24):
+            ours.append(int(model(torch.tensor([ours]), cache=False)[0, -1].argmax()))
+    assert theirs == ours[len(prompt):]
