@@ -133,9 +133,23 @@ class FastDecoder:
         self.cache_k = self.cache_v = None
         self.stats = {}
         self._step = self.decode_step
+        self.compiled = compile
         if compile:
+            for t in self._tensors():
+                # weights reached through plain objects would otherwise be graph inputs that
+                # CUDA graphs copy into static buffers on every call
+                torch._dynamo.mark_static_address(t)
             kw = {"mode": "reduce-overhead"} if device.type == "cuda" else {}
             self._step = torch.compile(self.decode_step, fullgraph=True, dynamic=False, **kw)
+
+    def _tensors(self):
+        yield from (self.embed, self.rope_cos, self.rope_sin)
+        for w in {id(self.prefill_w): self.prefill_w, id(self.decode_w): self.decode_w}.values():
+            for item in [w.norm, w.output] + [v for lw in w.layers for v in lw.values()]:
+                if isinstance(item, torch.Tensor):
+                    yield item
+                else:
+                    yield from item.buffers()
 
     # ---- the two phases ----------------------------------------------------------------
 
@@ -145,6 +159,9 @@ class FastDecoder:
         if c is None or c.shape != shape:
             self.cache_k = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
             self.cache_v = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
+            if self.compiled:
+                torch._dynamo.mark_static_address(self.cache_k)
+                torch._dynamo.mark_static_address(self.cache_v)
 
     @torch.no_grad()
     def prefill(self, tokens: torch.Tensor, pad_left: Optional[torch.Tensor] = None,
@@ -248,14 +265,16 @@ class FastDecoder:
         done = torch.isin(nxt, stop)
         first_token_s = time.perf_counter() - t0
         w = self.decode_weights(B)
-        for i in range(max_new_tokens - 1):
-            if bool(done.all()):  # the one host sync per token
+        pos = torch.tensor(T, device=self.device)  # stays on the device: no copy per step
+        for _ in range(max_new_tokens - 1):
+            if stop_ids and bool(done.all()):  # the one host sync per token, only with stop ids
                 break
-            pos = torch.tensor(T + i, device=self.device)
             logits = self._step(nxt[:, None], pos, pad, w)
             nxt = sample(logits, temperature, top_k, top_p, gen)
             out.append(nxt)
-            done |= torch.isin(nxt, stop)
+            pos = pos + 1
+            if stop_ids:
+                done |= torch.isin(nxt, stop)
         rows = torch.stack(out, 1).tolist()  # (B, N)
         total = time.perf_counter() - t0
         self.stats = {"prefill_s": first_token_s, "decode_s": total - first_token_s,
