@@ -24,6 +24,7 @@ is one `model(tokens[n, 1], start_pos=lengths[n])` call with each row at its own
 from __future__ import annotations
 
 import collections
+import logging
 import random
 import threading
 import time
@@ -37,6 +38,9 @@ from .streaming import TextStream
 
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward
+
+
+log = logging.getLogger("annotated_llama.scheduler")
 
 
 class QueueFull(RuntimeError):
@@ -111,7 +115,8 @@ class Scheduler:
         self.error: Optional[str] = None
         # counters (read by /health and /metrics; written by the scheduler thread only)
         self.steps = self.prefills = self.tokens_generated = self.batch_rows = 0
-        self.max_batch_seen = self.completed = self.cancelled = self.rejected = 0
+        self.max_batch_seen = self.completed = self.cancelled = self.rejected = self.failures = 0
+        self.last_failure: Optional[str] = None
 
     # ---- the public side (any thread) -------------------------------------------------
 
@@ -182,6 +187,7 @@ class Scheduler:
                 "batch_rows": self.batch_rows,  # sum over steps of the rows decoded in that step
                 "mean_batch_size": round(self.batch_rows / self.steps, 3) if self.steps else 0.0,
                 "completed": self.completed, "cancelled": self.cancelled, "rejected": self.rejected,
+                "failures": self.failures, "last_failure": self.last_failure,
                 "kv_budget": self.kv_budget, "kv_reserved": sum(j.reserve for j in self.active),
                 "running": self.thread is not None and self.thread.is_alive(), "error": self.error}
 
@@ -201,11 +207,14 @@ class Scheduler:
                     self._admit()
                     self._drop_finished()
                     if self.active:
-                        self._decode_step()
+                        try:
+                            self._decode_step()
+                        except Exception as e:  # fail this batch's requests, keep serving the next ones
+                            self._fail(self.active, e)
                         self._drop_finished()
                         if self.step_delay:
                             time.sleep(self.step_delay)
-        except Exception as e:  # a model failure: tell every waiting client rather than hang them
+        except Exception as e:  # the thread itself failed: tell every waiting client rather than hang them
             self.error = f"{type(e).__name__}: {e}"
             for job in list(self.active) + list(self.waiting):
                 self._finish(job, "error", error=self.error)
@@ -239,20 +248,28 @@ class Scheduler:
             if job.cancelled:
                 self._finish(job, "cancelled")
                 continue
-            self._prefill(job, row=len(self.active))
+            try:
+                self._prefill(job, row=len(self.active))
+            except Exception as e:  # this request's failure only: the others keep their rows
+                self._fail([job], e)
+                continue
             self.active.append(job)
 
     def _prefill(self, job: Job, row: int):
         P = len(job.prompt_tokens)
         tokens = torch.tensor([job.prompt_tokens], device=self._device)  # (1, P)
         saved = [c[0, :P].clone() for c in self._caches()] if row else None  # row 0's slots we overwrite
-        for i in range(0, P, PREFILL_CHUNK):  # chunks: logits (1, chunk, V), not (1, P, V), in memory
-            chunk = tokens[:, i:i + PREFILL_CHUNK]  # (1, <=chunk)
-            logits = self.model(chunk, torch.full((1,), i, dtype=torch.long, device=self._device))
-        if row:
-            for c, s in zip(self._caches(), saved):
-                c[row, :P] = c[0, :P]
-                c[0, :P] = s
+        try:
+            for i in range(0, P, PREFILL_CHUNK):  # chunks: logits (1, chunk, V), not (1, P, V), in memory
+                chunk = tokens[:, i:i + PREFILL_CHUNK]  # (1, <=chunk)
+                logits = self.model(chunk, torch.full((1,), i, dtype=torch.long, device=self._device))
+            if row:
+                for c in self._caches():
+                    c[row, :P] = c[0, :P]
+        finally:  # row 0 belongs to a running request: give it back even if the prefill failed
+            if row:
+                for c, s in zip(self._caches(), saved):
+                    c[0, :P] = s
         job.length = P
         if job.params.repetition_penalty != 1.0:
             job.presence = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)  # (V,)
@@ -274,6 +291,7 @@ class Scheduler:
 
     def _sample(self, jobs: list[Job], logits: torch.Tensor):
         """One token for each job from its row of logits (n, V), with each job's own settings."""
+        logits = logits[:, :self.tokenizer.n_words]  # a padded embedding: never ids the tokenizer lacks
         ps = [j.params for j in jobs]
         presence = None
         if any(j.presence is not None for j in jobs):
@@ -316,6 +334,13 @@ class Scheduler:
         elif reason != "error":
             self.completed += 1
         job.emit(Event(tail, reason, len(job.prompt_tokens), len(job.generated), error))
+
+    def _fail(self, jobs: list[Job], e: Exception):
+        self.failures += 1
+        self.last_failure = f"{type(e).__name__}: {e}"
+        log.exception("generation failed for %d request(s)", len(jobs))
+        for job in jobs:
+            self._finish(job, "error", error=self.last_failure)
 
     def _drop_finished(self):
         i = 0

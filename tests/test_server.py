@@ -315,3 +315,22 @@ def test_create_app_accepts_a_llama_and_rejects_bad_settings(tokenizer):
         create_app(model)
     with pytest.raises(ValueError, match="template"):
         create_app(model, tokenizer, template="chatml")
+
+
+def test_a_failing_request_does_not_stop_the_server(tokenizer):
+    from fastapi.testclient import TestClient
+
+    class Flaky(Transformer):  # the same weights as tiny_model(); fails on one token id
+        def forward(self, tokens, start_pos=0, **kw):
+            if (tokens == 31999).any():
+                raise RuntimeError("boom")
+            return super().forward(tokens, start_pos, **kw)
+    torch.manual_seed(0)
+    model = Flaky(ModelArgs(**TINY)).eval()
+    with TestClient(create_app(model, tokenizer)) as c:
+        bad = c.post("/v1/completions", json={"prompt": [1, 31999], "max_tokens": 3})
+        good = c.post("/v1/completions", json={"prompt": PROMPTS[5], "max_tokens": 5, "temperature": 0})
+        health = c.get("/health").json()
+    assert bad.status_code == 500 and "RuntimeError: boom" in bad.json()["error"]["message"]
+    assert good.status_code == 200 and good.json()["choices"][0]["text"] == greedy_reference(model, tokenizer, PROMPTS[5], 5)
+    assert health["status"] == "ok" and health["scheduler"]["failures"] == 1
