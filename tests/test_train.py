@@ -328,3 +328,13 @@ def test_evaluate_command_reports_perplexity(shards, params_json, tmp_path):
     loss = float(F.cross_entropy(logits.flatten(0, 1), targets.flatten()))
     assert got["tokens"] == 96 and got["val_loss"] == pytest.approx(loss, rel=1e-5)
     assert got["val_ppl"] == pytest.approx(math.exp(loss), rel=1e-5)
+    from annotated_llama import load_model  # a checkpoint dir is a model dir
+    loaded, tok = load_model(ckpt)
+    assert tok.n_words == 400
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(val[None, :32], cache=False), logits[:1])
+
+
+def test_parallel_without_torchrun_is_refused(shards, params_json, tmp_path):
+    proc = cli(*pretrain_args(shards, params_json, tmp_path / "o", 2), "--parallel", "ddp", check=False)
+    assert proc.returncode == 2 and "torchrun" in proc.stderr
