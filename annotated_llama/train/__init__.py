@@ -1,0 +1,1 @@
+"""Training: tokenizer training, token shards, the one training loop, checkpoints, evaluation, export."""
