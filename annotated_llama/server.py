@@ -150,9 +150,9 @@ def create_app(engine_or_model, tokenizer=None, *, model_name: str = "annotated-
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):
-        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
-        message = f"{request.method} {request.url.path}: {exc.detail}"
-        return APIError(exc.status_code, message, kind, headers=getattr(exc, "headers", None)).response()
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind,
+                        headers=getattr(exc, "headers", None)).response()
 
     @app.exception_handler(Exception)
     async def _server_error(request, exc):
@@ -293,16 +293,14 @@ def create_app(engine_or_model, tokenizer=None, *, model_name: str = "annotated-
     async def stream_events(request, job, events, shape, chat, include_usage):
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(text, finish=None, **extra):
-            choice = {"index": 0, "logprobs": None, "finish_reason": finish}
-            choice.update({"delta": {"content": text} if text or not finish else {}} if chat else {"text": text})
+        def chunk(text, finish=None, delta=None, **extra):
+            body = {"delta": delta or ({"content": text} if text or not finish else {})} if chat else {"text": text}
+            choice = {"index": 0, **body, "logprobs": None, "finish_reason": finish}
             return "data: " + json.dumps({**shape, "object": obj, "choices": [choice], **extra}) + "\n\n"
         done = False
         try:
             if chat:  # OpenAI's first chunk announces the role
-                yield "data: " + json.dumps({**shape, "object": obj, "choices": [
-                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                     "finish_reason": None}]}) + "\n\n"
+                yield chunk("", delta={"role": "assistant", "content": ""})
             while True:
                 ev: Event = await events.get()
                 if ev.finish_reason is None:
@@ -361,12 +359,10 @@ async def read_json(request: Request, limit: int) -> dict:
         raise APIError(400, f"the request body is not valid UTF-8 (byte {e.start})") from None
     try:
         data = json.loads(text, parse_constant=_no_constants)
-    except json.JSONDecodeError as e:
-        raise APIError(400, f"invalid JSON in the request body: {e.msg} at line {e.lineno} column {e.colno}") from None
-    except ValueError as e:
-        raise APIError(400, f"invalid JSON in the request body: {e}") from None
-    except RecursionError:
-        raise APIError(400, "invalid JSON in the request body: nested too deeply") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        why = (f"{e.msg} at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError)
+               else "nested too deeply" if isinstance(e, RecursionError) else str(e))
+        raise APIError(400, f"invalid JSON in the request body: {why}") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
     return data

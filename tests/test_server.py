@@ -152,7 +152,8 @@ def test_sixteen_concurrent_clients_share_batches(served, client, tokenizer):
     before = stats(url)
 
     def ask(prompt):  # the client is thread-safe; each call is its own HTTP connection from the pool
-        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0,
+                                      extra_body={"ignore_eos": True})
         return r.choices[0].text, r.usage.completion_tokens
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
@@ -204,7 +205,8 @@ def test_cli_serve_help_and_bad_model(capsys):
     assert e.value.code == 0 and "--api-key" in out and "127.0.0.1" in out and "--max-batch-size" in out
     assert main(["serve", "--model", "/nonexistent/model"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("annotated-llama serve: error:") and "/nonexistent/model" in err and len(err.splitlines()) == 1
+    assert err.startswith("annotated-llama serve: error:") and "/nonexistent/model" in err
+    assert len(err.splitlines()) == 1
     assert main(["serve", "--max-batch-size", "0"]) == 2
     assert "--max-batch-size must be positive" in capsys.readouterr().err
 
@@ -332,5 +334,6 @@ def test_a_failing_request_does_not_stop_the_server(tokenizer):
         good = c.post("/v1/completions", json={"prompt": PROMPTS[5], "max_tokens": 5, "temperature": 0})
         health = c.get("/health").json()
     assert bad.status_code == 500 and "RuntimeError: boom" in bad.json()["error"]["message"]
-    assert good.status_code == 200 and good.json()["choices"][0]["text"] == greedy_reference(model, tokenizer, PROMPTS[5], 5)
+    assert good.status_code == 200
+    assert good.json()["choices"][0]["text"] == greedy_reference(model, tokenizer, PROMPTS[5], 5)
     assert health["status"] == "ok" and health["scheduler"]["failures"] == 1
