@@ -126,6 +126,7 @@ def test_our_reader_gives_the_same_logits(spm_model, written, dtype):
     model, tok = spm_model
     path, _, weights = written(dtype)
     loaded, loaded_tok = load_model(path, dtype="f32")
+    assert loaded.params.norm_eps == 1e-6 and loaded.params.rope_theta == 10000.0  # exact, not float32-rounded
     tokens = torch.randint(0, 32000, (2, 21))
     with torch.no_grad():
         got = loaded(tokens, cache=False)

@@ -291,7 +291,9 @@ def load_gguf(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
         dim=get("llama.embedding_length"), n_layers=get("llama.block_count"),
         n_heads=get("llama.attention.head_count"), n_kv_heads=get("llama.attention.head_count_kv", 0) or None,
         vocab_size=int(sd["tok_embeddings.weight"].shape[0]), hidden_dim=get("llama.feed_forward_length"),
-        norm_eps=get("llama.attention.layer_norm_rms_epsilon"), rope_theta=get("llama.rope.freq_base", 10000.0),
+        # float32 in the file: 1e-5 comes back as 9.99999974e-06; 7 significant digits undo that
+        norm_eps=float(f'{get("llama.attention.layer_norm_rms_epsilon"):.7g}'),
+        rope_theta=float(f'{get("llama.rope.freq_base", 10000.0):.7g}'),
         max_seq_len=get("llama.context_length", 2048))
     if rope_freqs is not None:
         args.use_scaled_rope = True
