@@ -156,7 +156,8 @@ def test_meta_to_ours_to_meta_is_bit_exact(tmp_path, spm_path):
             assert a[k].dtype == b[k].dtype == torch.float16 and torch.equal(a[k], b[k]), k
 
 
-def test_our_hf_export_loads_in_transformers(tmp_path, spm_path):
+def test_our_hf_export_loads_in_transformers(tmp_path, spm_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # everything must come from the exported dir
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=32)
     model, tok = random_model(args), Tokenizer(spm_path)
     save_model(model, tok, tmp_path / "hf", format="hf")
