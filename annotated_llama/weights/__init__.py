@@ -206,7 +206,8 @@ def save_model(model, tokenizer, path, format="hf", dtype=None, *, shards: int =
 
 # Files a format's loader reads; stale ones from an earlier save of another layout would win
 # format detection or shard discovery, so they are removed when a new save replaces the dir.
-_STALE = {"hf": ["model-*-of-*.safetensors", "model.safetensors.index.json"], "meta": ["consolidated.*.pth", "model.safetensors"],
+_STALE = {"hf": ["model-*-of-*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin*"],
+          "meta": ["consolidated.*.pth", "model.safetensors"],
           "ours": ["config.json", "consolidated.*.pth"]}
 
 
