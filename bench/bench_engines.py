@@ -131,18 +131,24 @@ class LlamaCppEngine:
         self.llm = Llama(model_path=str(wd / f"model-{precision}.gguf"), n_ctx=1024, n_batch=512, n_ubatch=512,
                          n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
 
+    def _argmax_last(self) -> int:
+        # with logits_all=False, Llama.eval no longer copies logits into .scores: read
+        # llama.cpp's buffer for the last token in place (no copy)
+        logits = self.np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.llm.n_vocab(),))
+        return int(logits.argmax())
+
     def generate(self, prompts, n):
-        llm, np = self.llm, self.np
+        llm = self.llm
         (prompt,) = prompts
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt)
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = self._argmax_last()
         t1 = time.perf_counter()
         out = [tok]
         for _ in range(n - 1):
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = self._argmax_last()
             out.append(tok)
         return [out], t1 - t0, time.perf_counter() - t1
 
