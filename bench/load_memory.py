@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -59,19 +60,26 @@ def main() -> None:
     import torch
 
     from annotated_llama import ModelArgs, Tokenizer, Transformer
-    from annotated_llama.weights import save_model
 
     spm = Path(__file__).resolve().parents[1] / "tests" / "data" / "llama-spm.model"
     margs = ModelArgs(dim=args.dim, n_layers=args.layers, n_heads=args.dim // 64, vocab_size=32000, max_seq_len=512)
-    with torch.device("cpu"):
-        model = Transformer(margs).to(torch.bfloat16)
+    model = Transformer(margs).to(torch.bfloat16)
     tok = Tokenizer(spm)
     out = Path(args.keep or tempfile.mkdtemp(prefix="load-memory-"))
+    try:
+        measure(model, tok, margs, out)
+    finally:
+        if not args.keep:
+            shutil.rmtree(out, ignore_errors=True)  # ~4 x S of checkpoints
+
+
+def measure(model, tok, margs, out: Path) -> None:
+    from annotated_llama.weights import save_model
+
     cases = {"ours (safetensors)": (out / "ours", "ours"), "HF (safetensors)": (out / "hf", "hf"),
              "Meta (.pth)": (out / "meta", "meta"), "GGUF (BF16)": (out / "model.gguf", "gguf")}
     for target, fmt in cases.values():
         save_model(model, tok, target, format=fmt, dtype="bf16")
-    del model
     size = margs.num_params() * 2  # bytes of bf16 weights
     print(f"checkpoint: {margs.num_params() / 1e6:.0f}M parameters, bf16, S = {size / 2**20:.0f} MiB")
     print(f"{'format':<20} {'peak during load':>18} {'ratio':>6}   {'after a forward':>16} {'ratio':>6}")
