@@ -13,9 +13,11 @@ Here one thread owns the model. The KV cache has `max_batch_size` rows (allocate
 first forward at that batch size); active requests always occupy rows 0..n-1, so a decode step
 is one `model(tokens[n, 1], start_pos=lengths[n])` call with each row at its own cache slot.
 - Prefill of a new request into row r: a batch-1 forward writes cache row 0 (the per-row path
-  maps batch row b to cache row b), so row 0's first P slots are saved, the prompt prefilled
-  there, copied to row r, and row 0 restored. Cost O(P) copies, no other row disturbed.
-- A request that leaves row i: the last active row's cache is moved into row i (O(its length)).
+  maps batch row b to cache row b), so rows 0 and r swap their first P slots, the prompt is
+  prefilled in row 0, and the rows swap back. Cost O(P) copies, no other row disturbed.
+- A request that leaves row i: the last active row's cache is swapped into row i (O(its length)).
+- Every cache edit is a forward call or `tensor_parallel.swap_cache_rows`, which `serve --tp N`
+  mirrors on the other ranks (each holds its heads' slice of the cache).
 - Admission: a free row, and the tokens it may reach (prompt + max_tokens) within the KV budget.
   Waiting requests queue (bounded); beyond the queue `submit` raises `QueueFull` (HTTP 503).
 - Cancellation (client gone): `job.cancel()`; the row is freed before the next step.
@@ -35,6 +37,7 @@ import torch
 
 from .sampling import make_generator, sample
 from .streaming import TextStream
+from .tensor_parallel import swap_cache_rows
 
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward
@@ -231,11 +234,6 @@ class Scheduler:
     def _device(self):
         return self.model.tok_embeddings.weight.device
 
-    def _caches(self):
-        for layer in self.model.layers:
-            yield layer.attention.cache_k
-            yield layer.attention.cache_v
-
     def _admit(self):
         while len(self.active) < self.max_batch_size:
             with self.cond:
@@ -258,18 +256,18 @@ class Scheduler:
     def _prefill(self, job: Job, row: int):
         P = len(job.prompt_tokens)
         tokens = torch.tensor([job.prompt_tokens], device=self._device)  # (1, P)
-        saved = [c[0, :P].clone() for c in self._caches()] if row else None  # row 0's slots we overwrite
+        # Row 0 belongs to a running request: swap its first P slots into row `row` (free), prefill
+        # in row 0, swap back. The swap goes through swap_cache_rows, not in-place copies here, so
+        # that under tensor parallelism every rank's cache slice makes the same move.
+        if row:
+            swap_cache_rows(self.model, 0, row, P)
         try:
             for i in range(0, P, PREFILL_CHUNK):  # chunks: logits (1, chunk, V), not (1, P, V), in memory
                 chunk = tokens[:, i:i + PREFILL_CHUNK]  # (1, <=chunk)
                 logits = self.model(chunk, torch.full((1,), i, dtype=torch.long, device=self._device))
+        finally:  # give row 0 back even if the prefill failed (row `row` then holds junk: it is free)
             if row:
-                for c in self._caches():
-                    c[row, :P] = c[0, :P]
-        finally:  # row 0 belongs to a running request: give it back even if the prefill failed
-            if row:
-                for c, s in zip(self._caches(), saved):
-                    c[0, :P] = s
+                swap_cache_rows(self.model, 0, row, P)
         job.length = P
         if job.params.repetition_penalty != 1.0:
             job.presence = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)  # (V,)
@@ -352,9 +350,8 @@ class Scheduler:
                 i += 1
                 continue
             last = self.active.pop()
-            if last is not job:  # keep rows dense: move the last row's cache into row i
-                for c in self._caches():
-                    c[i, :last.length] = c[len(self.active), :last.length]
+            if last is not job:  # keep rows dense: move the last row's cache into row i (mirrored under --tp)
+                swap_cache_rows(self.model, i, len(self.active), last.length)
                 self.active[i] = last
 
 
