@@ -76,9 +76,11 @@ class _Weights:
         self.output = _fuse([model.output], dtype)
 
 
-def _apply_linear(x, w):
+def _apply_linear(x, w, mv: bool = False):
     if isinstance(w, nn.ModuleList):  # unfused fallback
         return torch.cat([m(x) for m in w], dim=-1)
+    if mv and isinstance(w, torch.Tensor):  # one row: BLAS's matrix-vector routine (gemv)
+        return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])
     return _linear(x, w)
 
 
@@ -101,17 +103,20 @@ class FastDecoder:
     FastDecoder(model, mode="mixed").generate([[1, 5, 9]], max_new_tokens=32) -> [[...32 ids]]
     mode: "float32"; "mixed" (CPU default: float16 for batch-1 decode, bfloat16 for prefill
     and batched decode); "bfloat16"; "float16"; "int8"/"int4" (weight-only, bf16 activations).
+    matvec="mv" runs batch-1 decode matmuls through torch.mv (BLAS gemv) instead of F.linear.
     compile=True wraps the decode step in torch.compile (minutes on a small CPU; a few seconds
     of a GPU's time), with CUDA graphs on CUDA.
     """
 
     def __init__(self, model: Transformer, mode: Optional[str] = None, *, compile: bool = False,
-                 group_size: int = 128):
+                 group_size: int = 128, matvec: str = "linear"):
         device = model.tok_embeddings.weight.device
         mode = mode or ("mixed" if device.type == "cpu" else "bfloat16")
         if mode not in MODES:
             raise ValueError(f"FastDecoder mode must be one of {MODES}, got {mode!r}")
-        self.mode, self.device, self.args = mode, device, model.params
+        if matvec not in ("linear", "mv"):
+            raise ValueError(f"matvec must be 'linear' (F.linear) or 'mv' (torch.mv), got {matvec!r}")
+        self.mode, self.device, self.args, self.matvec = mode, device, model.params, matvec
         self.eps = model.params.norm_eps
         self.H, self.K, self.D = model.params.n_heads, model.params.n_kv_heads, model.params.head_dim
         if mode in ("int8", "int4"):
@@ -190,19 +195,19 @@ class FastDecoder:
         x = _rms_norm(x[:, -1], w.norm, self.eps)  # (B, C): only the last position's logits
         return _apply_linear(x, w.output).float()  # (B, V)
 
-    def _qkv(self, h, lw, cos, sin):
+    def _qkv(self, h, lw, cos, sin, mv=False):
         B, T, _ = h.shape
         H, K, D = self.H, self.K, self.D
-        qkv = _apply_linear(h, lw["wqkv"]).view(B, T, H + 2 * K, D)  # (B, T, H+2K, D)
+        qkv = _apply_linear(h, lw["wqkv"], mv).view(B, T, H + 2 * K, D)  # (B, T, H+2K, D)
         qk = _rope(qkv[:, :, : H + K], cos, sin)  # q and k rotated together, never v
         q, k = qk[:, :, :H], qk[:, :, H:]
         v = qkv[:, :, H + K:]
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K|K, T, D)
 
-    def _ffn(self, h, lw):
+    def _ffn(self, h, lw, mv=False):
         # SwiGLU with w1 and w3 in one matmul: (B, T, 2F) -> two (B, T, F) halves
-        a, b = _apply_linear(h, lw["w13"]).chunk(2, dim=-1)
-        return _apply_linear(F.silu(a) * b, lw["w2"])
+        a, b = _apply_linear(h, lw["w13"], mv).chunk(2, dim=-1)
+        return _apply_linear(F.silu(a) * b, lw["w2"], mv)
 
     def decode_step(self, token: torch.Tensor, pos: torch.Tensor, pad_left: torch.Tensor,
                      w: _Weights) -> torch.Tensor:
@@ -211,6 +216,7 @@ class FastDecoder:
         compiles once and never syncs with the host."""
         B = token.shape[0]
         L = self.cache_k.shape[3]
+        mv = self.matvec == "mv" and B == 1
         x = self.embed[token].to(w.dtype)  # (B, 1, C)
         rope_pos = (pos - pad_left)[:, None]  # (B, 1): each row counts from its first real token
         cos, sin = self.rope_cos[rope_pos], self.rope_sin[rope_pos]  # (B, 1, D/2)
@@ -218,16 +224,16 @@ class FastDecoder:
         mask = ((keys <= pos) & (keys >= pad_left[:, None]))[:, None, None]  # (B, 1, 1, L)
         for i, lw in enumerate(w.layers):
             h = _rms_norm(x, lw["attn_norm"], self.eps)
-            q, k, v = self._qkv(h, lw, cos, sin)  # (B, H|K, 1, D)
+            q, k, v = self._qkv(h, lw, cos, sin, mv)  # (B, H|K, 1, D)
             ck, cv = self.cache_k[i, :B], self.cache_v[i, :B]  # (B, K, L, D) views
             ck.index_copy_(2, pos.view(1), k.to(self.cache_dtype))
             cv.index_copy_(2, pos.view(1), v.to(self.cache_dtype))
             o = F.scaled_dot_product_attention(q.to(self.cache_dtype), ck, cv, attn_mask=mask,
                                                enable_gqa=self.K != self.H)  # (B, H, 1, D)
-            x = x + _apply_linear(o.to(w.dtype).reshape(B, 1, self.H * self.D), lw["wo"])
-            x = x + self._ffn(_rms_norm(x, lw["ffn_norm"], self.eps), lw)
+            x = x + _apply_linear(o.to(w.dtype).reshape(B, 1, self.H * self.D), lw["wo"], mv)
+            x = x + self._ffn(_rms_norm(x, lw["ffn_norm"], self.eps), lw, mv)
         x = _rms_norm(x[:, 0], w.norm, self.eps)  # (B, C)
-        return _apply_linear(x, w.output).float()  # (B, V)
+        return _apply_linear(x, w.output, mv).float()  # (B, V)
 
     def decode_weights(self, B: int) -> _Weights:
         # float16 matrix-vector is the fast batch-1 path; more rows need bfloat16 (MACHINE.md)

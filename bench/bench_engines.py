@@ -67,7 +67,7 @@ def _rss_mb() -> float:
 
 
 class OursEngine:
-    def __init__(self, wd: Path, precision: str, plain: bool):
+    def __init__(self, wd: Path, precision: str, plain: bool, matvec: str = "linear"):
         import torch
         from annotated_llama.fast import FastDecoder
         self.torch, self.plain = torch, plain
@@ -78,7 +78,7 @@ class OursEngine:
             from annotated_llama import load_model
             model, _ = load_model(wd / "ours", dtype="float32")
         self.model = model.eval()
-        self.fd = None if plain else FastDecoder(self.model, precision)
+        self.fd = None if plain else FastDecoder(self.model, precision, matvec=matvec)
 
     def generate(self, prompts, n):
         """(new tokens per row, seconds to the first token, seconds for the rest)."""
@@ -162,7 +162,7 @@ def worker(a) -> dict:
     if family == "ours":
         import torch
         torch.set_num_threads(a.threads)
-        eng = OursEngine(wd, precision, plain=a.engine == "ours-plain-f32")
+        eng = OursEngine(wd, precision, plain=a.engine == "ours-plain-f32", matvec=spec["matvec"])
     elif family == "hf":
         import torch
         torch.set_num_threads(a.threads)
@@ -235,7 +235,7 @@ def setup(a, wd: Path) -> dict:
     # the reference: plain float32 greedy of the model itself
     ref = greedy_generate(model, short, a.new_tokens)
     spec = dict(short_prompt=short, long_prompt=long_, new_tokens=a.new_tokens, batches=a.batches,
-                batched_new=a.batched_new, reference=ref, preset=a.preset, seed=a.seed,
+                batched_new=a.batched_new, reference=ref, matvec=a.matvec, preset=a.preset, seed=a.seed,
                 n_params=args.num_params(),
                 decode_weights=args.num_params() - args.vocab_size * args.dim)  # every weight but the embedding
     (wd / "spec.json").write_text(json.dumps(spec))
@@ -283,6 +283,8 @@ def main(argv=None):
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8, 16])
     p.add_argument("--batched-new", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--matvec", default="linear", choices=("linear", "mv"),
+                   help="our batch-1 decode matmuls: F.linear or torch.mv (FastDecoder's matvec)")
     p.add_argument("--workdir", default="/tmp/annotated-llama-bench")
     p.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     p.add_argument("--markdown", help="also write the table as markdown to this file")
@@ -336,7 +338,7 @@ def main(argv=None):
                 B: statistics.median(r["batched"][B] for r in ok_rows) for B in ok_rows[0]["batched"]}
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    result = {"commit": commit, "preset": a.preset, "params": spec["n_params"], "threads": a.threads,
+    result = {"commit": commit, "preset": a.preset, "matvec": a.matvec, "params": spec["n_params"], "threads": a.threads,
               "reps": a.reps, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "bandwidth_gb_s": gbs, "engines": summary, "ratios": ratios(summary),
               "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
     Path(a.out).write_text(json.dumps(result, indent=1))

@@ -62,6 +62,15 @@ def test_float32_greedy_equals_plain_greedy(name):
     assert fd.generate(prompts, 24) == refs
 
 
+@pytest.mark.parametrize("mode", ["float32", "mixed"])
+def test_matvec_mv_path_matches_linear(mode):
+    model = _model("tiny-gqa", seed=6)
+    seq = torch.randint(0, 512, (20,)).tolist()
+    a = _teacher_forced(FastDecoder(model, mode, matvec="mv"), seq, 8)
+    b = _teacher_forced(FastDecoder(model, mode), seq, 8)
+    assert (a - b).abs().max() < (1e-4 if mode == "float32" else 2e-2) * (b.max() - b.min())
+
+
 @pytest.mark.parametrize("mode,bound", [("float32", 1e-4), ("mixed", 0.02), ("bfloat16", 0.03),
                                         ("float16", 0.02), ("int8", 0.03), ("int4", 0.15)])
 def test_teacher_forced_logits_within_bounds(mode, bound):
