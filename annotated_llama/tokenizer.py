@@ -10,6 +10,7 @@ generation ends on either <|end_of_text|> or <|eot_id|>.
 from __future__ import annotations
 
 import base64
+import mmap
 import struct
 from pathlib import Path
 
@@ -39,12 +40,15 @@ class Tokenizer:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: tokenizer file not found")
-        data = self.path.read_bytes()
         self.sp = None  # SentencePieceProcessor (LLaMA 1/2) or None
         self.tt = None  # tiktoken.Encoding (Llama 3) or None
-        if data[:4] == b"GGUF":
+        with open(self.path, "rb") as f:
+            magic = f.read(4)
+        if magic == b"GGUF":  # a whole model file, maybe many GB: map it, read only the header
             self._load_gguf()
-        elif _looks_like_tiktoken(data):
+            return
+        data = self.path.read_bytes()
+        if _looks_like_tiktoken(data):
             self._init_tiktoken(_read_tiktoken_ranks(data, self.path), None)
         else:
             self._init_sentencepiece(data)
@@ -78,7 +82,8 @@ class Tokenizer:
 
     def _load_gguf(self):
         try:
-            meta = read_gguf_metadata(self.path.read_bytes())
+            with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                meta = read_gguf_metadata(data)
         except (ValueError, IndexError, UnicodeDecodeError) as e:
             raise ValueError(f"{self.path}: cannot read GGUF file ({e})") from None
         if "tokenizer.ggml.model" not in meta or "tokenizer.ggml.tokens" not in meta:
