@@ -60,6 +60,7 @@ def test_generates_scripture_like_english(loaded, bible_words):
     assert sum(w in bible_words for w in words) >= 0.9 * len(words), text  # real words, not piece soup
 
 
+@pytest.mark.slow
 def test_stored_perplexity_is_reproduced(model_dir, tmp_path):
     stored = json.loads((model_dir / "eval.json").read_text())
     shards = tmp_path / "shards"

@@ -177,6 +177,7 @@ def tiny_model(vocab=64, seed=0):
     return Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=vocab, multiple_of=16, max_seq_len=32))
 
 
+@pytest.mark.slow
 def test_loss_falls_on_repeated_text(tmp_path):
     cfg = TrainConfig(out_dir=str(tmp_path), max_steps=40, lr=1e-2, warmup_steps=5, dtype="float32", log_every=1,
                       progress=False)
