@@ -339,3 +339,15 @@ def test_evaluate_command_reports_perplexity(shards, params_json, tmp_path):
 def test_parallel_without_torchrun_is_refused(shards, params_json, tmp_path):
     proc = cli(*pretrain_args(shards, params_json, tmp_path / "o", 2), "--parallel", "ddp", check=False)
     assert proc.returncode == 2 and "torchrun" in proc.stderr
+
+
+def test_evaluate_on_a_text_file(shards, params_json, tokenizer_path, tmp_path):
+    out = tmp_path / "run"
+    cli(*pretrain_args(shards, params_json, out, 2))
+    text = tmp_path / "psalm.txt"
+    text.write_text("Psalms 23\n\nYahweh is my shepherd; I shall lack nothing. He makes me lie down in green pastures.\n")
+    got = json.loads(cli("evaluate", "--model", out / "ckpt-0000002", "--data", text, "--seq-len", 8,
+                         "--max-windows", 0).stdout)
+    ids = Tokenizer(tokenizer_path).encode(tdata.documents(text.read_text())[0], bos=True, eos=True)
+    assert got["windows"] == (len(ids) - 1) // 8 and got["tokens"] == got["windows"] * 8
+    assert math.isfinite(got["val_loss"]) and got["val_ppl"] == pytest.approx(math.exp(got["val_loss"]))
