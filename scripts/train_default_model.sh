@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the embedded default model (annotated_llama/default_model) from the repo's copy of
 # the World English Bible (public domain): tokenizer, token shards, pretraining, export.
-# About an hour on 2 CPU cores (more when the machine is shared). Usage:
+# About 70 minutes on 2 CPU cores (measured on a shared machine). Run from the repository root:
 #   scripts/train_default_model.sh [RUN_DIR]        (default RUN_DIR: runs/default)
 # Re-running with the same RUN_DIR resumes the pretraining from its newest checkpoint.
 set -euo pipefail
