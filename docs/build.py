@@ -1,6 +1,7 @@
 """Keep the Annotated LLaMA chapters in step with the code.
 
     python docs/build.py           refresh every source excerpt (and the index's chapter list) in place
+    python docs/build.py FILE...   only these chapters;  --index: only the index
     python docs/build.py --check   change nothing; exit 1 and list stale or broken excerpts (CI);
                                    an out-of-date index is only noted
 
@@ -210,9 +211,10 @@ def refresh_index(text: str, directory: Path = CHAPTER_DIR) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="change nothing; exit 1 when anything is stale")
+    ap.add_argument("--index", action="store_true", help="refresh only index.md's chapter list")
     ap.add_argument("files", nargs="*", type=Path, help="chapters to process (default: all of docs/annotated)")
     args = ap.parse_args(argv)
-    files = args.files or chapters()
+    files = [] if args.index else (args.files or chapters())
     stale, problems = [], []
     for path in files:
         name = _display(path)
