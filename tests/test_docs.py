@@ -189,10 +189,18 @@ def test_index_links_resolve():
         warnings.warn(f"{_rel(index)} does not list {unlisted} yet: run `python docs/build.py`")
 
 
-def test_build_check_passes():
-    r = subprocess.run([sys.executable, str(DOCS / "build.py"), "--check"], capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr
+def test_build_check_cli(tmp_path):
+    # The command line CI and authors use; staleness of each chapter is test_chapter_excerpts' job.
+    chapter = tmp_path / "01_x.md"
+    chapter.write_text("# x\n\n<!-- source: annotated_llama/config.py::ModelArgs.head_dim -->\n```python source\n```\n")
+    check = subprocess.run([sys.executable, str(DOCS / "build.py"), "--check", str(chapter)], capture_output=True,
+                           text=True, timeout=120)
+    assert check.returncode == 1 and "stale" in check.stderr, check.stdout + check.stderr
+    subprocess.run([sys.executable, str(DOCS / "build.py"), str(chapter)], check=True, capture_output=True, timeout=120)
+    assert "def head_dim(self) -> int:" in chapter.read_text()
+    check = subprocess.run([sys.executable, str(DOCS / "build.py"), "--check", str(chapter)], capture_output=True,
+                           text=True, timeout=120)
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 def test_build_refreshes_and_rejects(tmp_path):
