@@ -288,5 +288,124 @@ def test_generate_tp_2_and_errors_end_every_rank(checkpoints, tmp_path, capsys):
         assert re.search(message, errors[0]), errors[0]
     assert no_file.stderr.strip().count("\n") == 0  # the relaunching CLI passes on that line alone
 
+
+def test_serve_tp_that_does_not_divide_the_heads_fails_before_starting_processes(checkpoints, capsys):
+    from annotated_llama.__main__ import main
+
+    t0 = time.time()
+    assert main(["serve", "--model", str(checkpoints[0] / "cli"), "--tp", "3", "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["annotated-llama serve: error: --tp 3: the model's n_heads (8) is not divisible by 3"]
+    assert time.time() - t0 < 10  # no torchrun, no uvicorn
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_serve_tp_2_answers_like_one_process_and_stops_every_rank(checkpoints):
+    """`serve --tp 2` (relaunched under torchrun): concurrent greedy completions, batched by the
+    scheduler on rank 0 with its cache swaps mirrored on rank 1, equal Llama.text_completion's on
+    one process; a SIGTERM to the command then ends every process, cleanly."""
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from annotated_llama.generation import Llama
+
+    root, _ = checkpoints
+    model_dir = root / "cli"
+    # Greedy runs on this random model can repeat one token; each prompt gets its own length so the
+    # rows finish at different steps and the scheduler's row swaps are exercised too.
+    asks = [("In the beginning", 12), ("The capital of France is", 7), ("1 2 3 4", 10)]
+    port = _free_port()
+    t0 = time.time()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "annotated_llama", "serve", "--tp", "2", "--model", str(model_dir),
+         "--port", str(port), "--max-batch-size", "4"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # the reference, while the server starts: one process, weights/ merging the shards
+        llama = Llama.build(str(model_dir), max_seq_len=TINY["max_seq_len"])
+        want = [llama.text_completion([p], temperature=0, max_gen_len=n)[0]["generation"] for p, n in asks]
+
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + 60
+        while True:
+            assert server.poll() is None, server.stdout.read()[-3000:]
+            assert time.time() < deadline, "serve --tp 2 did not answer /health within 60 s"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        started = time.time() - t0
+
+        def ask(prompt_and_n):
+            prompt, n = prompt_and_n
+            r = httpx.post(url + "/v1/completions", timeout=60,
+                           json={"model": "cli", "prompt": prompt, "max_tokens": n, "temperature": 0})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+
+        with ThreadPoolExecutor(len(asks)) as pool:  # at once: they share decode steps
+            got = list(pool.map(ask, asks))
+        assert got == want
+        assert any(w for w in want)  # the comparison compared text
+        stats = httpx.get(url + "/metrics", timeout=5)
+        print(f"serve --tp 2: /health after {started:.1f} s; {len(asks)} completions equal; "
+              f"{stats.text[:300] if stats.status_code == 200 else ''}")
+    finally:
+        ranks = _descendants(server.pid)  # torchrun and its ranks (each rank in a session of its own)
+        stopped = time.time()
+        server.terminate()  # SIGTERM to the command alone: it passes the stop on to the ranks
+        try:
+            server.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        stop_deadline = time.time() + 10
+        while (left := [pid for pid in ranks if _alive(pid)]) and time.time() < stop_deadline:
+            time.sleep(0.2)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+    log = server.stdout.read()
+    print(f"{len(ranks)} processes gone {time.time() - stopped:.1f} s after SIGTERM; total {time.time() - t0:.1f} s")
+    assert len(ranks) == 3, ranks  # torchrun + 2 ranks
+    assert not left, f"processes still running after SIGTERM: {left}"
+    assert server.returncode == 0, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+
+
+def _parents() -> dict[int, int]:
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    return parent
+
+
+def _descendants(pid: int) -> list[int]:
+    parent, found, frontier = _parents(), [], {pid}
+    while frontier:
+        frontier = {p for p, pp in parent.items() if pp in frontier}
+        found += sorted(frontier)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 if __name__ == "__main__":
     sys.exit(worker(sys.argv[1], Path(sys.argv[2])))

@@ -2,6 +2,7 @@
 
 Binds 127.0.0.1 unless --host says otherwise: a model server has no authentication by default,
 so exposing it to a network must be a decision (then also pass --api-key).
+With --tp N the model is split over N processes (tensor_parallel.py); rank 0 serves.
 """
 
 from __future__ import annotations
@@ -29,16 +30,17 @@ def add_arguments(p):
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB); beyond: 413")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: as stored)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel ranks (relaunches under torchrun)")
 
 
 def run(args):
     for name in ("port", "max_batch_size", "max_queue", "max_body_bytes"):
         if getattr(args, name) < (0 if name == "port" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.tp < 1:
+        raise ValueError(f"--tp must be >= 1, got {args.tp}")
     import torch
-    import uvicorn
 
-    from ..server import create_app
     from ..tokenizer import Tokenizer
     from ..weights import load_model
 
@@ -47,20 +49,81 @@ def run(args):
         from ..default_model import default_model_dir
         path = default_model_dir()
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.tp > 1:
+        return run_tensor_parallel(args, path, dtype)
     model, tokenizer = load_model(path, dtype=dtype, device=args.device)
     if args.tokenizer:
         tokenizer = Tokenizer(args.tokenizer)
     if tokenizer is None:
         raise ValueError(f"{path}: no tokenizer found next to the model; pass --tokenizer PATH")
+    serve_model(args, path, model.eval(), tokenizer)
+
+
+def serve_model(args, path, model, tokenizer):
+    """Create the app over `model` and run uvicorn until it is stopped (Ctrl-C, SIGTERM)."""
     from pathlib import Path
+
+    import uvicorn
+
+    from ..server import create_app
+
     name = args.model_name or Path(str(path)).resolve().name
-    app = create_app(model.eval(), tokenizer, model_name=name, template=args.template, api_key=args.api_key,
+    app = create_app(model, tokenizer, model_name=name, template=args.template, api_key=args.api_key,
                      max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size,
                      max_queue=args.max_queue, kv_budget=args.kv_budget)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    print(f"annotated-llama serve: {name} on http://{args.host}:{args.port}/ (chat page), "
+    tp = f" on {args.tp} tensor-parallel ranks" if args.tp > 1 else ""
+    print(f"annotated-llama serve: {name}{tp} on http://{args.host}:{args.port}/ (chat page), "
           f"API at http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="info")
+
+
+def run_tensor_parallel(args, path, dtype):
+    """`serve --tp N`: outside torchrun, check the split and relaunch this command under it (as
+    `generate --tp N` does); under it, rank 0 serves while the other ranks follow its forward calls.
+
+    The scheduler's thread makes every forward call and cache swap, so the ranks' collectives come
+    from one thread, in one order. The followers wait for rank 0's next call without a deadline
+    (an idle server may wait for days), so they ignore SIGINT/SIGTERM: Ctrl-C or a SIGTERM to the
+    process group stops uvicorn on rank 0, which then tells the followers to stop."""
+    import os
+    import signal
+    import sys
+    from datetime import timedelta
+
+    from .. import tensor_parallel
+    from ..tokenizer import Tokenizer, default_tokenizer_path
+
+    if "WORLD_SIZE" not in os.environ:
+        # The relaunching process. torchrun starts each rank in a session of its own, so a Ctrl-C
+        # or a SIGTERM to this process never reaches the ranks (and subprocess.call answers an
+        # interrupt by SIGKILLing torchrun, which would orphan them). Pass the signal on to the
+        # ranks instead and keep waiting: rank 0 shuts down and stops the others, all exit 0.
+        def stop_ranks(signum, frame):
+            for pid in _grandchildren():
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGTERM)
+        signal.signal(signal.SIGINT, stop_ranks)
+        signal.signal(signal.SIGTERM, stop_ranks)
+    elif int(os.environ.get("RANK", 0)) > 0:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def front_end(model):  # rank 0 only
+        # uvicorn stops on SIGTERM, then raises it again under the handler it found: make that
+        # handler unwind (SystemExit) rather than kill the process, so the followers hear "stop".
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        tokenizer_path = args.tokenizer or default_tokenizer_path(path)
+        if tokenizer_path is None:
+            raise ValueError(f"{path}: no tokenizer.model found beside the weights; pass --tokenizer PATH")
+        tokenizer = Tokenizer(tokenizer_path)
+        if tokenizer.n_words > model.params.vocab_size:
+            raise ValueError(f"{tokenizer_path}: the tokenizer has {tokenizer.n_words} ids but the model only "
+                             f"{model.params.vocab_size}")
+        serve_model(args, path, model, tokenizer)
+
+    return tensor_parallel.run_tensor_parallel(path, args.tp, front_end, device=args.device, dtype=dtype,
+                                               timeout=timedelta(days=30))
 
 
 @contextlib.contextmanager
@@ -84,3 +147,18 @@ def run_in_thread(app, host: str = "127.0.0.1", port: int = 0, log_level: str = 
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def _grandchildren() -> list[int]:
+    """Pids whose parent is a child of this process (torchrun's ranks), from /proc (Linux)."""
+    import os
+    from pathlib import Path
+
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+    children = {pid for pid, pp in parent.items() if pp == os.getpid()}
+    return [pid for pid, pp in parent.items() if pp in children]
