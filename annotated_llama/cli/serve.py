@@ -84,8 +84,9 @@ def run_tensor_parallel(args, path, dtype):
 
     The scheduler's thread makes every forward call and cache swap, so the ranks' collectives come
     from one thread, in one order. The followers wait for rank 0's next call without a deadline
-    (an idle server may wait for days), so they ignore SIGINT/SIGTERM: Ctrl-C or a SIGTERM to the
-    process group stops uvicorn on rank 0, which then tells the followers to stop."""
+    (an idle server may wait for days), so they ignore SIGINT/SIGTERM: Ctrl-C or a SIGTERM reaches
+    rank 0 (passed on by the relaunching process, or by torchrun), which stops uvicorn and then
+    tells the followers to stop."""
     import os
     import signal
     import sys
@@ -94,12 +95,14 @@ def run_tensor_parallel(args, path, dtype):
     from .. import tensor_parallel
     from ..tokenizer import Tokenizer, default_tokenizer_path
 
+    stopping = []
     if "WORLD_SIZE" not in os.environ:
         # The relaunching process. torchrun starts each rank in a session of its own, so a Ctrl-C
         # or a SIGTERM to this process never reaches the ranks (and subprocess.call answers an
         # interrupt by SIGKILLing torchrun, which would orphan them). Pass the signal on to the
         # ranks instead and keep waiting: rank 0 shuts down and stops the others, all exit 0.
         def stop_ranks(signum, frame):
+            stopping.append(signum)
             for pid in _grandchildren():
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGTERM)
@@ -122,8 +125,13 @@ def run_tensor_parallel(args, path, dtype):
                              f"{model.params.vocab_size}")
         serve_model(args, path, model, tokenizer)
 
-    return tensor_parallel.run_tensor_parallel(path, args.tp, front_end, device=args.device, dtype=dtype,
-                                               timeout=timedelta(days=30))
+    try:
+        return tensor_parallel.run_tensor_parallel(path, args.tp, front_end, device=args.device, dtype=dtype,
+                                                   timeout=timedelta(days=30))
+    except OSError:
+        if stopping:  # Ctrl-C also reached torchrun, which exits with an error of its own: we asked for it
+            return 0
+        raise
 
 
 @contextlib.contextmanager
