@@ -35,7 +35,7 @@ def run(args):
 
     missing = [m for m in ("openai", "rouge_score") if importlib.util.find_spec(m) is None]
     if missing:
-        raise ValueError(f"self-instruct needs the {' and '.join(missing)} package(s): pip install -e '.[dev]'")
+        raise ValueError(f"self-instruct needs the {' and '.join(missing)} package(s): pip install 'annotated-llama[self-instruct]'")
 
     cfg = Config(seed_tasks=args.seed_tasks, out=args.out, num=args.num, endpoint=args.endpoint, model=args.model,
                  api_key=args.api_key, batch=args.batch, temperature=args.temperature, top_p=args.top_p,
