@@ -38,6 +38,7 @@ ENGINES = {
     "ours-plain-f32": ("ours", "float32", 4.0),  # model.forward one token at a time: the baseline
     "ours-f32": ("ours", "float32", 4.0),
     "ours-mixed": ("ours", "mixed", 2.0),  # float16 decode, bfloat16 prefill
+    "ours-mixed-compiled": ("ours", "mixed", 2.0),  # the same, decode step through torch.compile
     "ours-int8": ("ours", "int8", 1.0 + 2 / 768),  # + one bf16 scale per row
     "ours-int4": ("ours", "int4", 0.5 + 4 / 128),  # + bf16 scale and zero per group of 128
     "hf-f32": ("hf", "float32", 4.0),
@@ -51,6 +52,7 @@ TIE_TOL = {"float32": 1e-3, "f32": 1e-3, "mixed": 0.02, "float16": 0.02, "bfloat
            "int8": 0.05, "q8_0": 0.05, "int4": 0.15}
 # the pairs the targets name: (ours, theirs, target ratio)
 PAIRS = [("ours-f32", "llama.cpp-F32", 1.0), ("ours-mixed", "llama.cpp-F16", 1.0),
+         ("ours-mixed-compiled", "llama.cpp-F16", 1.0), ("ours-mixed-compiled", "ours-mixed", None),
          ("ours-int8", "llama.cpp-Q8_0", 1.0), ("ours-f32", "hf-f32", 3.0), ("ours-mixed", "hf-bf16", 3.0),
          ("ours-mixed", "hf-f32", 3.0), ("ours-f32", "ours-plain-f32", None)]
 
@@ -67,7 +69,7 @@ def _rss_mb() -> float:
 
 
 class OursEngine:
-    def __init__(self, wd: Path, precision: str, plain: bool, matvec: str = "linear"):
+    def __init__(self, wd: Path, precision: str, plain: bool, matvec: str = "linear", compile: bool = False):
         import torch
         from annotated_llama.fast import FastDecoder
         self.torch, self.plain = torch, plain
@@ -78,7 +80,8 @@ class OursEngine:
             from annotated_llama import load_model
             model, _ = load_model(wd / "ours", dtype="float32")
         self.model = model.eval()
-        self.fd = None if plain else FastDecoder(self.model, precision, matvec=matvec)
+        # compile: built at the first decode step (the warm-up), so not in load + first token
+        self.fd = None if plain else FastDecoder(self.model, precision, matvec=matvec, compile=compile)
 
     def generate(self, prompts, n):
         """(new tokens per row, seconds to the first token, seconds for the rest)."""
@@ -162,7 +165,8 @@ def worker(a) -> dict:
     if family == "ours":
         import torch
         torch.set_num_threads(a.threads)
-        eng = OursEngine(wd, precision, plain=a.engine == "ours-plain-f32", matvec=spec["matvec"])
+        eng = OursEngine(wd, precision, plain=a.engine == "ours-plain-f32", matvec=spec["matvec"],
+                         compile=a.engine.endswith("-compiled"))
     elif family == "hf":
         import torch
         torch.set_num_threads(a.threads)
