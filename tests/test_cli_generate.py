@@ -16,15 +16,6 @@ from annotated_llama.__main__ import main
 from annotated_llama.generation import Llama
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: on this shared 2-core box a second intra-op thread only spins (30x slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, spm_path):
     d = tmp_path_factory.mktemp("tiny-ckpt")

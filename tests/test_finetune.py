@@ -22,15 +22,6 @@ RECORDS = [
     {"instruction": "Count the words.", "input": "in the beginning", "output": "3"},
 ]
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # On this shared 2-core box (load ~10), two intra-op threads make tiny-model steps ~20x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="session")
 def tiny_tokenizer_path(tmp_path_factory):
     """A 400-piece SentencePiece BPE trained in a second on the templates and records above."""

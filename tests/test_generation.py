@@ -8,15 +8,6 @@ from annotated_llama import ModelArgs, Tokenizer, Transformer
 from annotated_llama.generation import Llama
 from annotated_llama.streaming import IncrementalDecoder, StopStringHolder, decode_continuation
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: on this shared 2-core box a second intra-op thread only spins (30x slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=32, max_seq_len=128)
 
 

@@ -9,15 +9,6 @@ from annotated_llama import ModelArgs, Transformer
 from annotated_llama.lora import (LoRALinear, apply_lora, is_lora_parameter, load_adapter, lora_modules,
                                   merge_and_unload, merge_lora, parse_targets, save_adapter, unmerge_lora)
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # On this shared 2-core box (load ~10), two intra-op threads make tiny-model steps ~20x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(name="tiny", **kw):
     torch.manual_seed(0)
     return Transformer(ModelArgs.from_name(name, **kw)).eval()

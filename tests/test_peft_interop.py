@@ -16,15 +16,6 @@ from annotated_llama.weights.hf import meta_to_hf_state_dict
 TOKENS = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(5))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # On this shared 2-core box (load ~10), two intra-op threads make tiny-model steps ~20x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def base_pair(preset):
     torch.manual_seed(0)
     args = ModelArgs.from_name(preset)

@@ -9,15 +9,6 @@ from annotated_llama.sampling import (apply_repetition_penalty, apply_top_k, che
                                       top_p_mask)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: on this shared 2-core box a second intra-op thread only spins (30x slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def meta_sample_top_p(probs, p, generator):
     # meta-llama/llama generation.py, as documented in REFERENCE b7 (the reference, retyped)
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)

@@ -3,7 +3,7 @@
 import json
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from annotated_llama import ModelArgs, Tokenizer, Transformer
 from annotated_llama.weights import load_model, save_model

@@ -177,7 +177,7 @@ def parse_checklist(path: Path) -> dict[str, str]:
 def meta_url(template: str, file: str) -> str:
     # Meta's download.sh: ${PRESIGNED_URL/'*'/"$file"}, i.e. the first '*' becomes the file path
     if "*" not in template:
-        raise DownloadError(f"--meta-url: expected a URL with a '*' where the file name goes (Meta's e-mail link)")
+        raise DownloadError("--meta-url: expected a URL with a '*' where the file name goes (Meta's e-mail link)")
     return template.replace("*", file, 1)
 
 
