@@ -166,6 +166,20 @@ def test_cli_quantize(tmp_path, spm_path):
         err = (loaded(x, cache=False) - model(x, cache=False)).abs().max()
     assert err < 0.05
     assert (tmp_path / "dst" / "tokenizer.model").read_bytes() == spm_path.read_bytes()
+    # load_model (and so generate --model, serve) reads the quantized dir as it is
+    from annotated_llama import load_model
+    via_load_model, tok = load_model(tmp_path / "dst")
+    assert tok is not None and tok.n_words == 32000
+    with torch.no_grad():
+        assert torch.equal(via_load_model(x, cache=False), loaded(x, cache=False))
+    # generate --quantize int8 quantizes the float checkpoint the same way
+    from annotated_llama.cli.generate import add_arguments, build_llama
+    import argparse
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    llama = build_llama(parser.parse_args(["--model", str(src), "--quantize", "int8", "hi"]))
+    with torch.no_grad():
+        assert torch.equal(llama.model(x, cache=False), loaded(x, cache=False))
     # bad input: one line naming the argument, exit 2, the destination left alone
     (tmp_path / "dst2").mkdir()
     (tmp_path / "dst2" / "model.safetensors").write_bytes(b"mine")

@@ -22,6 +22,7 @@ def add_sampling_arguments(p, max_new_tokens=256):
     p.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel ranks (needs torchrun)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: as stored)")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization applied after loading")
     p.add_argument("--max-seq-len", type=int, default=2048, help="context cap (never above the model's)")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
                    help=f"most tokens to generate (default {max_new_tokens}; 0: up to the end of the context)")
@@ -60,8 +61,12 @@ def build_llama(args):
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     from ..generation import Llama
-    return Llama.build(args.model, args.tokenizer, max_seq_len=args.max_seq_len, dtype=args.dtype,
-                       device=args.device, seed=1 if args.seed is None else args.seed, lora=args.lora)
+    llama = Llama.build(args.model, args.tokenizer, max_seq_len=args.max_seq_len, dtype=args.dtype,
+                        device=args.device, seed=1 if args.seed is None else args.seed, lora=args.lora)
+    if args.quantize:
+        from ..quantize import quantize_model
+        quantize_model(llama.model, args.quantize)
+    return llama
 
 
 def sampling_kwargs(args):

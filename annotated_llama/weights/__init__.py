@@ -132,8 +132,16 @@ def build_model(args: ModelArgs, sd: dict[str, torch.Tensor], dtype=None, device
 def load_model(path, dtype=None, device="cpu", lora=None):
     """(model, tokenizer or None) from a Meta/HF/ours dir or a .gguf file; see CONTRACT.md.
     dtype None keeps the stored dtype (GGUF quantized tensors: float32)."""
-    args, sd, tokenizer = load_checkpoint(path)
-    model = build_model(args, sd, dtype, device)
+    p = Path(path)
+    if p.is_dir() and (p / OURS_WEIGHTS).is_file() and _is_quantized(p / OURS_WEIGHTS):
+        # written by `annotated-llama quantize`: packed int8/int4 weights, built by quantize.py
+        from ..quantize import load_quantized
+        model = load_quantized(p, device=device, dtype=to_dtype(dtype) or torch.float32)
+        tok_path = default_tokenizer_path(p)
+        tokenizer = Tokenizer(tok_path) if tok_path else None
+    else:
+        args, sd, tokenizer = load_checkpoint(path)
+        model = build_model(args, sd, dtype, device)
     if lora is not None:
         try:
             from ..lora import load_adapter
@@ -143,6 +151,14 @@ def load_model(path, dtype=None, device="cpu", lora=None):
             raise ValueError(f"--lora {lora}: LoRA support (annotated_llama/lora.py) is not available") from None
         model = load_adapter(model, lora) or model
     return model, tokenizer
+
+
+def _is_quantized(weights: Path) -> bool:
+    from ..quantize import read_quantization
+    try:
+        return read_quantization(weights) is not None
+    except Exception:  # unreadable: load_checkpoint reports it, naming the file
+        return False
 
 
 def _state_dict_for_saving(model, dtype) -> dict[str, torch.Tensor]:
