@@ -23,15 +23,6 @@ N_CTX = 128
 TEN_MB = 10 * 1024 * 1024
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Tiny models on a shared 2-core box: several intra-op threads only contend (10x slower).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def tokenizer(spm_path):
     return Tokenizer(spm_path)
