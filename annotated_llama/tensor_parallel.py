@@ -487,7 +487,6 @@ def build_llama(args):
     import atexit
 
     from .generation import Llama
-    from .tokenizer import Tokenizer, default_tokenizer_path
 
     if args.model is None:
         from .default_model import default_model_dir
@@ -504,14 +503,22 @@ def build_llama(args):
         raise SystemExit(0)
     lead(model)
     atexit.register(lambda: (stop_followers(model), _shutdown()))  # however rank 0's command ends
-    tokenizer_path = args.tokenizer or default_tokenizer_path(args.model)
+    tokenizer = rank0_tokenizer(model, args.model, args.tokenizer)
+    return Llama(model, tokenizer, seed=1 if args.seed is None else args.seed)
+
+
+def rank0_tokenizer(model: Transformer, model_path, tokenizer_path=None):
+    """The tokenizer rank 0 needs (the followers never tokenize), checked against the model."""
+    from .tokenizer import Tokenizer, default_tokenizer_path
+
+    tokenizer_path = tokenizer_path or default_tokenizer_path(model_path)
     if tokenizer_path is None:
-        raise ValueError(f"{args.model}: no tokenizer.model found beside the weights; pass --tokenizer")
+        raise ValueError(f"{model_path}: no tokenizer.model found beside the weights; pass --tokenizer PATH")
     tokenizer = Tokenizer(tokenizer_path)
     if tokenizer.n_words > model.params.vocab_size:
         raise ValueError(f"{tokenizer_path}: the tokenizer has {tokenizer.n_words} ids but the model only "
                          f"{model.params.vocab_size}")
-    return Llama(model, tokenizer, seed=1 if args.seed is None else args.seed)
+    return tokenizer
 
 
 def relaunch(model_path, tp: int, argv: list[str]) -> int:

@@ -93,7 +93,6 @@ def run_tensor_parallel(args, path, dtype):
     from datetime import timedelta
 
     from .. import tensor_parallel
-    from ..tokenizer import Tokenizer, default_tokenizer_path
 
     stopping = []
     if "WORLD_SIZE" not in os.environ:
@@ -116,14 +115,7 @@ def run_tensor_parallel(args, path, dtype):
         # uvicorn stops on SIGTERM, then raises it again under the handler it found: make that
         # handler unwind (SystemExit) rather than kill the process, so the followers hear "stop".
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        tokenizer_path = args.tokenizer or default_tokenizer_path(path)
-        if tokenizer_path is None:
-            raise ValueError(f"{path}: no tokenizer.model found beside the weights; pass --tokenizer PATH")
-        tokenizer = Tokenizer(tokenizer_path)
-        if tokenizer.n_words > model.params.vocab_size:
-            raise ValueError(f"{tokenizer_path}: the tokenizer has {tokenizer.n_words} ids but the model only "
-                             f"{model.params.vocab_size}")
-        serve_model(args, path, model, tokenizer)
+        serve_model(args, path, model, tensor_parallel.rank0_tokenizer(model, path, args.tokenizer))
 
     try:
         return tensor_parallel.run_tensor_parallel(path, args.tp, front_end, device=args.device, dtype=dtype,
