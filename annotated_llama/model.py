@@ -174,12 +174,19 @@ class Transformer(nn.Module):
             raise ValueError("ModelArgs.vocab_size is -1: set it from the tokenizer (tokenizer.n_words) first")
         self.params = args
         self.vocab_size, self.n_layers = args.vocab_size, args.n_layers
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # On the meta device (weights.load_model builds shapes only, then adopts the file's
+        # tensors) nn.Embedding's normal_ init would import torch._dynamo: ~1 s of start-up.
+        meta = torch.empty(0).device.type == "meta"
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim,
+                                           _weight=torch.empty(args.vocab_size, args.dim) if meta else None)
         self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)  # untied from the embedding
         # Like Meta, room for 2 * max_seq_len positions. Non-persistent: not in the state dict.
-        cos, sin = precompute_rope(args, args.max_seq_len * 2)
+        if meta:  # shapes only; reset_rope() computes them once the weights have a device
+            cos = sin = torch.empty(args.max_seq_len * 2, args.head_dim // 2)
+        else:
+            cos, sin = precompute_rope(args, args.max_seq_len * 2)
         self.register_buffer("rope_cos", cos, persistent=False)  # (2*max_seq_len, D/2)
         self.register_buffer("rope_sin", sin, persistent=False)
 
