@@ -1,5 +1,5 @@
-"""Tensor parallelism (annotated_llama/tensor_parallel.py) on 2 CPU processes under torchrun
-(gloo), against the single-process model. This file is also the worker script torchrun runs:
+"""Tensor parallelism (annotated_llama/tensor_parallel.py, tp_checkpoint.py, tp_launch.py) on 2 and 4
+CPU processes under torchrun (gloo), against the single-process model. This file is also the worker script torchrun runs:
 `python tests/test_tensor_parallel.py MODE DIR`.
 
 The checkpoints are written here from one random tiny model, split by Meta's rules as this file
@@ -115,6 +115,8 @@ def worker(mode: str, workdir: Path) -> int:
     import torch.distributed as dist
 
     from annotated_llama import tensor_parallel as tp
+    from annotated_llama.tp_checkpoint import build_rank_model
+    from annotated_llama.tp_launch import run_tensor_parallel
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if mode == "baseline":  # the single-process load: one torch.load of the whole checkpoint
@@ -135,21 +137,21 @@ def worker(mode: str, workdir: Path) -> int:
             print("greedy", exercise(model)["greedy"], flush=True)
 
         try:
-            return tp.run_tensor_parallel(path, n, front_end)
+            return run_tensor_parallel(path, n, front_end)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
 
     # mode "parity": memory first (a fresh process), then every checkpoint variant
-    m = measure_load(lambda: tp.build_rank_model(workdir / "memory", world, rank),
-                     lambda: tp.build_rank_model(workdir / "meta-1", world, rank))
+    m = measure_load(lambda: build_rank_model(workdir / "memory", world, rank),
+                     lambda: build_rank_model(workdir / "meta-1", world, rank))
     memory = {"peak_mb": m["peak_mb"], "params_mb": sum(p.numel() * 4 for p in m["result"].parameters()) / 2**20}
     del m
     dist.init_process_group("gloo")
     results = {"memory": [None] * world}
     dist.all_gather_object(results["memory"], memory)
     for variant in VARIANTS:
-        model = tp.build_rank_model(workdir / variant, world, rank)
+        model = build_rank_model(workdir / variant, world, rank)
         if rank == 0:
             tp.lead(model)
             results[variant] = exercise(model)

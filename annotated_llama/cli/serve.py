@@ -2,7 +2,7 @@
 
 Binds 127.0.0.1 unless --host says otherwise: a model server has no authentication by default,
 so exposing it to a network must be a decision (then also pass --api-key).
-With --tp N the model is split over N processes (tensor_parallel.py); rank 0 serves.
+With --tp N the model is split over N processes (tensor_parallel.py, tp_launch.py); rank 0 serves.
 """
 
 from __future__ import annotations
@@ -85,29 +85,16 @@ def run_tensor_parallel(args, path, dtype):
     The scheduler's thread makes every forward call and cache swap, so the ranks' collectives come
     from one thread, in one order. The followers wait for rank 0's next call without a deadline
     (an idle server may wait for days), so they ignore SIGINT/SIGTERM: Ctrl-C or a SIGTERM reaches
-    rank 0 (passed on by the relaunching process, or by torchrun), which stops uvicorn and then
-    tells the followers to stop."""
+    rank 0 (sent on by the relaunching process, tp_launch.relaunch, or by torchrun), which stops
+    uvicorn and then tells the followers to stop."""
     import os
     import signal
     import sys
     from datetime import timedelta
 
-    from .. import tensor_parallel
+    from .. import tp_launch
 
-    stopping = []
-    if "WORLD_SIZE" not in os.environ:
-        # The relaunching process. torchrun starts each rank in a session of its own, so a Ctrl-C
-        # or a SIGTERM to this process never reaches the ranks (and subprocess.call answers an
-        # interrupt by SIGKILLing torchrun, which would orphan them). Pass the signal on to the
-        # ranks instead and keep waiting: rank 0 shuts down and stops the others, all exit 0.
-        def stop_ranks(signum, frame):
-            stopping.append(signum)
-            for pid in _grandchildren():
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGTERM)
-        signal.signal(signal.SIGINT, stop_ranks)
-        signal.signal(signal.SIGTERM, stop_ranks)
-    elif int(os.environ.get("RANK", 0)) > 0:
+    if "WORLD_SIZE" in os.environ and int(os.environ.get("RANK", 0)) > 0:  # a follower
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
@@ -115,15 +102,10 @@ def run_tensor_parallel(args, path, dtype):
         # uvicorn stops on SIGTERM, then raises it again under the handler it found: make that
         # handler unwind (SystemExit) rather than kill the process, so the followers hear "stop".
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        serve_model(args, path, model, tensor_parallel.rank0_tokenizer(model, path, args.tokenizer))
+        serve_model(args, path, model, tp_launch.rank0_tokenizer(model, path, args.tokenizer))
 
-    try:
-        return tensor_parallel.run_tensor_parallel(path, args.tp, front_end, device=args.device, dtype=dtype,
-                                                   timeout=timedelta(days=30))
-    except OSError:
-        if stopping:  # Ctrl-C also reached torchrun, which exits with an error of its own: we asked for it
-            return 0
-        raise
+    return tp_launch.run_tensor_parallel(path, args.tp, front_end, device=args.device, dtype=dtype,
+                                         timeout=timedelta(days=30))
 
 
 @contextlib.contextmanager
@@ -148,17 +130,3 @@ def run_in_thread(app, host: str = "127.0.0.1", port: int = 0, log_level: str = 
         server.should_exit = True
         thread.join(30)
 
-
-def _grandchildren() -> list[int]:
-    """Pids whose parent is a child of this process (torchrun's ranks), from /proc (Linux)."""
-    import os
-    from pathlib import Path
-
-    parent = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue  # gone meanwhile
-    children = {pid for pid, pp in parent.items() if pp == os.getpid()}
-    return [pid for pid, pp in parent.items() if pp in children]
