@@ -1,4 +1,5 @@
 import lzma
+import os
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,23 @@ def llama3_tokenizer(llama3_gguf_path):
     # gguf's GGUFReader takes seconds to parse 280k merges: load once per session.
     from annotated_llama import Tokenizer
     return Tokenizer(llama3_gguf_path)
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device of tests/test_device.py: env ANNOTATED_LLAMA_TEST_DEVICE (default "cpu";
+    "cuda" on a GPU machine, see bench/gpu_check.sh). A device that is not there fails the tests."""
+    name = os.environ.get("ANNOTATED_LLAMA_TEST_DEVICE", "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        pytest.fail(f"ANNOTATED_LLAMA_TEST_DEVICE={name!r}: not a torch device ({e})")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            pytest.fail(f"ANNOTATED_LLAMA_TEST_DEVICE={name!r}: no CUDA device is visible")
+        # float32 means float32: no TF32 matmuls (PyTorch's default, stated in case the environment changed it)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    elif dev.type != "cpu":
+        pytest.fail(f"ANNOTATED_LLAMA_TEST_DEVICE={name!r}: only cpu and cuda are tested")
+    return dev
