@@ -111,7 +111,7 @@ def parallelize(model: Transformer, world_size: int, rank: int, group=None, embe
     """Keep rank `rank`'s slice of every matrix of `model` (in place) and add the collectives.
 
     Works on real weights (slices them) and on a model built on the meta device (then load the
-    rank's state dict with `load_state_dict(sd, assign=True)`; see `build_rank_model`). For
+    rank's state dict with `load_state_dict(sd, assign=True)`; see tp_checkpoint.py). For
     inference only: the collectives are not autograd-aware, so gradients are switched off.
     """
     check_divisible(model.params, world_size)
