@@ -1,13 +1,23 @@
 """Decode tokens/s of a 7B-shaped random model on one GPU: bfloat16, int8, int4 (a few minutes).
 
-    python bench/gpu_7b.py                        # llama-7b shape on cuda, compiled decode step
+    python bench/gpu_7b.py                        # llama-7b shape on cuda: eager bf16, then compiled bf16/int8/int4
+    python bench/gpu_7b.py --time-limit 170 --out r.json   # stop starting runs that cannot finish in time
     python bench/gpu_7b.py --preset tiny --device cpu --no-compile   # the same code, seconds on a CPU
 
-For each precision: build the FastDecoder (int8/int4 quantize the bfloat16 weights first),
-warm up (this triggers torch.compile and CUDA-graph capture), then time `--new-tokens` greedy
-tokens at batch 1 after a short prompt. Prints one line per precision and a JSON summary,
-with the weight bytes read per token and the implied bandwidth (an H100 SXM reads ~3.35 TB/s,
-so bf16 7B's ceiling is ~250 tok/s). A precision that fails prints its error and the rest go on.
+The model is built on the meta device and its weights allocated and filled on the GPU (seconds,
+no 27 GB of CPU init). Each run (`--modes`, in order; `MODE:eager` forces no compile) builds a
+FastDecoder (int8/int4 quantize the bfloat16 weights first), warms up with the very call it then
+times (torch.compile and CUDA-graph capture happen there: same prompt and token count, so the
+same static shapes), then times `--new-tokens` greedy tokens at batch 1, `--reps` times, median.
+Decode tokens/s come from FastDecoder.stats when it has them (prefill excluded), else from the
+whole call's wall time (prefill included: a 16-token prompt costs about one decode step).
+Also reported: the weight bytes read per token (embedding table excluded: one row per token),
+the bandwidth that implies, and the device's measured copy bandwidth, its practical ceiling
+(an H100 SXM is rated 3.35 TB/s, an H200 4.8 TB/s, so bf16 7B's ceiling is ~250 or ~360 tok/s).
+
+With --time-limit, a run that would not finish before the limit is done eagerly instead (when
+that fits) or skipped, and the JSON is rewritten after every run, so a kill keeps what was done.
+A run that fails records its error and the rest go on.
 """
 
 from __future__ import annotations
@@ -15,22 +25,33 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
-import torch
+T_START = time.perf_counter()
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from annotated_llama import ModelArgs, Transformer  # noqa: E402
 from annotated_llama.fast import FastDecoder  # noqa: E402
 
+# bytes per weight in HBM (scales excluded: int8 +2 bytes per row, int4 +4 bytes per 128-group)
 BYTES_PER_WEIGHT = {"bfloat16": 2.0, "float32": 4.0, "float16": 2.0, "mixed": 2.0, "int8": 1.0, "int4": 0.5}
+# first guesses of a run's seconds (build + warm-up + timing), replaced by what earlier runs took
+GUESS_S = {"eager": 25.0, "compile": 100.0, "int4_build": 25.0}
+
+
+def elapsed() -> float:
+    return time.perf_counter() - T_START
 
 
 def build(args: ModelArgs, device: str, seed: int) -> Transformer:
-    # construct shapes only, then allocate on the device and fill there: no 27 GB of CPU init
+    # construct shapes only, then allocate on the device and fill there
     torch.manual_seed(seed)
     with torch.device("meta"):
         model = Transformer(args)
@@ -45,79 +66,160 @@ def build(args: ModelArgs, device: str, seed: int) -> Transformer:
     return model.to(torch.bfloat16).eval()
 
 
-def sync(device):
+def sync(device: str):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def run_one(model, mode, a) -> dict:
+def copy_bandwidth_gb_s(device: str, nbytes: int) -> float:
+    """Device-to-device copy, bytes read + written per second: the practical bandwidth ceiling."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync(device)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    del src, dst
+    return 2 * nbytes / sorted(times)[len(times) // 2] / 1e9
+
+
+def run_one(model: Transformer, mode: str, compile: bool, a) -> dict:
+    out = {"mode": mode, "compile": compile}
     t0 = time.perf_counter()
-    fd = FastDecoder(model, mode, compile=a.compile)
-    build_s = time.perf_counter() - t0
+    fd = FastDecoder(model, mode, compile=compile)
+    sync(a.device)
+    out["build_s"] = time.perf_counter() - t0
     prompt = list(range(1, a.prompt_len + 1))
     t0 = time.perf_counter()
-    fd.generate([prompt], 8)  # warm-up: compiles / captures on first use
-    fd.generate([prompt], 8)
+    first = fd.generate([prompt], a.new_tokens)[0]  # warm-up: the timed call's shapes (compile, graph capture)
     sync(a.device)
-    warm_s = time.perf_counter() - t0
-    rates = []
+    out["warmup_s"] = time.perf_counter() - t0
+    walls, rates, tokens = [], [], None
     for _ in range(a.reps):
         sync(a.device)
-        fd.generate([prompt], a.new_tokens)
+        t0 = time.perf_counter()
+        tokens = fd.generate([prompt], a.new_tokens)[0]
         sync(a.device)
-        rates.append(fd.stats["decode_tokens"] / fd.stats["decode_s"])
-    rates.sort()
+        walls.append(time.perf_counter() - t0)
+        stats = getattr(fd, "stats", None) or {}
+        if stats.get("decode_tokens") and stats.get("decode_s"):
+            rates.append(stats["decode_tokens"] / stats["decode_s"])
+    wall = sorted(walls)[len(walls) // 2]
+    out["end_to_end_tok_s"] = a.new_tokens / wall
+    out["decode_tok_s"] = sorted(rates)[len(rates) // 2] if rates else out["end_to_end_tok_s"]
+    out["decode_tok_s_from"] = "FastDecoder.stats" if rates else "end-to-end wall time"
+    out["same_tokens_each_call"] = tokens == first
+    out["first_tokens"] = tokens[:12]
     n_weights = model.params.num_params() - model.params.vocab_size * model.params.dim
-    tok_s = rates[len(rates) // 2]
-    out = {"mode": mode, "decode_tok_s": tok_s, "build_s": build_s, "warmup_s": warm_s,
-           "weight_gb_per_token": n_weights * BYTES_PER_WEIGHT[mode] / 1e9}
-    out["implied_gb_s"] = out["weight_gb_per_token"] * tok_s
+    out["weight_gb_per_token"] = n_weights * BYTES_PER_WEIGHT[mode] / 1e9
+    out["implied_gb_s"] = out["weight_gb_per_token"] * out["decode_tok_s"]
     if a.device.startswith("cuda"):
         out["max_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
     del fd
     return out
 
 
+def plan(mode: str, compile: bool, a, took: dict) -> tuple[bool, str | None]:
+    """(compile, None) to run, possibly eagerly instead; (False, reason) to skip."""
+    if not a.time_limit:
+        return compile, None
+    left = a.time_limit - elapsed()
+    extra = GUESS_S["int4_build"] if mode == "int4" else 0.0
+    need_compiled = took.get("compile", GUESS_S["compile"]) + extra
+    need_eager = took.get("eager", GUESS_S["eager"]) + extra
+    if compile and left >= need_compiled:
+        return True, None
+    if left >= need_eager:
+        return False, None
+    return False, f"skipped: {left:.0f} s left of --time-limit, a run needs ~{need_eager:.0f} s"
+
+
+def write(info: dict, path):
+    if path:
+        tmp = Path(str(path) + ".tmp")
+        tmp.write_text(json.dumps(info, indent=1))
+        os.replace(tmp, path)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="llama-7b")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--modes", default="bfloat16,int8,int4")
+    p.add_argument("--modes", default="bfloat16:eager,bfloat16,int8,int4",
+                   help="runs in order; MODE:eager runs without torch.compile (default: %(default)s)")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--max-seq-len", type=int, default=512, help="a short context keeps the KV cache small")
-    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="every run eager")
+    p.add_argument("--time-limit", type=float, default=0.0,
+                   help="seconds from start: later runs go eager or are skipped to finish by then (0: none)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="write the JSON summary here")
+    p.add_argument("--out", help="write the JSON summary here (after every run)")
     a = p.parse_args(argv)
+    runs = []
+    for item in a.modes.split(","):
+        mode, _, how = item.strip().partition(":")
+        if how not in ("", "eager", "compile"):
+            p.error(f"--modes: {item!r}: the suffix must be :eager or :compile")
+        runs.append((mode, a.compile and how != "eager"))
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible (use --device cpu with a tiny --preset)")
     args = ModelArgs.from_name(a.preset, max_seq_len=a.max_seq_len, max_batch_size=1)
-    t0 = time.perf_counter()
-    model = build(args, a.device, a.seed)
-    info = {"preset": a.preset, "params": args.num_params(), "device": a.device, "compile": a.compile,
-            "torch": torch.__version__, "build_model_s": time.perf_counter() - t0, "results": []}
+    info = {"preset": a.preset, "params": args.num_params(), "device": a.device, "torch": torch.__version__,
+            "new_tokens": a.new_tokens, "prompt_len": a.prompt_len, "reps": a.reps, "results": []}
     if a.device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
-    print(f"{a.preset}: {args.num_params() / 1e9:.2f}B params on {info.get('gpu', a.device)}, "
-          f"compile={a.compile}", flush=True)
-    for mode in a.modes.split(","):
-        try:
-            r = run_one(model, mode, a)
-            print(f"{mode:>9}: {r['decode_tok_s']:7.1f} tok/s  ({r['implied_gb_s']:.0f} GB/s of weights, "
-                  f"warm-up {r['warmup_s']:.0f} s)", flush=True)
-        except Exception as e:  # report and go on with the next precision
-            r = {"mode": mode, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
-            print(f"{mode:>9}: FAILED {r['error']}", flush=True)
+        info["cuda"] = torch.version.cuda
+    t0 = time.perf_counter()
+    model = build(args, a.device, a.seed)
+    sync(a.device)
+    info["build_model_s"] = time.perf_counter() - t0
+    info["copy_gb_s"] = copy_bandwidth_gb_s(a.device, (2 << 30) if a.device.startswith("cuda") else (64 << 20))
+    print(f"{a.preset}: {args.num_params() / 1e9:.2f}B params on {info.get('gpu', a.device)}, built in "
+          f"{info['build_model_s']:.1f} s; copy bandwidth {info['copy_gb_s']:.0f} GB/s", flush=True)
+    write(info, a.out)
+    took = {}
+    for mode, want_compile in runs:
+        compile, skip = plan(mode, want_compile, a, took)
+        if skip:
+            r = {"mode": mode, "compile": want_compile, "skipped": skip}
+            print(f"{mode:>9}: {skip}", flush=True)
+        else:
+            t_run = time.perf_counter()
+            try:
+                r = run_one(model, mode, compile, a)
+                if want_compile and not compile:
+                    r["note"] = "run eagerly: too little of --time-limit left to compile"
+                r["ceiling_fraction"] = r["implied_gb_s"] / info["copy_gb_s"]
+                print(f"{mode:>9} {'compiled' if compile else 'eager':>8}: {r['decode_tok_s']:8.1f} tok/s "
+                      f"({r['implied_gb_s']:.0f} GB/s of weights, {r['ceiling_fraction']:.0%} of the copy "
+                      f"bandwidth; build {r['build_s']:.0f} s, warm-up {r['warmup_s']:.0f} s)", flush=True)
+            except Exception as e:  # report and go on with the next run
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                r = {"mode": mode, "compile": compile, "error": f"{type(e).__name__}: {msg}"[:400],
+                     "traceback": traceback.format_exc()[-2000:]}
+                print(f"{mode:>9}: FAILED {r['error']}", flush=True)
+            spent = time.perf_counter() - t_run
+            key = "compile" if compile else "eager"
+            took[key] = max(took.get(key, 0.0), spent - (GUESS_S["int4_build"] if mode == "int4" else 0.0))
+            r["run_s"] = spent
         info["results"].append(r)
+        info["elapsed_s"] = elapsed()
+        write(info, a.out)
         gc.collect()
+        if compile:
+            torch._dynamo.reset()  # drop compiled code (and what it holds) before the next run
         if a.device.startswith("cuda"):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-    print(json.dumps(info, indent=1))
-    if a.out:
-        Path(a.out).write_text(json.dumps(info, indent=1))
+    print(json.dumps({k: v for k, v in info.items() if k != "results"}))
+    for r in info["results"]:
+        print(json.dumps({k: v for k, v in r.items() if k != "traceback"}))
     return 0
 
 
