@@ -35,6 +35,8 @@ from .tp_checkpoint import build_rank_model, inspect_checkpoint
 RANK_LOGS = "ANNOTATED_LLAMA_TP_LOGS"  # set by `relaunch`: the dir where each rank writes its stderr and pid
 ERROR_LINE = re.compile(r"^annotated-llama [\w-]+: error: (.*)$")  # how __main__ reports a bad input
 GRACE_S = 10.0  # after a stop signal, how long rank 0 may take to finish before everything is killed
+# Ctrl-C, kill, and the terminal closing: the signals torchrun would have received in our session
+STOP_SIGNALS = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
 
 
 def agree(error: str | None, group=None) -> None:
@@ -164,7 +166,8 @@ def relaunch(model_path, tp: int, argv: list[str]) -> int:
     Rank 0's stdout (the text) and stderr (warnings, a server's log) stream through, except its
     one-line error, raised here as ValueError. torchrun's own output and the other ranks' are
     shown only when they failed without saying why. Ctrl-C stops every rank, then raises
-    KeyboardInterrupt (exit status 130); SIGTERM too, and returns 0 if rank 0 ended cleanly."""
+    KeyboardInterrupt (exit status 130); SIGTERM or SIGHUP too, then returns 0 if the ranks ended
+    cleanly (a server does), else 128 + the signal, as a shell reports a process it killed."""
     args, _, _ = inspect_checkpoint(model_path)
     check_divisible(args, tp)  # fail before starting any process
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp}",
@@ -187,7 +190,7 @@ def relaunch(model_path, tp: int, argv: list[str]) -> int:
             if stopper.signals:
                 if signal.SIGINT in stopper.signals:
                     raise KeyboardInterrupt
-                return 0 if rc == 0 else 128 + signal.SIGTERM
+                return 0 if rc == 0 else 128 + stopper.signals[0]
             if rc and rank0_errors.errors:
                 raise ValueError(ERROR_LINE.match(rank0_errors.errors[0]).group(1))
             for line in rank0_errors.errors:  # (from a run that ended well: pass them on)
@@ -230,7 +233,7 @@ class _Tail:
 
 
 class _Stopper:
-    """While active, SIGINT and SIGTERM stop torchrun's ranks instead of this process: rank 0
+    """While active, STOP_SIGNALS stop torchrun's ranks instead of this process: rank 0
     first, then the rest once it has exited; SIGKILL for all after GRACE_S or a second signal."""
 
     def __init__(self, logs: Path):
@@ -240,7 +243,7 @@ class _Stopper:
     def __enter__(self):
         self.previous = {}
         if threading.current_thread() is threading.main_thread():  # signal.signal works there only
-            for s in (signal.SIGINT, signal.SIGTERM):
+            for s in STOP_SIGNALS:
                 self.previous[s] = signal.signal(s, self._on_signal)
         return self
 
