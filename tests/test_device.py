@@ -144,7 +144,7 @@ def test_prefill_then_decode_equals_full_forward(device, name):
         steps += [dev(t[:, i:i + 1], i) for i in range(25, 40)]  # then one token at a time
     incremental = torch.cat(steps, dim=1)
     assert incremental.device.type == device.type
-    assert (incremental - full).abs().max() < 1e-5  # same device: only the attention's rounding differs
+    assert (incremental - full).abs().max() < 2e-5  # same device: only the kernels' rounding differs
     assert (incremental.cpu() - ref).abs().max() < F32_ABS
 
 
