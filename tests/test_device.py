@@ -254,16 +254,20 @@ def test_quantized_logits_within_bounds(bible, device, mode, bound):
 
 
 def test_int4_on_inputs_of_64(device):
-    # the tiny preset's in_features (64) with group_size 32: CPU's int4 kernel takes them; CUDA's
-    # packing needs in_features % (inner k-tiles * 16) == 0, i.e. a k-tile count that fits
+    # the tiny preset's in_features (64) with group_size 32. CPU's int4 kernel takes them; CUDA's
+    # packing wants in_features % (16 * inner k-tiles) == 0, so on CUDA such a layer must either be
+    # packed with fewer inner k-tiles or fall back to int8: anything but an error or garbage
     model = _random_model("tiny", seed=5)
     x = torch.randint(0, 512, (1, 20))
     with torch.no_grad():
         ref = model(x, cache=False)
         qm = quantize_model(_on(model, device), "int4", group_size=32)
-        assert isinstance(qm.layers[0].attention.wq, Int4Linear)
         got = qm(x.to(device), cache=False)
-    assert _rel(got, ref) < 0.5
+    kinds = {type(m) for m in qm.modules()}
+    assert torch.nn.Linear not in kinds and kinds & {Int4Linear, Int8Linear}  # every Linear quantized
+    if device.type == "cpu":
+        assert isinstance(qm.layers[0].attention.wq, Int4Linear)
+    assert _rel(got, ref) < 0.15
 
 
 # ---- LoRA and training ----------------------------------------------------------------------
