@@ -166,7 +166,9 @@ def main(argv=None):
         mode, _, how = item.strip().partition(":")
         if how not in ("", "eager", "compile"):
             p.error(f"--modes: {item!r}: the suffix must be :eager or :compile")
-        runs.append((mode, a.compile and how != "eager"))
+        run = (mode, a.compile and how != "eager")
+        if run not in runs:  # with --no-compile, "bfloat16:eager" and "bfloat16" are one run
+            runs.append(run)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible (use --device cpu with a tiny --preset)")
     args = ModelArgs.from_name(a.preset, max_seq_len=a.max_seq_len, max_batch_size=1)
@@ -183,9 +185,12 @@ def main(argv=None):
     print(f"{a.preset}: {args.num_params() / 1e9:.2f}B params on {info.get('gpu', a.device)}, built in "
           f"{info['build_model_s']:.1f} s; copy bandwidth {info['copy_gb_s']:.0f} GB/s", flush=True)
     write(info, a.out)
-    took = {}
+    took, done = {}, set()
     for mode, want_compile in runs:
         compile, skip = plan(mode, want_compile, a, took)
+        if not skip and (mode, compile) in done:
+            skip = "skipped: too little of --time-limit left to compile, and the eager run is done"
+        done.add((mode, compile))
         if skip:
             r = {"mode": mode, "compile": want_compile, "skipped": skip}
             print(f"{mode:>9}: {skip}", flush=True)
