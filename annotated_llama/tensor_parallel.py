@@ -229,10 +229,3 @@ def _swap_rows(model, a, b, length):
 def stop_followers(model: Transformer, group=None) -> None:
     device = model.norm.weight.device
     dist.broadcast(torch.tensor([_STOP, 0, 0, 0, 0, 0, 0], device=device), _src(group), group=group)
-
-
-def build_llama(args):
-    """`generate`/`chat --tp N` (cli/generate.py imports it from here): see tp_launch.build_llama."""
-    from .tp_launch import build_llama as build
-
-    return build(args)

@@ -52,7 +52,7 @@ def build_llama(args):
     if args.tp is not None and args.tp > 1:
         # ---- TENSOR-PARALLEL HOOK: relaunches under torchrun when needed; rank 0 gets a Llama over
         # its slice of the model, the other ranks follow its forward calls and exit with it. ----
-        from ..tensor_parallel import build_llama as build_tensor_parallel_llama
+        from ..tp_launch import build_llama as build_tensor_parallel_llama
         return build_tensor_parallel_llama(args)
     if args.tp is not None and args.tp < 1:
         raise ValueError(f"--tp must be >= 1, got {args.tp}")
@@ -77,11 +77,13 @@ def sampling_kwargs(args):
 
 def run(args):
     prompt = args.prompt
-    if prompt is None:
-        if sys.stdin.isatty():
-            raise ValueError("no PROMPT: give it as an argument or pipe it on stdin")
-        prompt = sys.stdin.read()
+    if prompt is None and sys.stdin.isatty():
+        raise ValueError("no PROMPT: give it as an argument or pipe it on stdin")
+    # with --tp this process relaunches itself under torchrun inside build_llama and exits
+    # there, so stdin is left for rank 0 to read
     llama = build_llama(args)
+    if prompt is None:
+        prompt = sys.stdin.read()
     ids = encode_prompt(llama.tokenizer, prompt, args.template, args.system)
     stops = list(args.stop) + list(TEMPLATE_STOPS[args.template])
 
