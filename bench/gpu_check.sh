@@ -44,8 +44,12 @@ fi
 {
     echo "date: $(date -u)  device: $DEVICE  budget: ${BUDGET}s"
     echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
-    nvidia-smi -L 2>&1 || echo "nvidia-smi: not available"
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
+    if command -v nvidia-smi > /dev/null; then
+        nvidia-smi -L 2>&1
+        nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1
+    else
+        echo "nvidia-smi: not available"
+    fi
     timeout 60 "$PY" - <<'EOF' 2>&1
 import importlib, sys
 import torch
@@ -102,7 +106,8 @@ echo "gpu_7b.py exit status: $BENCH_RC"
 # ---- summary ----
 {
     echo "gpu_check on $DEVICE, $(( $(date +%s) - START ))s"
-    head -n 4 "$OUT/env.txt"
+    head -n 2 "$OUT/env.txt"
+    grep -E '^(GPU |NVIDIA|nvidia-smi|python |gpu:)' "$OUT/env.txt"
     echo "pytest (exit $PYTEST_RC): $(grep -E '(passed|failed|error)' "$OUT/pytest.log" | tail -n 1)"
     grep -E '^(FAILED|ERROR) ' "$OUT/pytest.log" | head -n 20
     echo "gpu_7b.py (exit $BENCH_RC):"
