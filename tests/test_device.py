@@ -71,6 +71,8 @@ def _worst_deficit(model: Transformer, prompt, out) -> float:
     0 for exact greedy; a rounding-flipped near tie scores below its tie's width. This holds at
     every step (tests/test_fast.py checks only the first step where two paths part), so a broken
     path scores high wherever it picks a token the reference does not nearly prefer."""
+    if not out:
+        return 0.0
     logits = model(torch.tensor([list(prompt) + list(out[:-1])]), cache=False)[0, len(prompt) - 1:]  # (N, V)
     best, worst = logits.max(-1).values, logits.min(-1).values
     chosen = logits[torch.arange(len(out)), torch.tensor(out)]
