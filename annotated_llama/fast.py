@@ -21,6 +21,7 @@ C dim, V vocab.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from typing import Optional, Sequence
 
@@ -34,8 +35,14 @@ MODES = ("float32", "mixed", "bfloat16", "float16", "int8", "int4")
 
 
 def _linear(x: torch.Tensor, w) -> torch.Tensor:
-    # a float weight tensor, or a quantized module (quantize.Int8Linear / Int4Linear)
-    return F.linear(x, w) if isinstance(w, torch.Tensor) else w(x)
+    # a float weight tensor (plain, or prepacked for oneDNN), or a quantized module
+    # (quantize.Int8Linear / Int4Linear)
+    if not isinstance(w, torch.Tensor):
+        return w(x)
+    if w.is_mkldnn:
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), w, None, "none", [], "")
+        return y.view(*x.shape[:-1], -1)  # (..., N)
+    return F.linear(x, w)
 
 
 def _fuse(linears: Sequence[nn.Module], dtype: torch.dtype):
@@ -51,8 +58,8 @@ def _fuse(linears: Sequence[nn.Module], dtype: torch.dtype):
         from .quantize import unpack_nibbles
         m = Int4Linear(first.in_features, sum(l.out_features for l in linears), first.group_size,
                        device=first.packed.device)
-        m.set_quantized(torch.cat([unpack_nibbles(l._nibbles) for l in linears]),
-                        torch.cat([l._scales for l in linears]), torch.cat([l._mins for l in linears]))
+        m.set_quantized(torch.cat([unpack_nibbles(l.nibbles) for l in linears]),
+                        torch.cat([l.group_scales for l in linears]), torch.cat([l.group_mins for l in linears]))
         return m
     if isinstance(first, nn.Linear):
         return torch.cat([l.weight.detach() for l in linears]).to(dtype).contiguous()  # (sum N, C)
@@ -60,10 +67,15 @@ def _fuse(linears: Sequence[nn.Module], dtype: torch.dtype):
 
 
 class _Weights:
-    """One phase's weights: fused q|k|v and w1|w3, in that phase's dtype (or quantized)."""
+    """One phase's weights: fused q|k|v and w1|w3, in that phase's dtype (or quantized).
 
-    def __init__(self, model: Transformer, dtype: torch.dtype):
-        self.dtype = dtype
+    pack=True stores the float matrices in oneDNN's blocked layout (what inductor's "freezing"
+    does to frozen weights): bfloat16 products on this CPU then run ~2x faster than F.linear's
+    at 1 to 512 rows. Such opaque tensors cannot enter a torch.compile graph, so the compiled
+    batch-1 step keeps a plain copy."""
+
+    def __init__(self, model: Transformer, dtype: torch.dtype, pack: bool = False):
+        self.dtype, self.packed = dtype, pack
         self.layers = []
         for layer in model.layers:
             a, f = layer.attention, layer.feed_forward
@@ -74,12 +86,43 @@ class _Weights:
                 w13=_fuse([f.w1, f.w3], dtype), w2=_fuse([f.w2], dtype)))
         self.norm = model.norm.weight.detach().float()
         self.output = _fuse([model.output], dtype)
+        if pack:
+            for lw in self.layers:
+                for k in ("wqkv", "wo", "w13", "w2"):
+                    lw[k] = torch.ops.mkldnn._reorder_linear_weight(lw[k], 8)
+            self.output = torch.ops.mkldnn._reorder_linear_weight(self.output, 8)
 
 
-def _apply_linear(x, w, mv: bool = False):
+def _reduce_matvec(x, w):
+    """One row times a weight, written as multiply-and-sum for torch.compile.
+
+    Inductor turns this into one loop that streams the weight once, converts it to float32 in
+    registers and accumulates: a bandwidth-bound matrix-vector product for float32 and 16-bit
+    weights (eager would materialise the (N, K) product, so compile only). For int8 the same
+    loop is bound by the int8 -> float32 conversions instead (no int8 dot-product instructions)."""
+    from .quantize import Int4Linear, Int8Linear
+    xf = x.reshape(-1, x.shape[-1]).float()[None]  # (1, B, K)
+    # rows of the weight outermost: each weight row is read from memory once and used for
+    # all B activations while it sits in L1 (a few rows: batched decode at one weight read)
+    if isinstance(w, torch.Tensor):
+        y = (w.float()[:, None] * xf).sum(-1)  # (N, B)
+    elif isinstance(w, Int8Linear):
+        y = (w.weight.float()[:, None] * xf).sum(-1) * w.scales.float()[:, None]  # (N, B)
+    elif isinstance(w, Int4Linear):
+        # PyTorch's packed int4 kernel reads half a byte per weight; written out as
+        # multiply-and-sum, the nibble unpacking made inductor's loop ~10x slower
+        return w(x)
+    else:  # unfused mix of int8/int4 layers
+        return torch.cat([_reduce_matvec(x, m) for m in w], dim=-1)
+    return y.t().to(x.dtype).reshape(*x.shape[:-1], -1)  # (..., N)
+
+
+def _apply_linear(x, w, mv: str = "linear"):
+    if mv == "reduce":
+        return _reduce_matvec(x, w)
     if isinstance(w, nn.ModuleList):  # unfused fallback
         return torch.cat([m(x) for m in w], dim=-1)
-    if mv and isinstance(w, torch.Tensor):  # one row: BLAS's matrix-vector routine (gemv)
+    if mv == "mv" and isinstance(w, torch.Tensor):  # one row: BLAS's matrix-vector routine (gemv)
         return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])
     return _linear(x, w)
 
@@ -97,6 +140,27 @@ def _rope(x, cos, sin):
     return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), -1).flatten(-2).to(x.dtype)  # (B, T, N, D)
 
 
+def _attend_one(q, ck, cv, mask, compiled: bool):
+    """Attention of one new query per row over all L cache slots, written out (SDPA's CPU
+    kernel costs ~0.15 ms a call at batch 1 and ~1 ms at batch 8 for this one-query shape).
+    q (B, H, 1, D); ck, cv (B, K, L, D); mask (B, 1, 1, L) bool. Query heads h*G..h*G+G-1
+    share kv head h (G = H/K), as Meta's repeat_kv arranges them."""
+    B, H, _, D = q.shape
+    K, L = ck.shape[1], ck.shape[2]
+    qg = q.view(B, K, H // K, D)  # (B, K, G, D): each kv head's query group
+    if compiled:  # multiply-and-sum: inductor fuses it into a few loops
+        scores = (qg.float()[:, :, :, None] * ck.float()[:, :, None]).sum(-1)  # (B, K, G, L)
+    else:
+        scores = torch.matmul(qg, ck.transpose(-1, -2)).float()  # (B, K, G, L)
+    scores = scores.masked_fill(~mask.view(B, 1, 1, L), float("-inf")) / math.sqrt(D)
+    p = torch.softmax(scores, dim=-1)  # (B, K, G, L)
+    if compiled:
+        o = (p[..., None] * cv.float()[:, :, None]).sum(-2)  # (B, K, G, D)
+    else:
+        o = torch.matmul(p.to(cv.dtype), cv)  # (B, K, G, D)
+    return o.reshape(B, H, 1, D).to(q.dtype)
+
+
 class FastDecoder:
     """Greedy or sampled generation with per-phase weight dtypes and a static KV cache.
 
@@ -109,13 +173,16 @@ class FastDecoder:
     """
 
     def __init__(self, model: Transformer, mode: Optional[str] = None, *, compile: bool = False,
-                 group_size: int = 128, matvec: str = "linear"):
+                 group_size: int = 128, matvec: Optional[str] = None):
         device = model.tok_embeddings.weight.device
         mode = mode or ("mixed" if device.type == "cpu" else "bfloat16")
         if mode not in MODES:
             raise ValueError(f"FastDecoder mode must be one of {MODES}, got {mode!r}")
-        if matvec not in ("linear", "mv"):
-            raise ValueError(f"matvec must be 'linear' (F.linear) or 'mv' (torch.mv), got {matvec!r}")
+        if matvec is None:  # multiply-and-sum only pays once compiled (eager would materialise it)
+            matvec = "reduce" if compile and device.type == "cpu" else "linear"
+        if matvec not in ("linear", "mv", "reduce"):
+            raise ValueError(f"matvec must be 'linear' (F.linear), 'mv' (torch.mv) or 'reduce' (compiled "
+                             f"multiply-and-sum), got {matvec!r}")
         self.mode, self.device, self.args, self.matvec = mode, device, model.params, matvec
         self.eps = model.params.norm_eps
         self.H, self.K, self.D = model.params.n_heads, model.params.n_kv_heads, model.params.head_dim
@@ -126,10 +193,16 @@ class FastDecoder:
             prefill = decode = _Weights(model, torch.bfloat16)
             cache_dtype = torch.bfloat16
         else:
+            if compile and device.type == "cpu" and mode == "mixed":
+                mode = "bfloat16"  # compiled, batch-1 bfloat16 streams as fast as float16
             p_dtype = {"float32": torch.float32, "float16": torch.float16}.get(mode, torch.bfloat16)
             d_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(mode, torch.float16)
-            prefill = _Weights(model, p_dtype)
-            decode = prefill if d_dtype == p_dtype else _Weights(model, d_dtype)
+            pack = device.type == "cpu" and p_dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            prefill = _Weights(model, p_dtype, pack=pack)
+            if d_dtype == p_dtype and not (compile and pack):
+                decode = prefill
+            else:
+                decode = _Weights(model, d_dtype)
             cache_dtype = d_dtype
         self.prefill_w, self.decode_w, self.cache_dtype = prefill, decode, cache_dtype
         # the embedding table is read one row per token: keep it as is (float32)
@@ -144,7 +217,13 @@ class FastDecoder:
                 # weights reached through plain objects would otherwise be graph inputs that
                 # CUDA graphs copy into static buffers on every call
                 torch._dynamo.mark_static_address(t)
-            kw = {"mode": "reduce-overhead"} if device.type == "cuda" else {}
+            if device.type == "cuda":
+                kw = {"mode": "reduce-overhead"}  # CUDA graphs: one launch per step
+            else:
+                # Store every intermediate vector instead of recomputing it inside the consumer's
+                # loop: inductor would otherwise inline the RMSNorm (and the residual adds) into
+                # each matrix-vector product and redo them for every weight row (~25% slower).
+                kw = {"options": {"realize_opcount_threshold": 1, "realize_acc_reads_threshold": 1}}
             self._step = torch.compile(self.decode_step, fullgraph=True, dynamic=False, **kw)
 
     def _tensors(self):
@@ -152,21 +231,25 @@ class FastDecoder:
         for w in {id(self.prefill_w): self.prefill_w, id(self.decode_w): self.decode_w}.values():
             for item in [w.norm, w.output] + [v for lw in w.layers for v in lw.values()]:
                 if isinstance(item, torch.Tensor):
-                    yield item
+                    if not item.is_mkldnn:
+                        yield item
                 else:
                     yield from item.buffers()
 
     # ---- the two phases ----------------------------------------------------------------
 
     def reset(self, B: int, L: int):
-        shape = (self.args.n_layers, B, self.K, L, self.D)  # (layers, B, K, L, D): heads first for SDPA
-        c = self.cache_k
-        if c is None or c.shape != shape:
-            self.cache_k = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
-            self.cache_v = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
+        # one (B, K, L, D) tensor per layer, heads first for SDPA; separate tensors (not one
+        # stacked cache) so a compiled step writes its one slot in place instead of copying a
+        # whole layer's view in and out
+        shape = (B, self.K, L, self.D)
+        if self.cache_k is None or self.cache_k[0].shape != shape:
+            self.cache_k = [torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
+                            for _ in range(self.args.n_layers)]
+            self.cache_v = [torch.zeros_like(c) for c in self.cache_k]
             if self.compiled:
-                torch._dynamo.mark_static_address(self.cache_k)
-                torch._dynamo.mark_static_address(self.cache_v)
+                for c in self.cache_k + self.cache_v:
+                    torch._dynamo.mark_static_address(c)
 
     @torch.no_grad()
     def prefill(self, tokens: torch.Tensor, pad_left: Optional[torch.Tensor] = None,
@@ -186,8 +269,8 @@ class FastDecoder:
         for i, lw in enumerate(w.layers):
             h = _rms_norm(x, lw["attn_norm"], self.eps)
             q, k, v = self._qkv(h, lw, cos, sin)  # (B, H|K, T, D)
-            self.cache_k[i, :B, :, :T] = k.to(self.cache_dtype)
-            self.cache_v[i, :B, :, :T] = v.to(self.cache_dtype)
+            self.cache_k[i][:, :, :T] = k.to(self.cache_dtype)
+            self.cache_v[i][:, :, :T] = v.to(self.cache_dtype)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                enable_gqa=self.K != self.H)  # (B, H, T, D)
             x = x + _apply_linear(o.transpose(1, 2).reshape(B, T, self.H * self.D), lw["wo"])
@@ -195,7 +278,7 @@ class FastDecoder:
         x = _rms_norm(x[:, -1], w.norm, self.eps)  # (B, C): only the last position's logits
         return _apply_linear(x, w.output).float()  # (B, V)
 
-    def _qkv(self, h, lw, cos, sin, mv=False):
+    def _qkv(self, h, lw, cos, sin, mv="linear"):
         B, T, _ = h.shape
         H, K, D = self.H, self.K, self.D
         qkv = _apply_linear(h, lw["wqkv"], mv).view(B, T, H + 2 * K, D)  # (B, T, H+2K, D)
@@ -204,7 +287,7 @@ class FastDecoder:
         v = qkv[:, :, H + K:]
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K|K, T, D)
 
-    def _ffn(self, h, lw, mv=False):
+    def _ffn(self, h, lw, mv="linear"):
         # SwiGLU with w1 and w3 in one matmul: (B, T, 2F) -> two (B, T, F) halves
         a, b = _apply_linear(h, lw["w13"], mv).chunk(2, dim=-1)
         return _apply_linear(F.silu(a) * b, lw["w2"], mv)
@@ -215,8 +298,8 @@ class FastDecoder:
         Static shapes throughout (attention reads all L slots through a mask), so the step
         compiles once and never syncs with the host."""
         B = token.shape[0]
-        L = self.cache_k.shape[3]
-        mv = self.matvec == "mv" and B == 1
+        L = self.cache_k[0].shape[2]
+        mv = self.matvec if B == 1 and not w.packed else "linear"
         x = self.embed[token].to(w.dtype)  # (B, 1, C)
         rope_pos = (pos - pad_left)[:, None]  # (B, 1): each row counts from its first real token
         cos, sin = self.rope_cos[rope_pos], self.rope_sin[rope_pos]  # (B, 1, D/2)
@@ -225,11 +308,10 @@ class FastDecoder:
         for i, lw in enumerate(w.layers):
             h = _rms_norm(x, lw["attn_norm"], self.eps)
             q, k, v = self._qkv(h, lw, cos, sin, mv)  # (B, H|K, 1, D)
-            ck, cv = self.cache_k[i, :B], self.cache_v[i, :B]  # (B, K, L, D) views
+            ck, cv = self.cache_k[i], self.cache_v[i]  # (B, K, L, D)
             ck.index_copy_(2, pos.view(1), k.to(self.cache_dtype))
             cv.index_copy_(2, pos.view(1), v.to(self.cache_dtype))
-            o = F.scaled_dot_product_attention(q.to(self.cache_dtype), ck, cv, attn_mask=mask,
-                                               enable_gqa=self.K != self.H)  # (B, H, 1, D)
+            o = _attend_one(q.to(self.cache_dtype), ck, cv, mask, compiled=mv == "reduce")  # (B, H, 1, D)
             x = x + _apply_linear(o.to(w.dtype).reshape(B, 1, self.H * self.D), lw["wo"], mv)
             x = x + self._ffn(_rms_norm(x, lw["ffn_norm"], self.eps), lw, mv)
         x = _rms_norm(x[:, 0], w.norm, self.eps)  # (B, C)
@@ -271,11 +353,12 @@ class FastDecoder:
         done = torch.isin(nxt, stop)
         first_token_s = time.perf_counter() - t0
         w = self.decode_weights(B)
+        step = self.decode_step if w.packed else self._step  # oneDNN-packed weights run eagerly
         pos = torch.tensor(T, device=self.device)  # stays on the device: no copy per step
         for _ in range(max_new_tokens - 1):
             if stop_ids and bool(done.all()):  # the one host sync per token, only with stop ids
                 break
-            logits = self._step(nxt[:, None], pos, pad, w)
+            logits = step(nxt[:, None], pos, pad, w)
             nxt = sample(logits, temperature, top_k, top_p, gen)
             out.append(nxt)
             pos = pos + 1

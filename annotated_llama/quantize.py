@@ -109,7 +109,7 @@ class Int4Linear(nn.Module):
         # Filled by set_quantized(); the packed layout depends on the device.
         self.register_buffer("packed", torch.zeros(0, dtype=torch.uint8, device=device))
         self.register_buffer("scales_and_zeros", torch.zeros(0, dtype=torch.bfloat16, device=device))
-        self._nibbles = None  # (N, K/2) portable copy, for saving
+        self.nibbles = None  # (N, K/2) portable copy, for saving
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> "Int4Linear":
@@ -119,8 +119,8 @@ class Int4Linear(nn.Module):
 
     def set_quantized(self, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor):
         """q (N, K) in [0, 15], scales and mins (N, G)."""
-        self._nibbles = pack_nibbles(q).cpu()
-        self._scales, self._mins = scales.float().cpu(), mins.float().cpu()
+        self.nibbles = pack_nibbles(q).cpu()
+        self.group_scales, self.group_mins = scales.float().cpu(), mins.float().cpu()
         # The kernels compute (q - 8) * scale + zero, so zero = min + 8 * scale;
         # they take (G, N, 2) = [scale, zero] per group and output channel.
         zeros = mins + 8 * scales
@@ -129,15 +129,17 @@ class Int4Linear(nn.Module):
         if device.type == "cuda":
             # CUDA's tensor-core layout (torch >= 2.5 takes the nibble bytes, high nibble first)
             hi_first = (q[:, 0::2] << 4 | q[:, 1::2]).to(torch.uint8).to(device)
-            self.packed = torch._convert_weight_to_int4pack(hi_first, 8)
+            # CUDA packs K in super-tiles of 16 * inner_k_tiles (2, 4 or 8): the most that divides K
+            inner_k_tiles = next(t for t in (8, 4, 2) if q.shape[1] % (16 * t) == 0)
+            self.packed = torch._convert_weight_to_int4pack(hi_first, inner_k_tiles)
         else:
             self.packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).to(device), 1)
         self.scales_and_zeros = sz.to(device=device, dtype=torch.bfloat16)
 
     def dequantized(self) -> torch.Tensor:
-        q = unpack_nibbles(self._nibbles).float()  # (N, K)
+        q = unpack_nibbles(self.nibbles).float()  # (N, K)
         N, K = q.shape
-        w = q.view(N, -1, self.group_size) * self._scales[..., None] + self._mins[..., None]
+        w = q.view(N, -1, self.group_size) * self.group_scales[..., None] + self.group_mins[..., None]
         return w.view(N, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -197,9 +199,9 @@ def quantized_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
             out[prefix + "weight"] = module.weight.cpu()
             out[prefix + "scales"] = module.scales.float().cpu()
         elif isinstance(module, Int4Linear):
-            out[prefix + "weight_int4"] = module._nibbles
-            out[prefix + "scales"] = module._scales
-            out[prefix + "mins"] = module._mins
+            out[prefix + "weight_int4"] = module.nibbles
+            out[prefix + "scales"] = module.group_scales
+            out[prefix + "mins"] = module.group_mins
         elif not any(True for _ in module.children()):
             for pname, p in module.named_parameters(recurse=False):
                 out[prefix + pname] = p.detach().cpu()
