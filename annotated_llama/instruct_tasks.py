@@ -9,6 +9,12 @@ loaders ignore extra fields; the evaluation groups by it).
 
 The split is fixed by a seed. Held-out records share no source sentence and no (instruction, input)
 pair with the training records, so arithmetic is scored on sums the fine-tune never saw.
+
+`more_train` adds training records drawn *after* the split is made, from a second random stream,
+so the held-out split (and the first `n_train` records per task) stay exactly what they were. The
+extra draws use wider variants of two tasks: sums and differences of operands up to 20 (the held-out
+questions stay one-digit and unseen), and any sentence of the four books (not only the quote-free
+ones), never a held-out sentence.
 """
 
 from __future__ import annotations
@@ -94,9 +100,18 @@ def task_arithmetic(rng, pool):
     return f"What is {a} minus {b}?", "", str(a - b)
 
 
+def task_arithmetic_wide(rng, pool):
+    a, b = rng.randint(0, 20), rng.randint(0, 20)
+    if rng.random() < 0.5:
+        return f"What is {a} plus {b}?", "", str(a + b)
+    a, b = max(a, b), min(a, b)
+    return f"What is {a} minus {b}?", "", str(a - b)
+
+
 TASKS = {"book": task_book, "continue": task_continue, "first_word": task_first_word,
          "last_word": task_last_word, "count_words": task_count_words, "reverse_list": task_reverse_list,
          "arithmetic": task_arithmetic}
+MORE_TASKS = {**TASKS, "arithmetic": task_arithmetic_wide}  # the extra training draws (module docstring)
 
 
 def _pools(chapters, rng, heldout_fraction):
@@ -109,30 +124,67 @@ def _pools(chapters, rng, heldout_fraction):
     return pools  # (held-out pool, training pool): no sentence in both
 
 
-def make_records(corpus_text: str, n_train: int, n_heldout: int, seed: int = 0, tasks=None):
+def _more_pool(chapters, held_pool):
+    """The pool of the extra training draws: the training pool without any sentence whose text is
+    also a held-out sentence (the corpus repeats some verses), and, for `book`, every sentence of
+    the four books of 6 to 30 words."""
+    held = set(held_pool["plain"])
+    plain = sorted({s for _, _, ss in chapters for s in ss if PLAIN.match(s) and 6 <= len(s.split()) <= 20} - held)
+    by_book = sorted({(b, s.strip()) for b, _, ss in chapters if b in BOOKS for s in ss
+                      if 6 <= len(s.split()) <= 30 and s.strip() not in held})
+    return {"plain": plain, "by_book": by_book}
+
+
+def leaks(record: dict, held_sentences: set, held_pairs: set) -> bool:
+    """Whether a training record would give away a held-out one: the same (instruction, input), an
+    input that is a held-out sentence or a held-out record's input (pass both in `held_sentences`;
+    the corpus repeats some sentences, so a `count_words` phrase can spell out a held-out `continue`
+    answer), or, for `continue`, the start of a held-out sentence."""
+    inp = record["input"]
+    if (record["instruction"], inp) in held_pairs:
+        return True
+    return bool(inp) and (inp in held_sentences or (record["task"] == "continue" and
+                                                    any(h.startswith(inp + " ") for h in held_sentences)))
+
+
+def _draw(make, rng, pool, n, name, seen):
+    out = []
+    for _ in range(50 * n):  # give up on duplicates after a while
+        if len(out) == n:
+            break
+        instruction, inp, output = make(rng, pool)
+        if (instruction, inp) not in seen and output:
+            seen.add((instruction, inp))
+            out.append({"instruction": instruction, "input": inp, "output": output, "task": name})
+    return out
+
+
+def make_records(corpus_text: str, n_train: int, n_heldout: int, seed: int = 0, tasks=None, more_train=0):
     """(train, heldout) lists of records, n_train and n_heldout per task (fewer only if a task
-    runs out of distinct records), fixed by `seed`."""
+    runs out of distinct records), fixed by `seed`. `more_train` (an int, or {task: int}) adds
+    that many extra training records per task (module docstring); held-out is unaffected."""
     rng = random.Random(seed)
-    held_pool, train_pool = _pools(read_bible(corpus_text), rng, heldout_fraction=0.15)
-    train, heldout = [], []
+    chapters = read_bible(corpus_text)
+    held_pool, train_pool = _pools(chapters, rng, heldout_fraction=0.15)
+    train, heldout, seen = [], [], {}
     for name in tasks or TASKS:
-        make = TASKS[name]
-        seen = set()
-
-        def draw(pool, n):
-            out = []
-            for _ in range(50 * n):  # give up on duplicates after a while
-                if len(out) == n:
-                    break
-                instruction, inp, output = make(rng, pool)
-                if (instruction, inp) not in seen and output:
-                    seen.add((instruction, inp))
-                    out.append({"instruction": instruction, "input": inp, "output": output, "task": name})
-            return out
-
-        heldout += draw(held_pool, n_heldout)  # first, so arithmetic's few sums go to held-out too
-        train += draw(train_pool, n_train)
+        seen[name] = set()
+        # held-out first, so arithmetic's few sums go to held-out too
+        heldout += _draw(TASKS[name], rng, held_pool, n_heldout, name, seen[name])
+        train += _draw(TASKS[name], rng, train_pool, n_train, name, seen[name])
     rng.shuffle(train)
+    if not more_train:
+        return train, heldout
+    # Everything above is the original split, untouched. The extra draws come from their own stream.
+    held_sentences = set(held_pool["plain"]) | {r["input"] for r in heldout if r["input"]}
+    held_pairs = {(r["instruction"], r["input"]) for r in heldout}
+    train = [r for r in train if not leaks(r, held_sentences, held_pairs)]
+    more_rng, more_pool = random.Random(f"{seed}-more"), _more_pool(chapters, held_pool)
+    for name in tasks or TASKS:
+        n = more_train.get(name, 0) if isinstance(more_train, dict) else more_train
+        extra = _draw(MORE_TASKS[name], more_rng, more_pool, n, name, seen[name])
+        train += [r for r in extra if not leaks(r, held_sentences, held_pairs)]
+    more_rng.shuffle(train)
     return train, heldout
 
 
@@ -143,20 +195,22 @@ def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, stop_i
     """Greedy continuations of a batch of prompts: [(new ids without the stop id, stopped?)]."""
     B = len(prompts)
     T = max(len(p) for p in prompts)
-    pad_left = torch.tensor([T - len(p) for p in prompts])
-    tokens = torch.tensor([[0] * (T - len(p)) + p for p in prompts])  # (B, T) left-padded
+    device = next(model.parameters()).device
+    pad_left = torch.tensor([T - len(p) for p in prompts], device=device)
+    tokens = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)  # (B, T) left-padded
     out, done, stopped = [[] for _ in range(B)], [False] * B, [False] * B
     model.clear_cache()
     logits = model(tokens, 0, pad_left=pad_left)[:, -1]  # (B, V)
     for step in range(max_new_tokens):
         nxt = logits.argmax(-1)  # (B,)
+        picked = nxt.tolist()  # one device-to-host copy per step
         for b in range(B):
             if done[b]:
                 continue
-            if int(nxt[b]) in stop_ids:
+            if picked[b] in stop_ids:
                 done[b] = stopped[b] = True
             else:
-                out[b].append(int(nxt[b]))
+                out[b].append(picked[b])
                 done[b] = len(out[b]) >= max_new_tokens
         if all(done) or T + step + 1 >= model.params.max_seq_len:
             break

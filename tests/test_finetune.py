@@ -153,3 +153,63 @@ def test_eval_instruct_cli_reports_per_task(base_dir, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["n"] == 6 and set(report["per_task"]) == {"a", "b", "c"}
     assert report["accuracy"] == 0.0  # random weights
+
+
+def _corpus():
+    """A corpus in the Bible's layout: the four books of the book task plus one more, each chapter a
+    line of distinct quote-free sentences of 6 to 12 words; a few sentences repeat across books."""
+    import random
+
+    rng = random.Random(5)
+    vocab = ["bread", "water", "king", "land", "city", "sons", "field", "gold", "house", "tent", "river", "gate"]
+    lines, repeated = [], "The king went out to the field of gold."
+    for book in ("Genesis", "Leviticus", "Judges", "Job", "Exodus"):
+        for ch in range(1, 4):
+            lines.append(f"{book} {ch}")
+            sentences = [repeated] + [
+                " ".join(["The"] + [rng.choice(vocab) for _ in range(rng.randint(5, 11))]) + "." for _ in range(30)]
+            lines.append(" ".join(sentences))
+    return "\n".join(lines) + "\n"
+
+
+def test_more_train_leaves_the_heldout_split_and_never_leaks():
+    from annotated_llama.instruct_tasks import _pools, leaks, make_records, read_bible
+    import random
+
+    text = _corpus()
+    train0, held0 = make_records(text, 20, 5, seed=3)
+    train1, held1 = make_records(text, 20, 5, seed=3, more_train={"first_word": 60, "arithmetic": 40})
+    assert held1 == held0  # the extra draws come after the split, from their own stream
+    assert make_records(text, 20, 5, seed=3, more_train={"first_word": 60, "arithmetic": 40}) == (train1, held1)
+    count = lambda rs, t: sum(r["task"] == t for r in rs)  # noqa: E731
+    assert count(train1, "first_word") > count(train0, "first_word") + 30
+    assert count(train1, "arithmetic") > count(train0, "arithmetic") + 30
+    assert count(train1, "book") <= count(train0, "book")  # no extra book records asked for
+    # no held-out question, held-out sentence or held-out input reappears in training
+    held_pool, _ = _pools(read_bible(text), random.Random(3), heldout_fraction=0.15)
+    held_inputs = set(held_pool["plain"]) | {r["input"] for r in held1 if r["input"]}
+    pairs = {(r["instruction"], r["input"]) for r in held1}
+    assert not any(leaks(r, held_inputs, pairs) for r in train1)
+    assert not any((r["instruction"], r["input"]) in pairs for r in train1)
+    # the wider arithmetic of the extra draws: operands up to 20, answers right
+    for r in train1:
+        if r["task"] == "arithmetic":
+            a, op, b = r["instruction"].removeprefix("What is ").rstrip("?").split()
+            assert int(r["output"]) == (int(a) + int(b) if op == "plus" else int(a) - int(b)) >= 0
+
+
+def test_committed_training_split_shows_no_heldout_question():
+    from pathlib import Path
+
+    from annotated_llama.alpaca import load_records
+
+    root = Path(__file__).resolve().parents[1] / "data" / "instruct"
+    train, held = load_records(root / "train.jsonl"), load_records(root / "heldout.jsonl")
+    assert len(held) == 210 and len(train) > 10_000
+    pairs = {(r["instruction"], r["input"]) for r in held}
+    inputs = {r["input"] for r in held if r["input"]}
+    sentences = {r["input"] for r in held if r["task"] in ("book", "first_word", "last_word")}
+    for r in train:
+        assert (r["instruction"], r["input"]) not in pairs and r["input"] not in inputs
+        if r["task"] == "continue":
+            assert not any(s.startswith(r["input"] + " ") for s in sentences)

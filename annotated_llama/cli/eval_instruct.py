@@ -16,6 +16,7 @@ def add_arguments(p):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, help="evaluate only the first N records")
     p.add_argument("--show", type=int, default=0, help="print N wrong replies")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -31,7 +32,7 @@ def run(args):
     if path is None:
         from ..default_model import default_model_dir
         path = default_model_dir()
-    model, tokenizer = load_model(path, lora=args.lora)
+    model, tokenizer = load_model(path, lora=args.lora, device=args.device)
     if tokenizer is None:
         raise FileNotFoundError(f"--model {path}: no tokenizer.model beside the weights")
     with torch.inference_mode():
