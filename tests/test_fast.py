@@ -175,3 +175,65 @@ def test_compiled_step_equals_eager():
     eager = FastDecoder(model, "float32").generate([prompt], 12)
     compiled = FastDecoder(model, "float32", compile=True).generate([prompt], 12)
     assert compiled == eager == [greedy_generate(model, prompt, 12)]
+
+
+def test_multiply_and_sum_matvec_equals_linear():
+    # the compiled batch-1 path's matrix-vector product, run eagerly here: float32 accumulation of
+    # float32/bfloat16/int8 weights, for 1 and 3 rows, against F.linear on the same float values
+    from annotated_llama.fast import _reduce_matvec
+    from annotated_llama.quantize import Int4Linear, Int8Linear
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 96, bias=False)
+    for B in (1, 3):
+        x = torch.randn(B, 1, 128)
+        assert torch.allclose(_reduce_matvec(x, lin.weight.detach()), F.linear(x, lin.weight), atol=1e-5)
+        wb, xb = lin.weight.detach().bfloat16(), x.bfloat16()
+        ref = F.linear(xb.float(), wb.float())  # the exact products of the bf16 values
+        got = _reduce_matvec(xb, wb)
+        assert got.dtype == torch.bfloat16 and (got.float() - ref).abs().max() < 0.02 * ref.abs().max()
+        q8 = Int8Linear.from_linear(lin)
+        ref = F.linear(xb.float(), q8.dequantized())
+        assert (_reduce_matvec(xb, q8).float() - ref).abs().max() < 0.02 * ref.abs().max()
+        q4 = Int4Linear.from_linear(lin, 32)  # served by the packed kernel itself
+        assert torch.equal(_reduce_matvec(xb, q4), q4(xb))
+
+
+@pytest.mark.parametrize("H,K", [(4, 4), (8, 2)])
+def test_written_out_attention_equals_sdpa(H, K):
+    from annotated_llama.fast import _attend_one
+    torch.manual_seed(1)
+    B, L, D = 3, 20, 16
+    q, ck, cv = torch.randn(B, H, 1, D), torch.randn(B, K, L, D), torch.randn(B, K, L, D)
+    slots = torch.arange(L)
+    pos, pad = torch.tensor(13), torch.tensor([0, 4, 9])
+    mask = ((slots <= pos) & (slots >= pad[:, None]))[:, None, None]  # (B, 1, 1, L)
+    ref = F.scaled_dot_product_attention(q, ck, cv, attn_mask=mask, enable_gqa=H != K)
+    for compiled in (False, True):
+        assert torch.allclose(_attend_one(q, ck, cv, mask, compiled), ref, atol=1e-5)
+
+
+def test_packed_bfloat16_weights_equal_plain():
+    # oneDNN's prepacked layout changes how the weights are stored, not the products
+    from annotated_llama.fast import _linear, _Weights
+    model = _model("tiny")
+    plain, packed = _Weights(model, torch.bfloat16), _Weights(model, torch.bfloat16, pack=True)
+    assert packed.layers[0]["w13"].is_mkldnn and not plain.layers[0]["w13"].is_mkldnn
+    torch.manual_seed(2)
+    for rows in (1, 8, 33):
+        x = torch.randn(rows, 1, model.params.dim).bfloat16()
+        a, b = _linear(x, plain.layers[0]["w13"]), _linear(x, packed.layers[0]["w13"])
+        assert a.shape == b.shape and (a.float() - b.float()).abs().max() <= 0.01 * a.float().abs().max()
+
+
+@pytest.mark.slow
+def test_compiled_bfloat16_batch1_and_eager_batches(trained):
+    # the CPU default when compiled: batch 1 through the compiled multiply-and-sum step (plain bf16
+    # copy), ragged batches eagerly through the oneDNN-packed copy; both against the eager bf16 path
+    model, prompts = trained
+    compiled = FastDecoder(model, "bfloat16", compile=True)
+    assert compiled.decode_w is not compiled.prefill_w and compiled.prefill_w.packed
+    refs = [greedy_generate(model, p, 16) for p in prompts]
+    for p, ref in zip(prompts, refs):
+        assert _agrees_up_to_a_near_tie(model, p, compiled.generate([p], 16)[0], ref, 0.05), p
+    for p, out, ref in zip(prompts, compiled.generate(prompts, 16), refs):
+        assert _agrees_up_to_a_near_tie(model, p, out, ref, 0.05), ("batched", p)
