@@ -37,10 +37,15 @@ TOKENIZER = ROOT / "tests" / "data" / "llama-spm.model"
 ENGINES = {
     "ours-plain-f32": ("ours", "float32", 4.0),  # model.forward one token at a time: the baseline
     "ours-f32": ("ours", "float32", 4.0),
-    "ours-mixed": ("ours", "mixed", 2.0),  # float16 decode, bfloat16 prefill
-    "ours-mixed-compiled": ("ours", "mixed", 2.0),  # the same, decode step through torch.compile
+    "ours-mixed": ("ours", "mixed", 2.0),  # eager: float16 decode, bfloat16 prefill
     "ours-int8": ("ours", "int8", 1.0 + 2 / 768),  # + one bf16 scale per row
     "ours-int4": ("ours", "int4", 0.5 + 4 / 128),  # + bf16 scale and zero per group of 128
+    # the batch-1 decode step through torch.compile (FastDecoder(compile=True)); prefill and
+    # batches > 1 stay eager (bfloat16: on oneDNN-packed weights)
+    "ours-f32-compiled": ("ours", "float32", 4.0),
+    "ours-bf16-compiled": ("ours", "bfloat16", 2.0),
+    "ours-int8-compiled": ("ours", "int8", 1.0 + 2 / 768),
+    "ours-int4-compiled": ("ours", "int4", 0.5 + 4 / 128),
     "hf-f32": ("hf", "float32", 4.0),
     "hf-bf16": ("hf", "bfloat16", 2.0),
     "llama.cpp-F32": ("llama.cpp", "f32", 4.0),
@@ -51,10 +56,12 @@ ENGINES = {
 TIE_TOL = {"float32": 1e-3, "f32": 1e-3, "mixed": 0.02, "float16": 0.02, "bfloat16": 0.04, "f16": 0.02,
            "int8": 0.05, "q8_0": 0.05, "int4": 0.15}
 # the pairs the targets name: (ours, theirs, target ratio)
-PAIRS = [("ours-f32", "llama.cpp-F32", 1.0), ("ours-mixed", "llama.cpp-F16", 1.0),
-         ("ours-mixed-compiled", "llama.cpp-F16", 1.0), ("ours-mixed-compiled", "ours-mixed", None),
-         ("ours-int8", "llama.cpp-Q8_0", 1.0), ("ours-f32", "hf-f32", 3.0), ("ours-mixed", "hf-bf16", 3.0),
-         ("ours-mixed", "hf-f32", 3.0), ("ours-f32", "ours-plain-f32", None)]
+PAIRS = [("ours-f32-compiled", "llama.cpp-F32", 1.0), ("ours-bf16-compiled", "llama.cpp-F16", 1.0),
+         ("ours-int8-compiled", "llama.cpp-Q8_0", 1.0), ("ours-f32-compiled", "hf-f32", 3.0),
+         ("ours-bf16-compiled", "hf-bf16", 3.0), ("ours-bf16-compiled", "hf-f32", 3.0),
+         ("ours-f32", "llama.cpp-F32", 1.0), ("ours-mixed", "llama.cpp-F16", 1.0),
+         ("ours-int8", "llama.cpp-Q8_0", 1.0), ("ours-f32-compiled", "ours-plain-f32", None),
+         ("ours-bf16-compiled", "ours-mixed", None)]
 
 
 # ---- workers: one engine per fresh process ---------------------------------------------------
@@ -69,7 +76,7 @@ def _rss_mb() -> float:
 
 
 class OursEngine:
-    def __init__(self, wd: Path, precision: str, plain: bool, matvec: str = "linear", compile: bool = False):
+    def __init__(self, wd: Path, precision: str, plain: bool, matvec=None, compile: bool = False):
         import torch
         from annotated_llama.fast import FastDecoder
         self.torch, self.plain = torch, plain
@@ -161,6 +168,14 @@ def worker(a) -> dict:
     family, precision, _ = ENGINES[a.engine]
     wd = Path(a.workdir)
     spec = json.loads((wd / "spec.json").read_text())
+    # load + first token counts from here: the engine's Python imports come first, untimed
+    if family == "ours":
+        import annotated_llama.fast  # noqa: F401  (imports torch)
+        import annotated_llama.quantize  # noqa: F401
+    elif family == "hf":
+        import transformers  # noqa: F401
+    else:
+        import llama_cpp  # noqa: F401
     t0 = time.perf_counter()
     if family == "ours":
         import torch
@@ -179,14 +194,19 @@ def worker(a) -> dict:
     if a.task == "batched":
         res["batched"] = {}
         for B in spec["batches"]:
-            eng.generate([short] * B, 4)  # warm-up at this batch size
+            for _ in range(2):  # warm-up at this batch size and cache length (compiles batch 1)
+                eng.generate([short] * B, spec["batched_new"])
             _, _, dec = eng.generate([short] * B, spec["batched_new"])
             res["batched"][str(B)] = B * (spec["batched_new"] - 1) / dec
         res["peak_rss_mb"] = _rss_mb()
         return res
     _, first, _ = eng.generate([short], 1)
     res["ttft_s"] = load_s + first  # loading plus the first token of a short prompt
-    eng.generate([short], 8)  # warm-up
+    t = time.perf_counter()
+    eng.generate([short], spec["new_tokens"])  # warm-up (compiles) at the timed run's cache length
+    res["warmup_s"] = time.perf_counter() - t
+    if a.engine.endswith("-compiled"):
+        eng.generate([short], spec["new_tokens"])  # the first runs after a compile are still slow
     toks, _, dec = eng.generate([short], spec["new_tokens"])
     res["tokens"] = toks[0]
     res["decode_tok_s"] = (spec["new_tokens"] - 1) / dec
@@ -287,7 +307,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="bench-134m")
     p.add_argument("--engines", default=",".join(ENGINES))
-    p.add_argument("--batched-engines", default="ours-mixed")
+    p.add_argument("--batched-engines", default="ours-bf16-compiled,ours-mixed")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt-len", type=int, default=512)
@@ -295,8 +315,9 @@ def main(argv=None):
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8, 16])
     p.add_argument("--batched-new", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--matvec", default="linear", choices=("linear", "mv"),
-                   help="our batch-1 decode matmuls: F.linear or torch.mv (FastDecoder's matvec)")
+    p.add_argument("--matvec", default=None, choices=("linear", "mv", "reduce"),
+                   help="our batch-1 decode matmuls (FastDecoder's matvec; default: multiply-and-sum when "
+                        "compiled, else F.linear)")
     p.add_argument("--workdir", default="/tmp/annotated-llama-bench")
     p.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     p.add_argument("--reuse", action="store_true", help="reuse the exports in --workdir from an earlier run")
@@ -343,7 +364,8 @@ def main(argv=None):
         family, precision, bpw = ENGINES[e]
         agree, counted = agreement(model, spec["short_prompt"], ok_rows[0]["tokens"], spec["reference"], TIE_TOL[precision])
         ceiling = gbs * 1e9 / (spec["decode_weights"] * bpw)
-        s = {k: med(ok_rows, k) for k in ("decode_tok_s", "prefill_tok_s", "ttft_s", "load_s", "peak_rss_mb")}
+        s = {k: med(ok_rows, k) for k in ("decode_tok_s", "prefill_tok_s", "ttft_s", "load_s", "peak_rss_mb",
+                                          "warmup_s")}
         s.update(greedy=agree, counted=counted, ceiling_tok_s=ceiling, runs=len(ok_rows))
         s["fraction_of_ceiling"] = s["decode_tok_s"] / ceiling
         summary[e] = s
@@ -382,16 +404,18 @@ def table(r) -> str:
     L = [f"Preset {r['preset']} ({r['params'] / 1e6:.0f}M params), {r['threads']} threads, median of {r['reps']} "
          f"interleaved rounds, commit {r['commit']}, {r['date_utc']} UTC. Measured read bandwidth "
          f"{r['bandwidth_gb_s']:.1f} GB/s.", "",
-         f"| engine | decode tok/s (b=1) | % of ceiling | prefill tok/s ({r['prompt_len']}) | load + 1st token s | peak RSS MB | greedy vs f32 reference |",
-         "|---|---|---|---|---|---|---|"]
+         f"| engine | decode tok/s (b=1) | % of ceiling | prefill tok/s ({r['prompt_len']}) | load + 1st token s | "
+         f"warm-up s (compile) | peak RSS MB | greedy vs f32 reference |",
+         "|---|---|---|---|---|---|---|---|"]
     for e, s in r["engines"].items():
         if "error" in s:
-            L.append(f"| {e} | error: {s['error'][:80]} | | | | | |")
+            L.append(f"| {e} | error: {s['error'][:80]} | | | | | | |")
             continue
         if "decode_tok_s" not in s:
             continue
         L.append(f"| {e} | {s['decode_tok_s']:.1f} | {100 * s['fraction_of_ceiling']:.0f}% of {s['ceiling_tok_s']:.0f} | "
-                 f"{s['prefill_tok_s']:.0f} | {s['ttft_s']:.2f} | {s['peak_rss_mb']:.0f} | {s['greedy']} |")
+                 f"{s['prefill_tok_s']:.0f} | {s['ttft_s']:.2f} | {s.get('warmup_s') or 0:.1f} | {s['peak_rss_mb']:.0f} | "
+                 f"{s['greedy']} |")
     L += ["", "| ratio | decode | prefill | target | speed counted |", "|---|---|---|---|---|"]
     for x in r["ratios"]:
         tgt = f">= {x['target']:.0f}x" if x["target"] else "-"
