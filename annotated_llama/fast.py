@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -326,13 +326,31 @@ class FastDecoder:
 
     # ---- generation --------------------------------------------------------------------
 
-    @torch.no_grad()
     def generate(self, prompt_tokens: Sequence[Sequence[int]], max_new_tokens: int, *,
                  temperature: float = 0.0, top_k: Optional[int] = None, top_p: float = 1.0,
                  stop_ids: Sequence[int] = (), seed: Optional[int] = None) -> list[list[int]]:
         """New tokens for each prompt (stop ids included, nothing after them).
         temperature=0 is greedy. Ragged prompts are left-padded; each row gives what it
         would alone (up to float rounding)."""
+        out = list(self._run(prompt_tokens, max_new_tokens, temperature, top_k, top_p, stop_ids, seed))
+        rows = torch.stack(out, 1).tolist()  # (B, N)
+        stops = set(stop_ids)
+        return [r[: next((j + 1 for j, t in enumerate(r) if t in stops), len(r))] for r in rows]
+
+    def stream(self, prompt: Sequence[int], max_new_tokens: int, *, temperature: float = 0.0,
+               top_k: Optional[int] = None, top_p: float = 1.0, stop_ids: Sequence[int] = (),
+               seed: Optional[int] = None) -> Iterator[int]:
+        """One prompt's new token ids as they are sampled (a stop id is yielded, then it ends)."""
+        stops = set(stop_ids)
+        for nxt in self._run([prompt], max_new_tokens, temperature, top_k, top_p, stop_ids, seed):
+            token = int(nxt[0])  # a host sync per token: the price of streaming
+            yield token
+            if token in stops:
+                return
+
+    @torch.no_grad()
+    def _run(self, prompt_tokens, max_new_tokens, temperature, top_k, top_p, stop_ids, seed):
+        """Yields the (B,) token tensor of each step; sets self.stats when it runs to its end."""
         if not prompt_tokens or any(len(p) == 0 for p in prompt_tokens):
             raise ValueError("prompt_tokens: every prompt needs at least one token")
         B, T = len(prompt_tokens), max(len(p) for p in prompt_tokens)
@@ -352,9 +370,10 @@ class FastDecoder:
         t0 = time.perf_counter()
         logits = self.prefill(tokens, pad if bool(pad.any()) else None)
         nxt = sample(logits, temperature, top_k, top_p, gen)  # (B,)
-        out = [nxt]
         done = torch.isin(nxt, stop)
         first_token_s = time.perf_counter() - t0
+        n = 1
+        yield nxt
         w = self.decode_weights(B)
         step = self.decode_step if w.packed else self._step  # oneDNN-packed weights run eagerly
         pos = torch.tensor(T, device=self.device)  # stays on the device: no copy per step
@@ -363,16 +382,14 @@ class FastDecoder:
                 break
             logits = step(nxt[:, None], pos, pad, w)
             nxt = sample(logits, temperature, top_k, top_p, gen)
-            out.append(nxt)
+            n += 1
+            yield nxt
             pos = pos + 1
             if stop_ids:
                 done |= torch.isin(nxt, stop)
-        rows = torch.stack(out, 1).tolist()  # (B, N)
         total = time.perf_counter() - t0
         self.stats = {"prefill_s": first_token_s, "decode_s": total - first_token_s,
-                      "prompt_tokens": B * T, "decode_tokens": B * (len(out) - 1)}
-        stops = set(stop_ids)
-        return [r[: next((j + 1 for j, t in enumerate(r) if t in stops), len(r))] for r in rows]
+                      "prompt_tokens": B * T, "decode_tokens": B * (n - 1)}
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: float,

@@ -143,3 +143,32 @@ def test_chat_drops_oldest_turns_to_fit_the_context(spm_path):
     ids, kept = fit_history(tok, dialog, "llama-2", 60)
     assert len(ids) <= 60 and kept[0]["role"] == "system" and kept[-1]["content"] == "last"
     assert len(kept) < len(dialog) and kept[1]["role"] == "user"
+
+
+def _json_run(capsys, *argv):
+    code, out, err = cli(capsys, "generate", *argv, "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    return r["text"], r["tokens"]
+
+
+def test_generate_fast_gives_the_plain_greedy_text(capsys):
+    # the embedded model (trained, so no near-ties for float rounding to flip); stop string and all
+    base = ("In the beginning", "--temperature", "0", "--max-new-tokens", "24")
+    plain = _json_run(capsys, *base)
+    assert _json_run(capsys, *base, "--fast") == plain  # stored bfloat16: float16 decode, bf16 prefill
+    f32 = ("--dtype", "float32")
+    assert _json_run(capsys, *base, *f32, "--fast") == _json_run(capsys, *base, *f32) != plain
+    stopped = _json_run(capsys, *base, "--stop", "the", "--fast")
+    assert stopped == _json_run(capsys, *base, "--stop", "the") and len(stopped[1]) < len(plain[1])
+
+
+def test_generate_fast_refuses_what_it_cannot_do(capsys):
+    code, out, err = cli(capsys, "generate", "Hi", "--fast", "--repetition-penalty", "1.2")
+    assert code == 2 and err.count("\n") == 1 and "--repetition-penalty" in err
+
+
+@pytest.mark.slow
+def test_generate_compile_gives_the_plain_greedy_text(capsys):
+    base = ("In the beginning", "--temperature", "0", "--max-new-tokens", "12", "--dtype", "float32")
+    assert _json_run(capsys, *base, "--compile") == _json_run(capsys, *base)

@@ -237,3 +237,14 @@ def test_compiled_bfloat16_batch1_and_eager_batches(trained):
         assert _agrees_up_to_a_near_tie(model, p, compiled.generate([p], 16)[0], ref, 0.05), p
     for p, out, ref in zip(prompts, compiled.generate(prompts, 16), refs):
         assert _agrees_up_to_a_near_tie(model, p, out, ref, 0.05), ("batched", p)
+
+
+def test_stream_yields_generate_tokens_and_ends_at_a_stop_id(trained):
+    model, prompts = trained
+    fd = FastDecoder(model, "float32")
+    full = fd.generate([prompts[0]], 20)[0]
+    assert list(fd.stream(prompts[0], 20)) == full
+    stop = full[5]
+    got = list(fd.stream(prompts[0], 20, stop_ids=[stop]))
+    assert got == full[: full.index(stop) + 1]
+    assert torch.is_grad_enabled()  # the generator's no_grad does not leak

@@ -43,6 +43,12 @@ def add_arguments(p):
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (text, tokens, counts, speeds) instead of streaming")
+    p.add_argument("--fast", action="store_true",
+                   help="decode through annotated_llama.fast (fused weights, static KV cache; CPU: float16 "
+                        "decode, bfloat16 prefill; same greedy tokens, another random stream when sampling)")
+    p.add_argument("--compile", action="store_true",
+                   help="--fast with the decode step compiled by torch.compile (tens of seconds once, "
+                        "then llama.cpp's speed on a CPU; docs/annotated/10_speed.md)")
 
 
 def build_llama(args):
@@ -87,10 +93,14 @@ def run(args):
     ids = encode_prompt(llama.tokenizer, prompt, args.template, args.system)
     stops = list(args.stop) + list(TEMPLATE_STOPS[args.template])
 
+    if args.fast or args.compile:
+        stream = fast_stream(llama, ids, stops, args)
+    else:
+        stream = llama.stream_tokens(ids, stop=stops, ignore_eos=args.ignore_eos, **sampling_kwargs(args))
     tokens, pieces = [], []
     t0 = time.perf_counter()
     t_first = None
-    for token, piece in llama.stream_tokens(ids, stop=stops, ignore_eos=args.ignore_eos, **sampling_kwargs(args)):
+    for token, piece in stream:
         if token is not None:
             tokens.append(token)
             if t_first is None:
@@ -115,3 +125,36 @@ def run(args):
         sys.stdout.write("\n")
         sys.stdout.flush()
     return 0
+
+
+def fast_stream(llama, ids, stops, args):
+    """(token, piece) pairs as Llama.stream_tokens gives them, decoded by FastDecoder."""
+    import torch
+
+    from ..fast import FastDecoder
+    from ..streaming import TextStream, check_stops
+
+    if args.repetition_penalty != 1.0:
+        raise ValueError("--fast/--compile: --repetition-penalty is not supported on the fast path")
+    if args.tp and args.tp > 1:
+        raise ValueError("--fast/--compile: not with --tp (each rank holds a slice of the model)")
+    room = llama.max_seq_len - len(ids)
+    if room < 1:
+        raise ValueError(f"prompt has {len(ids)} tokens but the context is {llama.max_seq_len}: no room to generate")
+    n = min(args.max_new_tokens or room, room)
+    # float32 weights stay float32; 16-bit ones get the device's default mode (mixed or bfloat16)
+    mode = args.quantize or ("float32" if llama.model.output.weight.dtype == torch.float32 else None)
+    fast = FastDecoder(llama.model, mode, compile=args.compile)
+    stop_ids = () if args.ignore_eos else sorted(llama.tokenizer.stop_ids)
+    text = TextStream(llama.tokenizer, ids, check_stops(stops))
+    for token in fast.stream(ids, n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             stop_ids=stop_ids, seed=args.seed):
+        if token in stop_ids:  # as Llama.stream_tokens: the stop id ends the text, unshown
+            break
+        piece = text.push(token)
+        yield token, piece
+        if text.stopped:
+            break
+    tail = text.flush()
+    if tail:
+        yield None, tail
