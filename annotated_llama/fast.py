@@ -2,20 +2,22 @@
 
 Why the plain path is slower than it needs to be (docs/annotated/10_speed.md):
   - Batch-1 decoding reads every weight once per token: it is bound by memory bandwidth, so
-    it wants the fewest bytes per weight and a fast matrix-vector kernel. On our CPU that is
-    float16 `F.linear` (or int8/int4 packed kernels), while float16 matrix-matrix products
-    have no fast CPU kernel at all: prefill and batched decode want bfloat16. So we keep one
-    weight copy per phase ("per-phase dtypes"), memory permitting.
-  - Each token runs ~30 small ops per layer; in eager PyTorch each costs microseconds of
-    Python and dispatch. We fuse q/k/v and w1/w3 into one matmul each, keep every shape
-    static (a preallocated KV cache attended through a mask, as gpt-fast does), and can
-    `torch.compile` the decode step (CUDA graphs on GPU with mode="reduce-overhead").
+    it wants the fewest bytes per weight and a matrix-vector kernel that streams them. Eager
+    PyTorch on this CPU has that only for float16 (`F.linear`), and float16 has no fast
+    matrix-matrix kernel at all: prefill and batched decode want bfloat16. So the eager path
+    keeps one weight copy per phase ("mixed": float16 decode, bfloat16 prefill).
+  - Each token runs ~25 small ops per layer, each costing dispatch and a thread-pool
+    fork/join. compile=True turns the batch-1 step into one torch.compile program with static
+    shapes (preallocated KV cache attended through a mask, as gpt-fast does; CUDA graphs on a
+    GPU), with its matrix-vector products written as multiply-and-sum, which inductor compiles
+    to loops that stream float32, bfloat16 or int8 weights near the bandwidth ceiling.
+  - Prefill and batched decode run eagerly on bfloat16 weights prepacked for oneDNN.
   - Prefill computes logits for the last position only (the plain forward returns all of
     them: T x C x V extra FLOPs).
 
 Ragged batches are left-padded, as in model.forward(pad_left=...).
-Shape letters: B batch, T new tokens, L cache length, H heads, K kv heads, D head_dim,
-C dim, V vocab.
+Shape letters: B batch, T new tokens, L cache length, H heads, K kv heads, G = H/K, D head_dim,
+C dim, N output features, V vocab.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model import Transformer
+from .sampling import sample
 
 MODES = ("float32", "mixed", "bfloat16", "float16", "int8", "int4")
 
@@ -166,10 +169,12 @@ class FastDecoder:
 
     FastDecoder(model, mode="mixed").generate([[1, 5, 9]], max_new_tokens=32) -> [[...32 ids]]
     mode: "float32"; "mixed" (CPU default: float16 for batch-1 decode, bfloat16 for prefill
-    and batched decode); "bfloat16"; "float16"; "int8"/"int4" (weight-only, bf16 activations).
-    matvec="mv" runs batch-1 decode matmuls through torch.mv (BLAS gemv) instead of F.linear.
-    compile=True wraps the decode step in torch.compile (minutes on a small CPU; a few seconds
-    of a GPU's time), with CUDA graphs on CUDA.
+    and batched decode; compiled, it is "bfloat16"); "bfloat16"; "float16"; "int8"/"int4"
+    (weight-only, bf16 activations).
+    compile=True compiles the batch-1 decode step with torch.compile (~1 minute on a 2-core
+    CPU for a 134M model, cached on disk; CUDA graphs on CUDA). matvec: how batch-1 decode
+    multiplies, "reduce" (multiply-and-sum, the default when compiled), "linear" (F.linear,
+    the default eager) or "mv" (torch.mv, BLAS gemv).
     """
 
     def __init__(self, model: Transformer, mode: Optional[str] = None, *, compile: bool = False,
@@ -369,7 +374,7 @@ class FastDecoder:
 
         t0 = time.perf_counter()
         logits = self.prefill(tokens, pad if bool(pad.any()) else None)
-        nxt = sample(logits, temperature, top_k, top_p, gen)  # (B,)
+        nxt = sample(logits, temperature, top_p, top_k, generator=gen)  # (B,)
         done = torch.isin(nxt, stop)
         first_token_s = time.perf_counter() - t0
         n = 1
@@ -381,7 +386,7 @@ class FastDecoder:
             if stop_ids and bool(done.all()):  # the one host sync per token, only with stop ids
                 break
             logits = step(nxt[:, None], pos, pad, w)
-            nxt = sample(logits, temperature, top_k, top_p, gen)
+            nxt = sample(logits, temperature, top_p, top_k, generator=gen)
             n += 1
             yield nxt
             pos = pos + 1
@@ -390,25 +395,6 @@ class FastDecoder:
         total = time.perf_counter() - t0
         self.stats = {"prefill_s": first_token_s, "decode_s": total - first_token_s,
                       "prompt_tokens": B * T, "decode_tokens": B * (n - 1)}
-
-
-def sample(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: float,
-           generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """(B, V) float32 logits -> (B,) token ids. Greedy at temperature 0; else Meta's top-p
-    (REFERENCE b7) after an optional top-k."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        p_sorted, idx = probs.sort(dim=-1, descending=True)
-        p_sorted = p_sorted.masked_fill(p_sorted.cumsum(-1) - p_sorted > top_p, 0.0)
-        choice = torch.multinomial(p_sorted / p_sorted.sum(-1, keepdim=True), 1, generator=generator)
-        return idx.gather(-1, choice)[:, 0]
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 def prepare_fast(model: Transformer, mode: Optional[str] = None, *, compile: bool = False) -> FastDecoder:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from annotated_llama import ModelArgs, Transformer
-from annotated_llama.fast import FastDecoder, prepare_fast, sample
+from annotated_llama.fast import FastDecoder, prepare_fast
 from annotated_llama.speculative import greedy_generate
 
 
@@ -147,14 +147,15 @@ def test_stop_ids_and_seeded_sampling():
     assert a == b and a != c
 
 
-def test_sample_top_k_and_top_p():
-    logits = torch.tensor([[0.0, 5.0, 4.9, -10.0]])
-    g = torch.Generator().manual_seed(0)
-    assert sample(logits, 0.0, None, 1.0).tolist() == [1]
-    draws = {int(sample(logits, 1.0, 2, 1.0, g)) for _ in range(50)}
-    assert draws == {1, 2}  # top-k 2 keeps exactly the two best
-    draws = {int(sample(logits, 1.0, None, 0.3, g)) for _ in range(50)}
-    assert draws == {1}  # top-p 0.3: the first token alone already exceeds it
+def test_sampling_settings_reach_the_sampler():
+    # (sampling.sample itself is tested in test_sampling.py) top-k 1 and a tiny top-p leave only
+    # the best token, so sampling at any temperature must give the greedy tokens
+    model = _model("tiny", seed=3)
+    fd = FastDecoder(model, "float32")
+    greedy = fd.generate([[1, 2, 3]], 16)
+    assert fd.generate([[1, 2, 3]], 16, temperature=1.5, top_k=1, seed=4) == greedy
+    assert fd.generate([[1, 2, 3]], 16, temperature=1.5, top_p=1e-6, seed=4) == greedy
+    assert fd.generate([[1, 2, 3]], 16, temperature=1.5, seed=4) != greedy
 
 
 def test_bad_arguments():
