@@ -13,7 +13,6 @@ holds the winner's `annotated-llama finetune` arguments (steps scaled to --final
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import tempfile
