@@ -218,14 +218,18 @@ class FastDecoder:
         self.rope_cos, self.rope_sin = model.rope_cos, model.rope_sin
         self.cache_k = self.cache_v = None
         self.stats = {}
-        self._step = self.decode_step
+        self._step = self.decode_step  # replaced by the compiled step at the first decode
         self.compiled = compile
-        if compile:
-            for t in self._tensors():
+
+    def _compiled_step(self):
+        """The decode step through torch.compile, built at the first decode step: importing
+        torch._dynamo alone takes ~1 s, which the first token should not wait for."""
+        if self._step is self.decode_step:
+            for t in [*self._tensors(), *self.cache_k, *self.cache_v]:
                 # weights reached through plain objects would otherwise be graph inputs that
                 # CUDA graphs copy into static buffers on every call
                 torch._dynamo.mark_static_address(t)
-            if device.type == "cuda":
+            if self.device.type == "cuda":
                 kw = {"mode": "reduce-overhead"}  # CUDA graphs: one launch per step
             else:
                 # Store every intermediate vector instead of recomputing it inside the consumer's
@@ -233,6 +237,7 @@ class FastDecoder:
                 # each matrix-vector product and redo them for every weight row (~25% slower).
                 kw = {"options": {"realize_opcount_threshold": 1, "realize_acc_reads_threshold": 1}}
             self._step = torch.compile(self.decode_step, fullgraph=True, dynamic=False, **kw)
+        return self._step
 
     def _tensors(self):
         yield from (self.embed, self.rope_cos, self.rope_sin)
@@ -255,7 +260,7 @@ class FastDecoder:
             self.cache_k = [torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
                             for _ in range(self.args.n_layers)]
             self.cache_v = [torch.zeros_like(c) for c in self.cache_k]
-            if self.compiled:
+            if self._step is not self.decode_step:  # already compiled: new caches are static too
                 for c in self.cache_k + self.cache_v:
                     torch._dynamo.mark_static_address(c)
 
@@ -380,7 +385,8 @@ class FastDecoder:
         n = 1
         yield nxt
         w = self.decode_weights(B)
-        step = self.decode_step if w.packed else self._step  # oneDNN-packed weights run eagerly
+        # oneDNN-packed weights cannot enter a compiled graph: those batches run eagerly
+        step = self._compiled_step() if self.compiled and not w.packed else self.decode_step
         pos = torch.tensor(T, device=self.device)  # stays on the device: no copy per step
         for _ in range(max_new_tokens - 1):
             if stop_ids and bool(done.all()):  # the one host sync per token, only with stop ids
