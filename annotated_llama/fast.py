@@ -218,13 +218,13 @@ class FastDecoder:
         self.rope_cos, self.rope_sin = model.rope_cos, model.rope_sin
         self.cache_k = self.cache_v = None
         self.stats = {}
-        self._step = self.decode_step  # replaced by the compiled step at the first decode
         self.compiled = compile
+        self._step = None  # the compiled step, built at the first decode step
 
     def _compiled_step(self):
         """The decode step through torch.compile, built at the first decode step: importing
         torch._dynamo alone takes ~1 s, which the first token should not wait for."""
-        if self._step is self.decode_step:
+        if self._step is None:
             for t in [*self._tensors(), *self.cache_k, *self.cache_v]:
                 # weights reached through plain objects would otherwise be graph inputs that
                 # CUDA graphs copy into static buffers on every call
@@ -260,7 +260,7 @@ class FastDecoder:
             self.cache_k = [torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
                             for _ in range(self.args.n_layers)]
             self.cache_v = [torch.zeros_like(c) for c in self.cache_k]
-            if self._step is not self.decode_step:  # already compiled: new caches are static too
+            if self._step is not None:  # already compiled: new caches are static too
                 for c in self.cache_k + self.cache_v:
                     torch._dynamo.mark_static_address(c)
 

@@ -174,8 +174,10 @@ def test_compiled_step_equals_eager():
     model = _model("tiny", seed=5)
     prompt = [5, 4, 3, 2]
     eager = FastDecoder(model, "float32").generate([prompt], 12)
-    compiled = FastDecoder(model, "float32", compile=True).generate([prompt], 12)
+    fd = FastDecoder(model, "float32", compile=True)
+    compiled = fd.generate([prompt], 12)
     assert compiled == eager == [greedy_generate(model, prompt, 12)]
+    assert fd._step is not None  # the decode steps really went through the compiled program
 
 
 def test_multiply_and_sum_matvec_equals_linear():
