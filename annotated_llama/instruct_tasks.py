@@ -92,20 +92,20 @@ def task_reverse_list(rng, pool):
     return "Reverse the order of this list.", ", ".join(items), ", ".join(reversed(items))
 
 
-def task_arithmetic(rng, pool):
-    a, b = rng.randint(0, 9), rng.randint(0, 9)
+def _arithmetic(rng, top):
+    a, b = rng.randint(0, top), rng.randint(0, top)
     if rng.random() < 0.5:
         return f"What is {a} plus {b}?", "", str(a + b)
     a, b = max(a, b), min(a, b)
     return f"What is {a} minus {b}?", "", str(a - b)
 
 
-def task_arithmetic_wide(rng, pool):
-    a, b = rng.randint(0, 20), rng.randint(0, 20)
-    if rng.random() < 0.5:
-        return f"What is {a} plus {b}?", "", str(a + b)
-    a, b = max(a, b), min(a, b)
-    return f"What is {a} minus {b}?", "", str(a - b)
+def task_arithmetic(rng, pool):  # one-digit operands: the held-out questions
+    return _arithmetic(rng, 9)
+
+
+def task_arithmetic_wide(rng, pool):  # the extra training draws go up to 20
+    return _arithmetic(rng, 20)
 
 
 TASKS = {"book": task_book, "continue": task_continue, "first_word": task_first_word,
