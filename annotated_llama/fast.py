@@ -202,7 +202,7 @@ class FastDecoder:
             cache_dtype = torch.bfloat16
         else:
             if compile and device.type == "cpu" and mode == "mixed":
-                mode = "bfloat16"  # compiled, batch-1 bfloat16 streams as fast as float16
+                mode = self.mode = "bfloat16"  # compiled, batch-1 bfloat16 streams as fast as float16
             p_dtype = {"float32": torch.float32, "float16": torch.float16}.get(mode, torch.bfloat16)
             d_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(mode, torch.float16)
             pack = device.type == "cpu" and p_dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
