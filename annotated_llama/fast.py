@@ -37,17 +37,6 @@ from .sampling import sample
 MODES = ("float32", "mixed", "bfloat16", "float16", "int8", "int4")
 
 
-def _linear(x: torch.Tensor, w) -> torch.Tensor:
-    # a float weight tensor (plain, or prepacked for oneDNN), or a quantized module
-    # (quantize.Int8Linear / Int4Linear)
-    if not isinstance(w, torch.Tensor):
-        return w(x)
-    if w.is_mkldnn:
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), w, None, "none", [], "")
-        return y.view(*x.shape[:-1], -1)  # (..., N)
-    return F.linear(x, w)
-
-
 def _fuse(linears: Sequence[nn.Module], dtype: torch.dtype):
     """One weight for several Linears that read the same input: concatenate output rows."""
     from .quantize import Int4Linear, Int8Linear
@@ -71,11 +60,9 @@ def _fuse(linears: Sequence[nn.Module], dtype: torch.dtype):
 
 class _Weights:
     """One phase's weights: fused q|k|v and w1|w3, in that phase's dtype (or quantized).
-
-    pack=True stores the float matrices in oneDNN's blocked layout (what inductor's "freezing"
-    does to frozen weights): bfloat16 products on this CPU then run ~2x faster than F.linear's
-    at 1 to 512 rows. Such opaque tensors cannot enter a torch.compile graph, so the compiled
-    batch-1 step keeps a plain copy."""
+    pack=True stores the float matrices in oneDNN's blocked layout (as inductor's "freezing"
+    does): bf16 products run ~2x faster than F.linear's at 1 to 512 rows here. Such opaque
+    tensors cannot enter a torch.compile graph: the compiled batch-1 step keeps a plain copy."""
 
     def __init__(self, model: Transformer, dtype: torch.dtype, pack: bool = False):
         self.dtype, self.packed = dtype, pack
@@ -121,13 +108,18 @@ def _reduce_matvec(x, w):
 
 
 def _apply_linear(x, w, mv: str = "linear"):
+    """x @ w.T for a float weight (plain, or prepacked for oneDNN), a quantized module
+    (quantize.Int8Linear / Int4Linear) or an unfused list of them."""
     if mv == "reduce":
         return _reduce_matvec(x, w)
-    if isinstance(w, nn.ModuleList):  # unfused fallback
-        return torch.cat([m(x) for m in w], dim=-1)
-    if mv == "mv" and isinstance(w, torch.Tensor):  # one row: BLAS's matrix-vector routine (gemv)
+    if not isinstance(w, torch.Tensor):
+        return torch.cat([m(x) for m in w], dim=-1) if isinstance(w, nn.ModuleList) else w(x)
+    if w.is_mkldnn:
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), w, None, "none", [], "")
+        return y.view(*x.shape[:-1], -1)  # (..., N)
+    if mv == "mv":  # one row: BLAS's matrix-vector routine (gemv)
         return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])
-    return _linear(x, w)
+    return F.linear(x, w)
 
 
 def _rms_norm(x, weight, eps):
@@ -184,13 +176,11 @@ class FastDecoder:
         if mode not in MODES:
             raise ValueError(f"FastDecoder mode must be one of {MODES}, got {mode!r}")
         if matvec is None:  # multiply-and-sum only pays once compiled (eager would materialise it)
-            # CUDA: cuBLAS serves float weights; int8 as F.linear would first write a bfloat16
-            # copy of each weight (half the speed of bfloat16 on an H200), while multiply-and-sum
-            # compiles to one Triton kernel that reads the int8 bytes once
+            # CUDA: cuBLAS serves float weights, but int8 through F.linear first writes a bf16 copy
+            # of each weight; multiply-and-sum compiles to one Triton kernel reading the int8 bytes
             matvec = "reduce" if compile and (device.type == "cpu" or mode == "int8") else "linear"
         if matvec not in ("linear", "mv", "reduce"):
-            raise ValueError(f"matvec must be 'linear' (F.linear), 'mv' (torch.mv) or 'reduce' (compiled "
-                             f"multiply-and-sum), got {matvec!r}")
+            raise ValueError(f"matvec must be 'linear', 'mv' or 'reduce', got {matvec!r}")
         self.mode, self.device, self.args, self.matvec = mode, device, model.params, matvec
         self.eps = model.params.norm_eps
         self.H, self.K, self.D = model.params.n_heads, model.params.n_kv_heads, model.params.head_dim
@@ -222,8 +212,8 @@ class FastDecoder:
         self._step = None  # the compiled step, built at the first decode step
 
     def _compiled_step(self):
-        """The decode step through torch.compile, built at the first decode step: importing
-        torch._dynamo alone takes ~1 s, which the first token should not wait for."""
+        """The decode step through torch.compile, built at the first decode step (importing
+        torch._dynamo alone takes ~1 s: the first token should not wait for it)."""
         if self._step is None:
             for t in [*self._tensors(), *self.cache_k, *self.cache_v]:
                 # weights reached through plain objects would otherwise be graph inputs that
@@ -232,9 +222,8 @@ class FastDecoder:
             if self.device.type == "cuda":
                 kw = {"mode": "reduce-overhead"}  # CUDA graphs: one launch per step
             else:
-                # Store every intermediate vector instead of recomputing it inside the consumer's
-                # loop: inductor would otherwise inline the RMSNorm (and the residual adds) into
-                # each matrix-vector product and redo them for every weight row (~25% slower).
+                # store every intermediate vector: inductor would otherwise inline each RMSNorm
+                # (and the residual adds) into the matrix-vector loop, redone per row (~25% slower)
                 kw = {"options": {"realize_opcount_threshold": 1, "realize_acc_reads_threshold": 1}}
             self._step = torch.compile(self.decode_step, fullgraph=True, dynamic=False, **kw)
         return self._step

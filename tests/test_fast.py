@@ -217,14 +217,14 @@ def test_written_out_attention_equals_sdpa(H, K):
 
 def test_packed_bfloat16_weights_equal_plain():
     # oneDNN's prepacked layout changes how the weights are stored, not the products
-    from annotated_llama.fast import _linear, _Weights
+    from annotated_llama.fast import _apply_linear, _Weights
     model = _model("tiny")
     plain, packed = _Weights(model, torch.bfloat16), _Weights(model, torch.bfloat16, pack=True)
     assert packed.layers[0]["w13"].is_mkldnn and not plain.layers[0]["w13"].is_mkldnn
     torch.manual_seed(2)
     for rows in (1, 8, 33):
         x = torch.randn(rows, 1, model.params.dim).bfloat16()
-        a, b = _linear(x, plain.layers[0]["w13"]), _linear(x, packed.layers[0]["w13"])
+        a, b = _apply_linear(x, plain.layers[0]["w13"]), _apply_linear(x, packed.layers[0]["w13"])
         assert a.shape == b.shape and (a.float() - b.float()).abs().max() <= 0.01 * a.float().abs().max()
 
 
