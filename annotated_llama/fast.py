@@ -41,12 +41,12 @@ def _fuse(linears: Sequence[nn.Module], dtype: torch.dtype):
     """One weight for several Linears that read the same input: concatenate output rows."""
     from .quantize import Int4Linear, Int8Linear
     first = linears[0]
-    if isinstance(first, Int8Linear):
+    if all(isinstance(l, Int8Linear) for l in linears):
         m = Int8Linear(first.in_features, sum(l.out_features for l in linears), device=first.weight.device)
         m.weight.copy_(torch.cat([l.weight for l in linears]))
         m.scales.copy_(torch.cat([l.scales for l in linears]))
         return m
-    if isinstance(first, Int4Linear) and all(isinstance(l, Int4Linear) for l in linears):
+    if all(isinstance(l, Int4Linear) for l in linears):
         from .quantize import unpack_nibbles
         m = Int4Linear(first.in_features, sum(l.out_features for l in linears), first.group_size,
                        device=first.packed.device)
@@ -55,7 +55,7 @@ def _fuse(linears: Sequence[nn.Module], dtype: torch.dtype):
         return m
     if isinstance(first, nn.Linear):
         return torch.cat([l.weight.detach() for l in linears]).to(dtype).contiguous()  # (sum N, C)
-    return nn.ModuleList(linears)  # mixed int4/int8: no fusion; _FusedLayer splits by hand
+    return nn.ModuleList(linears)  # mixed int4/int8: no fusion; _apply_linear runs each
 
 
 class _Weights:
@@ -90,7 +90,7 @@ def _reduce_matvec(x, w):
     registers and accumulates: a bandwidth-bound matrix-vector product for float32 and 16-bit
     weights (eager would materialise the (N, K) product, so compile only). For int8 the same
     loop is bound by the int8 -> float32 conversions instead (no int8 dot-product instructions)."""
-    from .quantize import Int4Linear, Int8Linear
+    from .quantize import Int8Linear
     xf = x.reshape(-1, x.shape[-1]).float()[None]  # (1, B, K)
     # rows of the weight outermost: each weight row is read from memory once and used for
     # all B activations while it sits in L1 (a few rows: batched decode at one weight read)
@@ -98,12 +98,12 @@ def _reduce_matvec(x, w):
         y = (w.float()[:, None] * xf).sum(-1)  # (N, B)
     elif isinstance(w, Int8Linear):
         y = (w.weight.float()[:, None] * xf).sum(-1) * w.scales.float()[:, None]  # (N, B)
-    elif isinstance(w, Int4Linear):
-        # PyTorch's packed int4 kernel reads half a byte per weight; written out as
-        # multiply-and-sum, the nibble unpacking made inductor's loop ~10x slower
-        return w(x)
-    else:  # unfused mix of int8/int4 layers
+    elif isinstance(w, nn.ModuleList):  # unfused layers of different kinds
         return torch.cat([_reduce_matvec(x, m) for m in w], dim=-1)
+    else:
+        # any other module runs itself: Int4Linear's packed kernel reads half a byte per weight
+        # (written out as multiply-and-sum, the nibble unpacking made inductor's loop ~10x slower)
+        return w(x)
     return y.t().to(x.dtype).reshape(*x.shape[:-1], -1)  # (..., N)
 
 

@@ -251,3 +251,19 @@ def test_stream_yields_generate_tokens_and_ends_at_a_stop_id(trained):
     got = list(fd.stream(prompts[0], 20, stop_ids=[stop]))
     assert got == full[: full.index(stop) + 1]
     assert torch.is_grad_enabled()  # the generator's no_grad does not leak
+
+
+def test_lora_layers_run_unfused_on_every_path():
+    # a model with LoRA adapters (not merged): _fuse cannot concatenate LoRALinear weights, so the
+    # fast path must run each layer itself, eagerly and on the multiply-and-sum path alike
+    from annotated_llama.fast import _reduce_matvec, _Weights
+    from annotated_llama.lora import apply_lora, lora_modules
+    model = _model("tiny", seed=8)
+    apply_lora(model, "all", r=4, alpha=8)
+    for m in lora_modules(model).values():
+        torch.nn.init.normal_(m.lora_B, std=0.5)  # adapters that change the outputs
+    x = torch.randn(1, 1, model.params.dim)
+    wqkv = _Weights(model, torch.float32).layers[0]["wqkv"]
+    assert torch.allclose(_reduce_matvec(x, wqkv), torch.cat([m(x) for m in wqkv], -1), atol=1e-5)
+    prompt = [1, 2, 3]
+    assert FastDecoder(model, "float32").generate([prompt], 12)[0] == greedy_generate(model, prompt, 12)
