@@ -188,7 +188,8 @@ class Llama:
             results.append(r)
         return results
 
-    def _check(self, prompt_tokens, max_gen_len, temperature, top_p, top_k, repetition_penalty):
+    def check_request(self, prompt_tokens, max_gen_len, temperature, top_p, top_k, repetition_penalty):
+        """Raise ValueError for a bad request; else each prompt's budget of new tokens."""
         if not isinstance(prompt_tokens, (list, tuple)) or len(prompt_tokens) == 0:
             raise ValueError("empty batch: pass at least one prompt")
         check_sampling_args(temperature, top_p, top_k, repetition_penalty)
@@ -216,7 +217,7 @@ class Llama:
                 seed, prompt_logprobs, finished: Optional[set] = None):
         """Yields (row, token, logprob) for every generated token, step by step; stop ids are not
         yielded. Rows put in `finished` by the consumer leave the batch before the next step."""
-        budgets = self._check(prompt_tokens, max_gen_len, temperature, top_p, top_k, repetition_penalty)
+        budgets = self.check_request(prompt_tokens, max_gen_len, temperature, top_p, top_k, repetition_penalty)
         finished = set() if finished is None else finished
         generators = self._generators(seed, len(prompt_tokens))
         for start in range(0, len(prompt_tokens), self.max_batch_size):
@@ -295,7 +296,7 @@ class Llama:
     def _generate_meta(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, *, top_k,
                        repetition_penalty, ignore_eos, seed):
         """meta-llama/llama generation.py (v2) `generate`, step for step (REFERENCE b6)."""
-        self._check(prompt_tokens, max_gen_len, temperature, top_p, top_k, repetition_penalty)
+        self.check_request(prompt_tokens, max_gen_len, temperature, top_p, top_k, repetition_penalty)
         params, dev = self.model.params, self.device
         bsz = len(prompt_tokens)
         if max_gen_len is None:

@@ -85,6 +85,11 @@ def run(args):
     prompt = args.prompt
     if prompt is None and sys.stdin.isatty():
         raise ValueError("no PROMPT: give it as an argument or pipe it on stdin")
+    if args.fast or args.compile:  # before loading anything
+        if args.repetition_penalty != 1.0:
+            raise ValueError("--fast/--compile: --repetition-penalty is not supported on the fast path")
+        if args.tp and args.tp > 1:
+            raise ValueError("--fast/--compile: not with --tp (each rank holds a slice of the model)")
     # with --tp this process relaunches itself under torchrun inside build_llama and exits
     # there, so stdin is left for rank 0 to read
     llama = build_llama(args)
@@ -134,14 +139,9 @@ def fast_stream(llama, ids, stops, args):
     from ..fast import FastDecoder
     from ..streaming import TextStream, check_stops
 
-    if args.repetition_penalty != 1.0:
-        raise ValueError("--fast/--compile: --repetition-penalty is not supported on the fast path")
-    if args.tp and args.tp > 1:
-        raise ValueError("--fast/--compile: not with --tp (each rank holds a slice of the model)")
-    room = llama.max_seq_len - len(ids)
-    if room < 1:
-        raise ValueError(f"prompt has {len(ids)} tokens but the context is {llama.max_seq_len}: no room to generate")
-    n = min(args.max_new_tokens or room, room)
+    # the plain path's checks and budget: the same errors, and the same number of new tokens
+    (n,) = llama.check_request([ids], args.max_new_tokens or None, args.temperature, args.top_p, args.top_k,
+                               args.repetition_penalty)
     # float32 weights stay float32; 16-bit ones get the device's default mode (mixed or bfloat16)
     mode = args.quantize or ("float32" if llama.model.output.weight.dtype == torch.float32 else None)
     fast = FastDecoder(llama.model, mode, compile=args.compile)
