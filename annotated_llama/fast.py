@@ -69,12 +69,12 @@ class _Weights:
         self.layers = []
         for layer in model.layers:
             a, f = layer.attention, layer.feed_forward
-            self.layers.append(dict(
-                attn_norm=layer.attention_norm.weight.detach().float(),
+            self.layers.append(dict(  # norm weights in the activations' dtype: no cast per step
+                attn_norm=layer.attention_norm.weight.detach().to(dtype),
                 wqkv=_fuse([a.wq, a.wk, a.wv], dtype), wo=_fuse([a.wo], dtype),
-                ffn_norm=layer.ffn_norm.weight.detach().float(),
+                ffn_norm=layer.ffn_norm.weight.detach().to(dtype),
                 w13=_fuse([f.w1, f.w3], dtype), w2=_fuse([f.w2], dtype)))
-        self.norm = model.norm.weight.detach().float()
+        self.norm = model.norm.weight.detach().to(dtype)
         self.output = _fuse([model.output], dtype)
         if pack:
             for lw in self.layers:
@@ -92,8 +92,8 @@ def _reduce_matvec(x, w):
     loop is bound by the int8 -> float32 conversions instead (no int8 dot-product instructions)."""
     from .quantize import Int8Linear
     xf = x.reshape(-1, x.shape[-1]).float()[None]  # (1, B, K)
-    # rows of the weight outermost: each weight row is read from memory once and used for
-    # all B activations while it sits in L1 (a few rows: batched decode at one weight read)
+    # B is 1 on the compiled decode path: with more rows inductor's loops were ~50x slower
+    # (batches use oneDNN instead), but the shapes stay general for eager checks
     if isinstance(w, torch.Tensor):
         y = (w.float()[:, None] * xf).sum(-1)  # (N, B)
     elif isinstance(w, Int8Linear):
@@ -123,8 +123,9 @@ def _apply_linear(x, w, mv: str = "linear"):
 
 
 def _rms_norm(x, weight, eps):
-    # Meta's order: normalise in float32, cast back, then scale (REFERENCE b1)
-    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight.to(x.dtype)
+    # Meta's order: normalise in float32, cast back, then scale (REFERENCE b1); the weight is
+    # already in x's dtype (_Weights)
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
 
 
 def _rope(x, cos, sin):
