@@ -22,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(ROOT / "bench"))
 PAIRS = {"float32": "f32", "bfloat16": "f16", "int8": "q8_0"}  # our mode -> llama.cpp GGUF type
 
 
@@ -42,45 +43,31 @@ def main(argv=None) -> int:
         raise SystemExit(f"--modes: choose from {', '.join(PAIRS)}")
 
     import torch
-    from llama_cpp import Llama
 
-    from annotated_llama import load_model
-    from annotated_llama.fast import FastDecoder
-    from annotated_llama.quantize import load_quantized
+    from bench_engines import LlamaCppEngine, OursEngine  # the engines bench_engines.py times
 
     torch.set_num_threads(a.threads)
     prompt = json.loads((wd / "spec.json").read_text())["short_prompt"]
     n = a.new_tokens
-    ours, theirs = {}, {}
+    engines = {}
     for mode in modes:
         t = time.perf_counter()
-        model = load_quantized(wd / f"ours-{mode}") if mode == "int8" else load_model(wd / "ours", dtype="float32")[0]
-        ours[mode] = FastDecoder(model, mode, compile=True)
+        ours = OursEngine(wd, mode, plain=False, compile=True)
         for _ in range(2):  # compile, then the first slow runs after it
-            ours[mode].generate([prompt], n)
+            ours.generate([prompt], n)
         print(f"ours {mode}: built and compiled in {time.perf_counter() - t:.0f} s", flush=True)
-        theirs[mode] = Llama(model_path=str(wd / f"model-{PAIRS[mode]}.gguf"), n_ctx=1024, n_threads=a.threads,
-                             n_threads_batch=a.threads, verbose=False)
+        engines[mode] = (ours, LlamaCppEngine(wd, PAIRS[mode], a.threads))
 
-    def ours_tok_s(mode):
-        ours[mode].generate([prompt], n)
-        return (n - 1) / ours[mode].stats["decode_s"]
-
-    def theirs_tok_s(mode):
-        llm = theirs[mode]
-        llm.reset()
-        llm.eval(prompt)
-        t = time.perf_counter()
-        for _ in range(n - 1):  # feed a fixed token: the cost per step is the same whatever it is
-            llm.eval([prompt[0]])
-        return (n - 1) / (time.perf_counter() - t)
+    def tok_s(engine):
+        _, _, rest = engine.generate([prompt], n)  # (tokens, time to the first, time for the rest)
+        return (n - 1) / rest
 
     for mode in modes:  # llama.cpp's warm-up
-        theirs_tok_s(mode)
+        tok_s(engines[mode][1])
     rows = {m: [] for m in modes}
     for r in range(a.rounds):
         for mode in modes:
-            o, t = ours_tok_s(mode), theirs_tok_s(mode)
+            o, t = tok_s(engines[mode][0]), tok_s(engines[mode][1])
             rows[mode].append({"ours": o, "llama.cpp": t, "ratio": o / t})
             print(f"round {r + 1}: {mode:8s} ours {o:6.1f} tok/s  llama.cpp {PAIRS[mode]:5s} {t:6.1f}  ratio {o / t:.2f}x",
                   flush=True)
