@@ -38,6 +38,9 @@ class ModelArgs:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_context: int = 8192
+    # Llama 3.2 1B/3B share the output head with the input embedding (HF `tie_word_embeddings`):
+    # `output.weight` is `tok_embeddings.weight`, one V x C matrix instead of two.
+    tie_word_embeddings: bool = False
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -73,11 +76,11 @@ class ModelArgs:
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
     def num_params(self) -> int:
-        """Parameter count (embedding and untied output head included)."""
+        """Parameter count (embedding and output head included; a tied head counts once)."""
         C, F, V, L = self.dim, self.ffn_hidden_dim, self.vocab_size, self.n_layers
         kv = self.n_kv_heads * self.head_dim
         per_layer = C * C * 2 + C * kv * 2 + 3 * C * F + 2 * C
-        return V * C * 2 + L * per_layer + C
+        return V * C * (1 if self.tie_word_embeddings else 2) + L * per_layer + C
 
     # ---- constructors ----------------------------------------------------------------
 

@@ -181,7 +181,9 @@ class Transformer(nn.Module):
                                            _weight=torch.empty(args.vocab_size, args.dim) if meta else None)
         self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)  # untied from the embedding
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:  # Llama 3.2 1B/3B: one matrix for both ends
+            self.output.weight = self.tok_embeddings.weight
         # Like Meta, room for 2 * max_seq_len positions. Non-persistent: not in the state dict.
         if meta:  # shapes only; reset_rope() computes them once the weights have a device
             cos = sin = torch.empty(args.max_seq_len * 2, args.head_dim // 2)
