@@ -320,8 +320,8 @@ def check_values(data) -> None:
             raise APIError(400, f"{_dotted(path)}: number out of range", param=_dotted(path) or None)
 
 
-def _dotted(path) -> str:
-    return ".".join(str(p) for p in path)
+def _dotted(path) -> str:  # (a key may itself hold a surrogate: shown escaped)
+    return ".".join(str(p) for p in path).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 _MODEL_NAMES = {"ContentPart", "FunctionCall", "ToolCall", "ChatMessage", "StreamOptions", "FunctionDefinition",
