@@ -25,7 +25,7 @@ from typing import Any, Literal, Optional, Union
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator
 from starlette.requests import ClientDisconnect
 
 
@@ -48,7 +48,16 @@ class _Strict(BaseModel):
 
 
 Str = StrictStr
+TINY = 1e-6  # the least temperature or repetition penalty: beyond it, dividing logits overflows float32
 Int64 = Field(None, ge=-(2 ** 63), le=2 ** 64 - 1)  # a seed: what torch.Generator.manual_seed takes
+
+
+def _only_null(why: str):
+    """For /openapi.json: a field this server refuses whenever it is set."""
+    def edit(schema: dict) -> None:
+        schema.clear()
+        schema.update({"type": "null", "description": f"Not supported by this server: {why}."})
+    return edit
 
 
 # ---- message content ---------------------------------------------------------------------------
@@ -62,7 +71,7 @@ class ContentPart(_Strict):
     image_url: Optional[dict] = None
     input_audio: Optional[dict] = None
     file: Optional[dict] = None
-    prompt_cache_breakpoint: Optional[dict] = None
+    prompt_cache_breakpoint: Optional[dict] = Field(None, json_schema_extra=_only_null("no prompt cache"))
 
 
 class FunctionCall(_Strict):
@@ -81,12 +90,12 @@ class ChatMessage(_Strict):
     checked when the dialog is rendered (server_chat.py), so errors name the exact field."""
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: Union[None, Str, list[ContentPart]] = None
-    name: Optional[Str] = None
+    name: Optional[Str] = Field(None, json_schema_extra=_only_null("the chat templates have no participant names"))
     tool_calls: Optional[list[ToolCall]] = None
     tool_call_id: Optional[Str] = None
     refusal: Optional[Str] = None
-    audio: Optional[dict] = None
-    function_call: Optional[dict] = None
+    audio: Optional[dict] = Field(None, json_schema_extra=_only_null("this server reads text only"))
+    function_call: Optional[dict] = Field(None, json_schema_extra=_only_null("deprecated by OpenAI: use tool_calls"))
 
 
 class StreamOptions(_Strict):
@@ -151,8 +160,15 @@ class GenerationRequest(_Strict):
     logit_bias: Optional[dict[str, StrictInt]] = None
     # extensions (vLLM's and llama.cpp's names)
     top_k: Optional[StrictInt] = Field(None, ge=0, le=2 ** 31 - 1)
-    repetition_penalty: Optional[float] = Field(None, gt=0, le=10)
+    repetition_penalty: Optional[float] = Field(None, ge=TINY, le=10)
     ignore_eos: Optional[StrictBool] = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _not_subnormal(cls, t):
+        if t is not None and 0 < t < TINY:  # logits / 5e-324 is inf in float32, and the softmax is NaN
+            raise ValueError(f"temperature must be 0 (greedy) or at least {TINY}")
+        return t
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -224,6 +240,25 @@ UNSUPPORTED: dict[str, tuple[tuple, str]] = {
     "web_search_options": ((), "this server has no web search"),
     "service_tier": (("auto", "default"), "this server has one service tier"),
 }
+
+
+def _document_refusals():
+    """/openapi.json tells the truth about UNSUPPORTED: only the no-op values (or null) validate."""
+    def extra(noop, why):
+        def edit(schema: dict) -> None:
+            values = [{"type": "null"}] + [{"const": v} for v in noop]
+            schema.clear()
+            schema.update({"anyOf": values, "description": f"Not supported by this server: {why}."})
+        return edit
+    for model in (CompletionRequest, ChatRequest):
+        for name, (noop, why) in UNSUPPORTED.items():
+            if name in model.model_fields:
+                model.model_fields[name].json_schema_extra = extra(
+                    [{"type": "text"}] if name == "response_format" else noop, why)
+        model.model_rebuild(force=True)
+
+
+_document_refusals()
 
 
 def refuse_unsupported(req: BaseModel) -> None:

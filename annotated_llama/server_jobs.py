@@ -74,6 +74,10 @@ class Run:
                 with contextlib.suppress(RuntimeError):  # the loop is closed: the server is stopping
                     self.loop.call_soon_threadsafe(self.events.put_nowait, (k, ev, time.monotonic()))
             return emit
+        if len(specs) > scheduler.max_queue:  # could never be queued at once, however idle the server
+            raise APIError(400, f"this request needs {len(specs)} generations (prompts x n), more than the server "
+                                f"queues at once ({scheduler.max_queue})", param="n" if len(specs) > 1 and
+                           len({id(s.ids) for s in specs}) == 1 else "prompt")
         try:
             for k, spec in enumerate(specs):
                 self.jobs.append(scheduler.submit(spec.ids, spec.params, emitter(k)))

@@ -31,6 +31,9 @@ ROUTES = {
 }
 
 
+STREAMING = ("/v1/completions", "/v1/chat/completions")
+
+
 def _schema(model: type[BaseModel], components: dict) -> dict:
     schema = model.model_json_schema(ref_template=REF, by_alias=True)
     components.update(schema.pop("$defs", {}))
@@ -54,6 +57,10 @@ def build(app) -> dict:
             op["responses"] = {str(code): {"description": text,
                                            "content": {"application/json": {"schema": _schema(model, components)}}}
                                for code, (model, text) in responses.items()}
+            if path in STREAMING:  # stream: true answers server-sent events, one JSON chunk per `data:` line
+                op["responses"]["200"]["content"]["text/event-stream"] = {"schema": {
+                    "type": "object", "required": ["data"], "properties": {"data": {
+                        "type": "string", "description": "a JSON chunk (ChatCompletionChunk or Completion), or [DONE]"}}}}
             for code, text in ERRORS.items():
                 if str(code) not in op["responses"] and (request is not None or code in (401, 503)):
                     op["responses"][str(code)] = {"description": text,
