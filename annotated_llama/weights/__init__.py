@@ -112,6 +112,9 @@ def load_checkpoint(path) -> tuple[ModelArgs, dict[str, torch.Tensor], Tokenizer
     config = path / ("config.json" if fmt == "hf" else "params.json")
     # Meta's files store a tied output as a copy of the embedding (its params.json has no flag)
     resolve_tied_output(sd, args, weights, config, detect=fmt == "meta")
+    if fmt == "meta":
+        from .meta import llama32_rope_factor
+        llama32_rope_factor(args, config)
     check_state_dict(sd, args, weights, config)
     if tokenizer is not None and tokenizer.n_words > args.vocab_size:
         raise ValueError(f"{tok_path}: the tokenizer has {tokenizer.n_words} ids but the model only "

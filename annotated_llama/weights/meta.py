@@ -165,6 +165,18 @@ def load_meta(ckpt_dir: Path, params_path: Path, vocab_size: int | None) -> tupl
     return args, sd
 
 
+def llama32_rope_factor(args: ModelArgs, params_path: Path) -> None:
+    """Meta's params.json for Llama 3.2 1B/3B says use_scaled_rope but names no factor, and Meta's
+    reference code applied 8, which is wrong for these two: their factor is 32, as their HF
+    config.json says (meta-llama/llama-models #166, #241). Tied embeddings tell them apart from
+    every other Llama 3 release, so a tied model whose params.json names no factor gets 32."""
+    import json
+
+    if args.tie_word_embeddings and args.use_scaled_rope and "rope_scale_factor" not in json.loads(
+            Path(params_path).read_text()):
+        args.rope_scale_factor = 32.0
+
+
 def save_meta(out_dir: Path, args: ModelArgs, sd: dict[str, torch.Tensor], tokenizer, shards: int = 1):
     import json
 
