@@ -78,7 +78,8 @@ class CompiledRunner:
         return self.model.step(tokens, positions, batch, logits_at)
 
     def __call__(self, tokens, positions, batch: Optional[CacheBatch] = None, logits_at=None):
-        if tokens.shape[1] == 1 and batch is not None and not batch.fresh and logits_at is not None \
+        if tokens.shape[1] == 1 and batch is not None and not batch.fresh and batch.copies is None \
+                and logits_at is not None \
                 and self.ready.is_set() and self.error is None:
             self.calls["compiled"] += 1
             c = batch.cache
@@ -130,6 +131,8 @@ def make_runner(model, backend: str = "auto", max_batch_size: int = 8):
     """The engine's forward call for `backend`: "eager" (model.step), "compiled", or "auto"."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if getattr(model, "tp_world_size", 1) > 1:
+        return model.step  # tensor parallelism: rank 0's step broadcasts (tensor_parallel.lead), eagerly
     if backend == "eager" or (backend == "auto" and not compile_available()):
         return model.step
     return CompiledRunner(model)

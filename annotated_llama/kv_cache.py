@@ -13,7 +13,9 @@ into fixed-size blocks of `block_size` token slots. Each sequence owns a list of
 block table: the token at position p lives in slot p % block_size of block table[p // block_size].
 So memory follows the tokens actually held, sequences take and free blocks independently, and
 a fork (n samples of one prompt) shares the prompt's blocks, copying a block only when one side
-writes into a block the other still reads (copy on write).
+writes into a block the other still reads (copy on write). Every write to the memory, the copies
+included, happens inside a forward call (`CacheBatch.update`), so tensor parallelism mirrors a
+call and its cache edits together.
 
 Here the pool itself also grows (doubling, up to `max_tokens`), so an idle long-context model
 holds nothing. Block 0 is a scratch block that no sequence owns: the padding of a ragged batch
@@ -25,6 +27,7 @@ S key slots visible to a call (a multiple of P).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -39,12 +42,15 @@ class KVCache:
     """Paged keys and values for `n_layers` layers: `KVCache(n_layers, n_kv_heads, head_dim,
     max_tokens=4096)`. Sequences are named by any hashable id."""
 
+    _uids = itertools.count()  # names a cache across processes (tensor parallelism mirrors it)
+
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, *, max_tokens: int,
                  dtype=torch.float32, device="cpu", block_size: int = 16):
         if max_tokens < 1 or block_size < 1:
             raise ValueError(f"KVCache: max_tokens ({max_tokens}) and block_size ({block_size}) must be positive")
         self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
         self.dtype, self.device, self.block_size = dtype, torch.device(device), block_size
+        self.uid = next(KVCache._uids)
         self.max_blocks = -(-max_tokens // block_size) + 1  # + the scratch block
         self.k: list[torch.Tensor] = []  # per layer (N, P, K, D)
         self.v: list[torch.Tensor] = []
@@ -152,7 +158,7 @@ class KVCache:
         del table[keep:]
         self.lengths[seq_id] = min(self.lengths[seq_id], length)
 
-    def _writable(self, seq_id, start: int, count: int) -> list[int]:
+    def _writable(self, seq_id, start: int, count: int, copies: list) -> list[int]:
         # blocks for positions [start, start + count) of seq_id, each owned by seq_id alone
         table = self.tables.setdefault(seq_id, [])
         self.lengths.setdefault(seq_id, 0)
@@ -163,11 +169,9 @@ class KVCache:
         while len(table) < last:
             table.append(self._take_block())
         for i in range(first, last):
-            if self.refs[table[i]] > 1:  # shared with a fork: copy before writing
+            if self.refs[table[i]] > 1:  # shared with a fork: the forward call copies it before writing
                 b = self._take_block()
-                for store in (self.k, self.v):
-                    for layer in store:
-                        layer[b] = layer[table[i]]
+                copies.append((table[i], b))
                 self._release(table[i])
                 table[i] = b
         self.lengths[seq_id] = max(self.lengths[seq_id], start + count)
@@ -179,7 +183,8 @@ class KVCache:
         and reads every position before them. Allocates (or copies on write) the blocks first,
         so a CacheFull leaves the call undone."""
         P = self.block_size
-        tables = [self._writable(s, st, n) for s, st, n in zip(seq_ids, starts, counts)]
+        copies: list[tuple[int, int]] = []
+        tables = [self._writable(s, st, n, copies) for s, st, n in zip(seq_ids, starts, counts)]
         slots = []  # (B*T,) flat slot of each new token; padding goes to the scratch block 0
         for table, st, n in zip(tables, starts, counts):
             pos = range(st, st + n)
@@ -190,7 +195,8 @@ class KVCache:
             span = tables[0][0]  # one row in consecutive blocks: read them as a view, no gather
         table = torch.tensor([t[:nb] + [0] * (nb - len(t[:nb])) for t in tables], device=self.device)  # (B, nb)
         return CacheBatch(self, torch.tensor(slots, device=self.device), table, span, nb * P,
-                          fresh=all(st == 0 for st in starts))
+                          fresh=all(st == 0 for st in starts),
+                          copies=torch.tensor(copies, device=self.device) if copies else None)
 
 
 @dataclass
@@ -204,12 +210,16 @@ class CacheBatch:
     span: Optional[int]  # first block, when one row reads consecutive blocks (a view suffices)
     key_len: int  # S = nb * P key slots per row
     fresh: bool  # every row starts at position 0: its keys are exactly the new ones
+    copies: Optional[torch.Tensor] = None  # (n, 2) blocks to copy (source, destination) first: copy on write
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this call's k, v (B, T, K, D) for `layer`; return the keys and values its queries
         attend to: (B, T, K, D) when fresh (plain causal attention), else (B, S, K, D)."""
         B, T, K, D = k.shape
         ck, cv = self.cache.k[layer], self.cache.v[layer]  # (N, P, K, D)
+        if self.copies is not None:  # a fork's shared block, about to be written: its own copy first
+            for c in (ck, cv):
+                c.index_copy_(0, self.copies[:, 1], c.index_select(0, self.copies[:, 0]))
         flat_k, flat_v = ck.view(-1, K, D), cv.view(-1, K, D)  # (N*P, K, D)
         flat_k.index_copy_(0, self.slots, k.reshape(B * T, K, D).to(ck.dtype))
         flat_v.index_copy_(0, self.slots, v.reshape(B * T, K, D).to(cv.dtype))

@@ -238,6 +238,16 @@ def logits_to_probs(logits: torch.Tensor, temperature: Setting = 1.0, top_k: Set
     return torch.softmax(logits, dim=-1)
 
 
+def distribution(logits: torch.Tensor, temperature: float = 1.0, top_k: Setting = None, top_p: Setting = 1.0) -> torch.Tensor:
+    """The probabilities (B, V) that `sample` draws from at temperature > 0: softmax(top_k(logits /
+    T)) cut to the top-p nucleus and renormalised (speculative decoding's target and draft)."""
+    probs = logits_to_probs(logits, temperature, top_k)  # (B, V)
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    probs_sort = probs_sort.masked_fill(top_p_mask(probs_sort, 1.0 if top_p is None else top_p), 0.0)
+    kept = torch.zeros_like(probs).scatter(1, probs_idx, probs_sort)  # back to vocabulary order
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
 def sample(logits: torch.Tensor, temperature: Setting = 0.6, top_p: Setting = 0.9, top_k: Setting = None, *,
            generator: Generators = None, presence: Optional[torch.Tensor] = None,
            repetition_penalty: Setting = 1.0) -> torch.Tensor:
@@ -261,5 +271,5 @@ def sample(logits: torch.Tensor, temperature: Setting = 0.6, top_p: Setting = 0.
 
 __all__ = ["SamplingParams", "LIMITS", "check_range", "make_generator", "check_sampling_args",
            "apply_openai_penalties", "apply_logit_bias", "token_presence", "apply_repetition_penalty",
-           "apply_temperature", "apply_top_k", "top_p_mask", "sample_top_p", "greedy", "logits_to_probs",
+           "apply_temperature", "apply_top_k", "top_p_mask", "sample_top_p", "greedy", "logits_to_probs", "distribution",
            "sample"]
