@@ -198,9 +198,9 @@ def index_listing(directories=None) -> str:
         if not written:
             continue
         out.append(f"**{PARTS.get(d, d.name)}**\n")
-        for p in written:
+        for k, p in enumerate(written, 1):  # numbered within the part (file numbers may have gaps)
             rel = p.relative_to(INDEX.parent) if p.is_relative_to(INDEX.parent) else p
-            out.append(f"{int(p.name[:2])}. [{title_of(p)}]({rel.as_posix()})")
+            out.append(f"{k}. [{title_of(p)}]({rel.as_posix()})")
         out.append("")
     return "\n".join(out).rstrip("\n")
 

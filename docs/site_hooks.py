@@ -6,7 +6,9 @@
    `mkdocs build --strict` still checks every link. A linked directory gets a generated page
    listing its files. Markdown files reached this way (bench/RESULTS.md) are pages themselves,
    and their links are followed too.
-2. Math. pymdownx.arithmatex (generic mode) marks `$...$` and `$$...$$`; here each formula is
+2. Fences. The chapters' test flags after a fence's language (```python source, ```python no-run) are not
+   Markdown; they are dropped before rendering (superfences would not read such a fence as code).
+3. Math. pymdownx.arithmatex (generic mode) marks `$...$` and `$$...$$`; here each formula is
    converted to MathML with latex2mathml, so the pages need no JavaScript and no network to show
    their equations (MathML is rendered natively by current browsers).
 """
@@ -20,11 +22,12 @@ import subprocess
 from pathlib import Path
 
 import latex2mathml.converter
-from mkdocs.structure.files import File
+from mkdocs.structure.files import File, InclusionLevel
 
 REPO = Path(__file__).resolve().parent.parent
 LINK_RE = re.compile(r"(\]\()([^)\s]+)(\))")
 FENCE_RE = re.compile(r"^(`{3,}).*?^\1\s*$", re.M | re.S)
+FLAGGED_FENCE_RE = re.compile(r"^(`{3,}[\w+-]+)[ \t]+(?:source|no-run)[ \t]*$", re.M)
 PREFIX = "repo"  # where repository files live in the site
 
 _targets: dict[str, Path] = {}  # site path ("repo/annotated_llama/model.py") -> file on disk
@@ -82,13 +85,15 @@ def on_files(files, config):
             listing = "\n".join(f"- [{p.relative_to(path).as_posix()}]({p.relative_to(path).as_posix()})"
                                 for p in _tracked(path))
             content = f"# {path.relative_to(REPO).as_posix()}/\n\nFiles of the repository in this directory:\n\n{listing}\n"
-            files.append(File.generated(config, site, content=content))
+            generated = File.generated(config, site, content=content, inclusion=InclusionLevel.NOT_IN_NAV)
         else:
-            files.append(File.generated(config, site, abs_src_path=str(path)))
+            generated = File.generated(config, site, abs_src_path=str(path), inclusion=InclusionLevel.NOT_IN_NAV)
+        files.append(generated)
     return files
 
 
 def on_page_markdown(markdown, page, config, files):
+    markdown = FLAGGED_FENCE_RE.sub(r"\1", markdown)
     if not page.file.abs_src_path:
         return markdown
     docs_dir = Path(config["docs_dir"]).resolve()
