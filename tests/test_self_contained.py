@@ -87,7 +87,7 @@ DOC_AREAS = {
     "paper": ["docs/paper"],  # Part I
     "part-2": ["docs/annotated"],  # Part II
     "site": ["docs/index.md", "docs/references.md", "docs/WRITING.md", "docs/seed", "docs/figures", "docs/data",
-             "docs/build.py", "docs/site_hooks.py", "mkdocs.yml", "README.md"],
+             "docs/build.py", "docs/site_hooks.py", "docs/stylesheets", "mkdocs.yml", "README.md"],
 }
 
 
