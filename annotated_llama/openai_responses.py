@@ -134,7 +134,7 @@ class TokenizeRequest(_Strict):
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = Field(None, min_length=1)
     tools: Optional[list[dict]] = None
-    template: Optional[Literal["none", "alpaca", "llama-2", "llama-3"]] = None
+    template: Optional[Literal["none", "alpaca", "llama-2", "llama-3", "model"]] = None
     add_special_tokens: Optional[bool] = None
     add_generation_prompt: Optional[bool] = None
     return_token_strs: Optional[bool] = None

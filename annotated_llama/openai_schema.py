@@ -210,7 +210,7 @@ class ChatRequest(GenerationRequest):
     store: Optional[StrictBool] = None
     verbosity: Optional[Str] = None
     web_search_options: Optional[dict] = None
-    template: Optional[Literal["none", "alpaca", "llama-2", "llama-3"]] = None  # extension
+    template: Optional[Literal["none", "alpaca", "llama-2", "llama-3", "model"]] = None  # extension
 
 
 # What is not implemented, and the values that ask for nothing (which are honoured). A value

@@ -33,7 +33,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .chat_format import TEMPLATES
+from .chat_format import TEMPLATES, default_template
 from .openai_responses import DetokenizeRequest, TokenizeRequest
 from .openai_schema import APIError, ChatRequest, CompletionRequest, parse, read_json, refuse_unsupported
 from .scheduler import SamplingParams, Scheduler
@@ -67,7 +67,7 @@ class Backend:
                 raise ValueError("create_app needs a tokenizer to serve a bare model")
             scheduler = Scheduler(model, tokenizer, **scheduler_kw)
         tok = scheduler.tokenizer
-        template = template or ("llama-3" if getattr(tok, "kind", "") == "tiktoken" else "llama-2")
+        template = template or default_template(tok)
         if template not in TEMPLATES:
             raise ValueError(f"--template: unknown chat template {template!r}; choose one of {', '.join(TEMPLATES)}")
         self.template, self.tokenizer, self.n_ctx = template, tok, scheduler.max_seq_len
@@ -91,8 +91,8 @@ def create_app(engine_or_model=None, tokenizer=None, *, loader: Optional[Callabl
     """The FastAPI app. `engine_or_model`: a `Scheduler`, a `Transformer` (with `tokenizer`), or a
     `Llama`; or instead `loader`, a function returning one of those (or a (model, tokenizer)
     pair), run on a thread at startup while the app already answers (/health: 503 "loading").
-    `template`: the chat template when a request names none (default: llama-3 for a tiktoken
-    vocabulary, else llama-2). With `api_key`, /v1/* and /tokenize, /detokenize need
+    `template`: the chat template when a request names none (default: the model's own if its
+    tokenizer carries one, else llama-3 for a Llama 3 vocabulary, else llama-2). With `api_key`, /v1/* and /tokenize, /detokenize need
     `Authorization: Bearer <api_key>`. `allowed_hosts`: None serves any Host header; an iterable
     (`serve` passes --allow-host) serves IP addresses, localhost names and those. Requests from a
     browser page of another origin are refused unless it is in `allowed_origins` (then CORS
@@ -191,9 +191,9 @@ def create_app(engine_or_model=None, tokenizer=None, *, loader: Optional[Callabl
     def sampling(req, max_tokens: int, stops=()) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
                               top_p=1.0 if req.top_p is None else req.top_p,
-                              top_k=min(req.top_k, backend.tokenizer.n_words) if req.top_k else None,
+                              top_k=min(req.top_k, backend.tokenizer.n_words) if req.top_k else 0,
                               repetition_penalty=req.repetition_penalty or 1.0, seed=req.seed,
-                              stop=req.stops() + list(stops), ignore_eos=bool(req.ignore_eos))
+                              stop=tuple(req.stops()) + tuple(stops), ignore_eos=bool(req.ignore_eos))
 
     def fits(ids: list[int], max_tokens: int, chat: bool):
         n_ctx = backend.n_ctx

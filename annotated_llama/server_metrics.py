@@ -5,7 +5,8 @@ mix them). Counted by the server: requests by route and status, prompt and compl
 time to first token, time per output token after the first, request latency. Read from the
 scheduler at each scrape (a custom collector, so the numbers are the scheduler's own): requests
 running and waiting (the queue depth), the KV budget and the part of it reserved (prompt +
-max_tokens of each running request), decode steps, prefills, rows decoded. The names follow
+max_tokens of each running request) and the part holding tokens now, decode steps, prefills,
+rows decoded. The names follow
 vLLM's (`vllm:time_to_first_token_seconds` ...) with our prefix, and Prometheus' conventions:
 `_total` on counters, base units (seconds).
 """
@@ -35,9 +36,12 @@ class _SchedulerCollector:
              ("num_requests_waiting", "requests queued for a cache row (queue depth)", s["waiting"]),
              ("kv_cache_budget_tokens", "cache slots the running requests may reserve at most", s["kv_budget"]),
              ("kv_cache_reserved_tokens", "cache slots reserved by running requests (prompt + max_tokens)",
-              s["kv_reserved"]),
-             ("kv_cache_usage_ratio", "kv_cache_reserved_tokens / kv_cache_budget_tokens",
-              s["kv_reserved"] / s["kv_budget"] if s["kv_budget"] else 0.0),
+              s["kv_tokens_reserved"]),
+             ("kv_cache_held_tokens", "cache slots holding a token now (in whole blocks)", s["kv_tokens_held"]),
+             ("kv_cache_used_bytes", "bytes of the paged cache's blocks in use", s["kv_bytes_used"]),
+             ("kv_cache_allocated_bytes", "bytes the paged cache has allocated", s["kv_bytes_allocated"]),
+             ("kv_cache_usage_ratio", "kv_cache_held_tokens / kv_cache_budget_tokens",
+              s["kv_tokens_held"] / s["kv_budget"] if s["kv_budget"] else 0.0),
              ("max_batch_size", "cache rows", s["max_batch_size"]),
              ("scheduler_running", "1 while the scheduler thread runs", int(bool(s["running"])))]
         for name, doc, value in g:
@@ -45,6 +49,7 @@ class _SchedulerCollector:
         c = [("steps", "decode steps (one forward over every running request)", s["steps"]),
              ("prefills", "prompts prefilled", s["prefills"]),
              ("batch_rows", "rows decoded, summed over decode steps", s["batch_rows"]),
+             ("forward_calls", "model forward calls", s["forward_calls"]),
              ("scheduler_tokens_generated", "tokens sampled by the scheduler", s["tokens_generated"]),
              ("requests_completed", "jobs that ended with stop or length", s["completed"]),
              ("requests_cancelled", "jobs cancelled (client gone)", s["cancelled"]),

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .chat_format import TEMPLATE_STOPS, encode_dialog, encode_prompt
+from .chat_format import encode_dialog, encode_prompt, template_stops
 from .openai_schema import APIError, ChatMessage, ChatRequest
 from .tools import encode_tool_dialog
 
@@ -158,10 +158,12 @@ def chat_prompt(tokenizer, req: ChatRequest, template: str) -> ChatPrompt:
     tools = offered_tools(req)
     uses_tools = tools is not None or any(m["role"] == "tool" or m.get("tool_calls") for m in dialog)
     try:
-        if uses_tools:
+        if template == "model":  # the model's own Jinja template renders tools and calls its own way
+            ids = encode_dialog(tokenizer, [_hf_message(m) for m in dialog], "model", tools)
+        elif uses_tools:
             if template != "llama-3":
-                raise APIError(400, f"tool calling needs the llama-3 template (Llama 3.1's tool format); this "
-                                    f"request uses {template!r}", param="tools" if tools else "messages")
+                raise APIError(400, f"tool calling needs the llama-3 template (Llama 3.1's tool format) or the "
+                                    f"model's own; this request uses {template!r}", param="tools" if tools else "messages")
             ids = encode_tool_dialog(tokenizer, dialog, tools)
         elif template == "none":  # no template: the messages' text, one after another
             ids = encode_prompt(tokenizer, "\n".join(m["content"] for m in dialog), "none")
@@ -170,4 +172,13 @@ def chat_prompt(tokenizer, req: ChatRequest, template: str) -> ChatPrompt:
     except ValueError as e:
         raise APIError(400, str(e), param="messages") from None
     names = {t["function"]["name"] for t in tools} if tools else None
-    return ChatPrompt(ids, TEMPLATE_STOPS[template], names, req.parallel_tool_calls is not False, dialog)
+    return ChatPrompt(ids, template_stops(tokenizer, template), names, req.parallel_tool_calls is not False, dialog)
+
+
+def _hf_message(m: dict) -> dict:
+    # the shape transformers' chat templates read: tool calls {"type", "function": {"name",
+    # "arguments": <an object>}}, results as role "tool"
+    if not m.get("tool_calls"):
+        return {"role": m["role"], "content": m["content"]}
+    return {"role": "assistant", "content": m["content"] or None,
+            "tool_calls": [{"type": "function", "function": c} for c in m["tool_calls"]]}
