@@ -49,7 +49,7 @@ class _Strict(BaseModel):
 
 Str = StrictStr
 TINY = 1e-6  # the least temperature or repetition penalty: beyond it, dividing logits overflows float32
-Int64 = Field(None, ge=-(2 ** 63), le=2 ** 64 - 1)  # a seed: what torch.Generator.manual_seed takes
+Int64 = Field(None, ge=0, le=2 ** 64 - 1)  # a seed: what the engine takes (sampling.LIMITS)
 
 
 def _only_null(why: str):

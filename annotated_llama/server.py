@@ -189,6 +189,12 @@ def create_app(engine_or_model=None, tokenizer=None, *, loader: Optional[Callabl
                                             "owned_by": "annotated-llama", "max_model_len": backend.n_ctx}]}
 
     def sampling(req, max_tokens: int, stops=()) -> SamplingParams:
+        try:
+            return _sampling(req, max_tokens, stops)
+        except ValueError as e:  # the engine's own range check (sampling.LIMITS): a 400, never a 500
+            raise APIError(400, str(e), param=str(e).split()[0]) from None
+
+    def _sampling(req, max_tokens: int, stops=()) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
                               top_p=1.0 if req.top_p is None else req.top_p,
                               top_k=min(req.top_k, backend.tokenizer.n_words) if req.top_k else 0,
@@ -217,7 +223,7 @@ def create_app(engine_or_model=None, tokenizer=None, *, loader: Optional[Callabl
 
     def seeds(seed: Optional[int], n: int) -> list[Optional[int]]:
         # choice j of a seeded request draws from seed + j (wrapped into the 64 bits a torch.Generator takes)
-        return [None if seed is None else seed + j - (2 ** 64 if seed + j >= 2 ** 64 else 0) for j in range(n)]
+        return [None if seed is None else (seed + j) % 2 ** 64 for j in range(n)]
 
     async def respond(request, req, specs, shape):
         run = Run(backend.scheduler, specs, shape.chat, metrics)
@@ -338,9 +344,9 @@ class RequestLog:
         async def logged_send(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-            await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
-                line()
+                line()  # before the last bytes go out: a client that has its answer finds it logged
+            await send(message)
         try:
             await self.app(scope, receive, logged_send)
         except Exception as e:

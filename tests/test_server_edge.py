@@ -280,7 +280,8 @@ def test_openapi_has_the_real_models(plain):
     assert set(schemas["CompletionRequest"]["properties"]) == set(CompletionRequest.model_fields)
     body = spec["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body == {"$ref": "#/components/schemas/ChatRequest"}
-    assert "schema" in schemas["JSONSchemaFormat"]["properties"]  # the alias, as clients send it
+    refused = schemas["ChatRequest"]["properties"]["presence_penalty"]  # the no-op values only, and why
+    assert refused["anyOf"] == [{"type": "null"}, {"const": 0}, {"const": 0.0}] and "Not supported" in refused["description"]
 
 
 def test_an_exception_in_a_handler_is_a_500_on_a_kept_connection(tokenizer):

@@ -42,7 +42,7 @@ def tiny_model():
 
 @pytest.fixture(scope="module")
 def url(tokenizer):
-    app = create_app(tiny_model(), tokenizer, api_key=KEY, max_batch_size=4, max_body_bytes=1 << 20, kv_budget=100,
+    app = create_app(tiny_model(), tokenizer, api_key=KEY, max_batch_size=4, max_body_bytes=1 << 20, kv_budget=64,
                      model_name="tiny")
     with run_in_thread(app) as base:
         yield base
@@ -160,7 +160,7 @@ CASES = [
     ("overflow-in-schema", "POST", C, JSON, b'{"messages": [{"role": "user", "content": "hi"}], "response_format": '
      b'{"type": "json_schema", "json_schema": {"name": "x", "schema": {"maximum": -1e999}}}}', 400, None,
      "response_format.json_schema.schema.maximum"),
-    # over the KV budget (100 tokens here): it could never be admitted
+    # over the KV budget (64 tokens here): it could never be admitted
     ("over-kv-budget", "POST", P, JSON, comp(max_tokens=110), 400, "context_length_exceeded", "max_tokens"),
     # fields OpenAI does not have, and fields this server does not implement
     ("unknown-field", "POST", P, JSON, comp(frobnicate={"x": [1]}), 400, None, "frobnicate"),

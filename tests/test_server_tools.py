@@ -103,31 +103,32 @@ def test_tool_call_stream_passes_text_and_holds_calls():
 
 
 class Scripted(Transformer):
-    """A tiny Llama 3 vocabulary model that writes `script` after a prompt of `prompt_len` tokens."""
+    """A tiny Llama 3 vocabulary model that writes `script` after a prompt of `prompt_len` tokens
+    (the engine's `step` contract: logits for tokens at positions; one row per position asked for)."""
 
     script: list[int] = []
     prompt_len = 0
 
-    def forward(self, tokens, start_pos=0, **kw):
-        logits = super().forward(tokens, start_pos, **kw)
-        B, T = tokens.shape
-        starts = start_pos if isinstance(start_pos, torch.Tensor) else torch.full((B,), int(start_pos))
-        out = torch.full_like(logits, -1e9)
-        for b in range(B):
-            for t in range(T):
-                k = int(starts[b]) + t - (self.prompt_len - 1)  # the k-th token of the reply comes next
-                nxt = self.script[k] if 0 <= k < len(self.script) else self.eot
-                out[b, t, nxt] = 0.0
-        return out
+    def step(self, tokens, positions, cache=None, logits_at=None):
+        logits = super().step(tokens, positions, cache, logits_at)
+        at = positions if logits_at is None else positions[torch.arange(len(positions)), logits_at][:, None]  # (B, T|1)
+        out = torch.full((*at.shape, logits.shape[-1]), -1e9)
+        for b in range(at.shape[0]):
+            for t in range(at.shape[1]):
+                k = int(at[b, t]) - (self.prompt_len - 1)  # the k-th token of the reply comes next
+                out[b, t, self.script[k] if 0 <= k < len(self.script) else self.eot] = 0.0
+        return out if logits_at is None else out[:, 0]
 
 
 @pytest.fixture(scope="module")
 def served(llama3_tokenizer):
+    from annotated_llama.scheduler import Scheduler
     torch.manual_seed(0)
     model = Scripted(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=llama3_tokenizer.n_words, multiple_of=32,
                                max_seq_len=512)).eval()
     model.eot = llama3_tokenizer.special_id("<|eot_id|>")
-    with run_in_thread(create_app(model, llama3_tokenizer, model_name="tools", max_batch_size=2)) as url:
+    scheduler = Scheduler(model, llama3_tokenizer, max_batch_size=2, backend="eager")  # step as written, not compiled
+    with run_in_thread(create_app(scheduler, model_name="tools")) as url:
         yield url, model
 
 
