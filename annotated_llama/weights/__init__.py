@@ -130,10 +130,15 @@ def build_model(args: ModelArgs, sd: dict[str, torch.Tensor], dtype=None, device
 
 
 def load_model(path, dtype=None, device="cpu", lora=None):
-    """(model, tokenizer or None) from a Meta/HF/ours dir or a .gguf file; see CONTRACT.md.
-    dtype None keeps the stored dtype (GGUF quantized tensors: float32)."""
+    """(model, tokenizer or None) from a Meta/HF/ours dir or a .gguf file.
+    dtype None keeps the stored dtype; a quantized GGUF then loads into the int8/int4 kernels
+    (weights/gguf_load.py), tensor by tensor."""
     p = Path(path)
-    if p.is_dir() and (p / OURS_WEIGHTS).is_file() and _is_quantized(p / OURS_WEIGHTS):
+    if p.is_file() and detect_format(p) == "gguf":
+        from .gguf import gguf_tokenizer
+        from .gguf_load import load_gguf_model
+        model, tokenizer = load_gguf_model(p, dtype, device), gguf_tokenizer(p)
+    elif p.is_dir() and (p / OURS_WEIGHTS).is_file() and _is_quantized(p / OURS_WEIGHTS):
         # written by `annotated-llama quantize`: packed int8/int4 weights, built by quantize.py
         from ..quantize import load_quantized
         model = load_quantized(p, device=device, dtype=to_dtype(dtype) or torch.float32)
