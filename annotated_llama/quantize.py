@@ -15,7 +15,8 @@ small integers and dequantize in registers. On CPU both want bfloat16 activation
 (int8 with float32 activations measured ~10x slower on a 2-core x86 CPU), so the layers cast.
 
 Checkpoints store the plain integers (int4 as two nibbles per byte, low nibble first) and
-scales in safetensors; the device-specific packing is redone at load time.
+scales in safetensors; the device-specific packing is redone at load time. weights/gguf_load.py
+fills the same layers from llama.cpp's GGUF types.
 Shape letters: B batch, N output features, K input features, G groups (K / group_size).
 """
 

@@ -177,7 +177,8 @@ def _state_dict_for_saving(model, dtype) -> dict[str, torch.Tensor]:
 
 def save_model(model, tokenizer, path, format="hf", dtype=None, *, shards: int = 1, overwrite: bool = True):
     """Write `model` (and `tokenizer`, may be None except for GGUF) to `path` as format
-    'hf', 'meta', 'gguf' (a file) or 'ours'. dtype: f32/f16/bf16 (GGUF also q8_0).
+    'hf', 'meta', 'gguf' (a file) or 'ours'. dtype: f32/f16/bf16 (GGUF also q8_0, q5_1,
+    q5_0, q4_1, q4_0).
 
     Files are written under a temporary name and renamed into place, so an interrupted save
     never leaves a half-written file under a real name. Files in `path` that this format does
