@@ -223,25 +223,23 @@ class Int8Embedding(nn.Module):
     def __init__(self, head: Int8Linear, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.dtype = head.out_features, head.in_features, dtype
-        self.register_buffer("weight", head.weight)  # (V, C) int8, the same tensor as head.weight
+        self.register_buffer("qweight", head.weight)  # (V, C) int8, the same tensor as head.weight
         self.register_buffer("scales", head.scales)  # (V,)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        # The engine reads the activations' dtype and the device off `tok_embeddings.weight` (the
+        # KV cache is made in that dtype): an empty (0, C) tensor carries both; the table is qweight.
+        return torch.empty(0, self.embedding_dim, dtype=self.dtype, device=self.qweight.device)
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.weight[tokens].to(self.dtype) * self.scales[tokens].to(self.dtype)[..., None]  # (..., C)
+        return self.qweight[tokens].to(self.dtype) * self.scales[tokens].to(self.dtype)[..., None]  # (..., C)
 
     def dequantized(self) -> torch.Tensor:
-        return self.weight.float() * self.scales.float()[:, None]  # (V, C)
+        return self.qweight.float() * self.scales.float()[:, None]  # (V, C)
 
     def extra_repr(self):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 per row"
-
-
-class CastLinear(nn.Linear):
-    """A float Linear stored in another dtype than the activations (a 16-bit matrix inside a
-    quantized model): the input is cast to the weight's dtype and the output back."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
 
 
 def _targets(model: Transformer, include_output: bool):
@@ -284,7 +282,8 @@ def quantize_model(model: Transformer, mode: str = "int8", group_size: int = 128
 
 
 def _tied(model: Transformer) -> bool:  # the head and the embedding are one tensor (float or int8)
-    return getattr(model.output, "weight", None) is model.tok_embeddings.weight
+    emb = model.tok_embeddings
+    return getattr(model.output, "weight", None) is (emb.qweight if isinstance(emb, Int8Embedding) else emb.weight)
 
 
 # ---- checkpoints ---------------------------------------------------------------------------
@@ -298,7 +297,7 @@ def quantized_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
         if name == "output" and _tied(model):
             continue
         if isinstance(module, (Int8Linear, Int8Embedding)):
-            out[prefix + "weight"] = module.weight.cpu()
+            out[prefix + "weight"] = (module.qweight if isinstance(module, Int8Embedding) else module.weight).cpu()
             out[prefix + "scales"] = module.scales.float().cpu()
         elif isinstance(module, Int4Linear):
             out[prefix + "weight_int4"] = module.nibbles

@@ -10,7 +10,7 @@ import torch
 
 import gguf
 from annotated_llama import ModelArgs, Transformer
-from annotated_llama.quantize import CastLinear, Int4Linear, Int8Embedding, Int8Linear, quantize_int4, unpack_nibbles
+from annotated_llama.quantize import Int4Linear, Int8Embedding, Int8Linear, quantize_int4, unpack_nibbles
 from annotated_llama.weights import load_model
 from annotated_llama.weights.gguf import META_TO_GGUF, read_gguf
 from annotated_llama.weights.gguf_load import fit_int4, kernel_for
@@ -212,7 +212,7 @@ def test_a_gguf_without_output_weight_loads_tied(tmp_path):
     assert "output.weight" not in read_gguf(path)[1]
     model, _ = load_model(path)
     assert model.params.tie_word_embeddings
-    assert isinstance(model.output, Int8Linear) and model.tok_embeddings.weight is model.output.weight  # one matrix
+    assert isinstance(model.output, Int8Linear) and model.tok_embeddings.qweight is model.output.weight  # one matrix
     floats, _ = load_model(path, dtype="f32")
     assert floats.output.weight is floats.tok_embeddings.weight
     tokens = torch.randint(0, 320, (1, 30))

@@ -222,7 +222,7 @@ def test_a_tied_model_stays_tied_as_one_int8_matrix(tmp_path, mode):
     q = quantize_model(copy.deepcopy(model), mode, group_size=32)
     # the head is int8 in either mode, and the embedding gathers rows of that same matrix
     assert isinstance(q.output, Int8Linear) and isinstance(q.tok_embeddings, Int8Embedding)
-    assert q.tok_embeddings.weight is q.output.weight and q.tok_embeddings.scales is q.output.scales
+    assert q.tok_embeddings.qweight is q.output.weight and q.tok_embeddings.scales is q.output.scales
     with torch.no_grad():
         out = q(x, cache=False)
         emb = q.tok_embeddings(x)
@@ -233,6 +233,6 @@ def test_a_tied_model_stays_tied_as_one_int8_matrix(tmp_path, mode):
     with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
         assert "tok_embeddings.weight" in f.keys() and not any(k.startswith("output.") for k in f.keys())
     loaded = load_quantized(tmp_path / "q")
-    assert loaded.output.weight is loaded.tok_embeddings.weight
+    assert loaded.output.weight is loaded.tok_embeddings.qweight
     with torch.no_grad():
         assert torch.equal(loaded(x, cache=False), out)

@@ -358,9 +358,7 @@ def load_gguf(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     check_types(raw, path)
     sd = {name: float_tensor(*entry, g) if entry[0].name in FLOAT_TYPES else dequantize(*entry)
           for name, entry in raw.items()}
-    if args.tie_word_embeddings:
-        sd["output.weight"] = sd["tok_embeddings.weight"]
-    return args, sd
+    return args, sd  # tied: no output.weight (build_model ties it)
 
 
 def is_quantized(path: Path) -> bool:

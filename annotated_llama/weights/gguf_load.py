@@ -25,16 +25,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..model import Transformer
-from ..quantize import CastLinear, Int4Linear, Int8Embedding, _cpu_layout, int8_linear, quantize_int8
+from ..quantize import Int4Linear, Int8Embedding, _cpu_layout, int8_linear, quantize_int8
 from .gguf import FLOAT_TYPES, META_TO_GGUF, _gguf, float_tensor, open_gguf, release_pages
 from .hf import rename
 
 CHUNK = 1 << 18  # weights dequantized at a time: 1 MiB of float32
 GROUP = 32  # Int4Linear's groups for GGUF tensors: the block size of Q4_0/Q4_1, Q4_K's sub-blocks
 EXACT_INT4 = ("Q4_0", "Q4_1", "Q4_K")
+
+
+class CastLinear(nn.Linear):
+    """A float Linear stored in another dtype than the activations (a 16-bit matrix inside a
+    quantized model): the input is cast to the weight's dtype and the output back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
 
 
 def bits_per_weight(ttype) -> float:
@@ -202,10 +211,7 @@ def load_gguf_model(path, dtype=None, device="cpu") -> Transformer:
 
     path, g = Path(path), _gguf()
     args, raw, _ = open_gguf(path)
-    shapes = {k: torch.empty(v[1], device="meta") for k, v in raw.items()}
-    if args.tie_word_embeddings:
-        shapes["output.weight"] = shapes["tok_embeddings.weight"]
-    check_state_dict(shapes, args, path, path)
+    check_state_dict({k: torch.empty(v[1], device="meta") for k, v in raw.items()}, args, path, path)
     check_types(raw, path)
     dtype = to_dtype(dtype)
     if dtype is not None or all(v[0].name in FLOAT_TYPES for v in raw.values()):
@@ -215,12 +221,7 @@ def load_gguf_model(path, dtype=None, device="cpu") -> Transformer:
                 sd[name] = float_tensor(ttype, shape, data, g)
             else:
                 sd[name] = dequantize(ttype, shape, data, dtype)
-        if args.tie_word_embeddings:
-            sd["output.weight"] = sd["tok_embeddings.weight"]
-        model = build_model(args, sd, dtype, device)
-        if args.tie_word_embeddings:  # load_state_dict(assign=True) made two Parameters of the one tensor
-            model.output.weight = model.tok_embeddings.weight
-        return model
+        return build_model(args, sd, dtype, device)  # which ties a tied head to the embedding
 
     with torch.device("meta"):
         model = Transformer(args)
