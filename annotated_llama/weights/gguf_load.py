@@ -3,7 +3,8 @@
 A 4-bit GGUF of S bytes expanded to float32 would need ~7 x S; here each tensor is dequantized
 by the `gguf` package (gguf.quants.dequantize, every type it knows) a few rows at a time, turned
 into the kernel chosen by its type, and its mapped file pages are dropped again, so the model
-ends up about S bytes and the peak stays near it. Per tensor, by the GGML type's bits per weight:
+ends up 0.9-1.7 x S (bench/gguf_memory.py) and the peak a little above. Per tensor, by the GGML
+type's bits per weight:
 
   - Q4_0, Q4_1, Q4_K: every 32 weights are w = s * q + m with q in [0, 15] (ggml-common.h:
     block_q4_0 has w = d * (q - 8), block_q4_1 w = d * q + m, block_q4_K 8 sub-blocks of 32 with
@@ -15,7 +16,7 @@ ends up about S bytes and the peak stays near it. Per tensor, by the GGML type's
     kernel has one scale per row);
   - F32, F16, BF16 matrices stay as stored, mapped from the file (CastLinear);
   - a quantized token_embd becomes an Int8Embedding (int8 rows); tied, it is the head as well.
-Norms stay float32, and so do the activations (as llama.cpp computes them).
+Norms (and a float token_embd) are float32, and so are the activations, as llama.cpp computes them.
 """
 
 from __future__ import annotations
@@ -238,11 +239,9 @@ def load_gguf_model(path, dtype=None, device="cpu") -> Transformer:
         owner, child = parent_name.rsplit(".", 1) if "." in parent_name else ("", parent_name)
         setattr(model.get_submodule(owner), child, _matrix(ttype, shape, data, device))
     ttype, shape, data = raw["tok_embeddings.weight"]
-    if kernel_for(ttype) == "float":
-        model.tok_embeddings.weight = nn.Parameter(float_tensor(ttype, shape, data, g).to(device))
+    if kernel_for(ttype) == "float":  # float32: the engine takes the activations' dtype from this table
+        model.tok_embeddings.weight = nn.Parameter(float_tensor(ttype, shape, data, g).to(device, torch.float32))
         if args.tie_word_embeddings:
-            with torch.device("meta"):
-                model.output = CastLinear(args.dim, args.vocab_size, bias=False)
             model.output.weight = model.tok_embeddings.weight
     else:
         q, scales = to_int8(ttype, shape, data)
