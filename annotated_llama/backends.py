@@ -1,23 +1,25 @@
-"""How the engine runs a forward call: the plain model, or the model through torch.compile.
+"""How the engine runs a forward call: the plain model, or its decode step compiled.
 
 Both run the same `Transformer.step` (model.py) on the same weights and the same paged cache;
 the compiled one only changes how the decode step (one new token per row) is executed:
 
-  - Batch-1 decoding reads every weight once per token and does two FLOPs with each: it is bound
-    by memory bandwidth. Eager PyTorch spends its time elsewhere: ~25 small ops per layer, each a
-    dispatch and a thread-pool fork/join, and `F.linear` with one row reads float32 and bfloat16
-    weights at about half the machine's bandwidth. torch.compile turns the step into a few fused
-    loops; and the one-row products are written as multiply-and-sum (`StreamingLinear`), which
-    inductor compiles to one loop streaming the weight once (docs/annotated/10_speed.md).
-  - Steps with more rows keep `F.linear` (a matrix product), inside the same compiled program.
-  - Prefill (many tokens per row) stays eager: it is compute-bound, and the eager kernels are
-    the same ones a compiled graph would call.
+  - A decode step reads every weight once per token and does two FLOPs with each: it is bound by
+    memory bandwidth. Eager PyTorch spends its time elsewhere: ~25 small ops per layer, each a
+    dispatch and a thread-pool fork/join, and `F.linear` reads one row's float32 and bfloat16
+    weights at about half the machine's bandwidth (with a few rows in float32, a tenth).
+  - So the compiled step's linears (`DecodeLinear`, in a second module tree over the same weights,
+    `decode_view`) call the decode kernel of matvec.py, which streams each weight once for all the
+    rows of the step, where it beats F.linear (bench/RESULTS.md); without the kernel, a float32
+    row is written as multiply-and-sum, which inductor compiles to one streaming loop.
+  - torch.compile fuses the rest (norms, rotations, attention over the cache, residuals) into a
+    few loops, and its C++ wrapper calls them without Python in between.
+  - Prefill (many tokens per row) stays eager: it is compute-bound, and its GEMMs are the ones a
+    compiled graph would call.
 
-The first token never waits for a cold compile: `CompiledRunner` compiles on a background
-thread (warming it up on a scratch cache) and runs eagerly until the compiled step is ready.
-One graph serves every batch size and cache length (dynamic shapes), so a new shape does not
-recompile. "auto" compiles on a background thread (the first tokens come eagerly); "compiled" compiles first
-(the first call waits; benchmarks and tests want that); "eager" never compiles.
+"auto" builds the kernel and compiles on a background thread (warming up on a scratch cache) and
+decodes eagerly until that is done, so the first token never waits for it; "compiled" does it
+first (the first call waits: benchmarks and tests want that); "eager" never compiles. Dynamic
+shapes: one graph serves every cache length and batch size, so a new request does not recompile.
 """
 
 from __future__ import annotations
@@ -25,40 +27,56 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+import time
+import types
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import matvec
 from .kv_cache import CacheBatch, KVCache
 
 log = logging.getLogger("annotated_llama.backends")
 BACKENDS = ("auto", "eager", "compiled")
 
 
-class StreamingLinear(nn.Linear):
-    """An nn.Linear whose one-row product is written as multiply-and-sum: inside torch.compile,
-    inductor turns it into a loop that reads each weight once, converts it to float32 in registers
-    and accumulates (a bandwidth-bound matrix-vector product). With more rows it is F.linear. Only
-    the compiled step's view of the model (`streaming_view`) has these: eagerly, the product would
-    be materialised."""
+class DecodeLinear(nn.Linear):
+    """An nn.Linear for the compiled decode step: a product with few rows goes to the decode kernel
+    where measurement favours it, else to F.linear (prefill-sized products always). Only the
+    compiled step's view of the model (`decode_view`) has these; eager calls keep nn.Linear."""
+    kernel = False  # set by decode_view: the kernel of matvec.py is loaded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[:-1].numel() == 1:
-            y = (self.weight.float() * x.reshape(1, -1).float()).sum(-1)  # (N,)
-            return y.to(x.dtype).view(*x.shape[:-1], -1)  # (..., N)
+        rows, dtype = x.shape[:-1].numel(), self.weight.dtype
+        if self.kernel and _kernel_wins(dtype, rows):
+            return matvec.matvec(x.reshape(rows, -1), self.weight).view(*x.shape[:-1], -1)  # (..., N)
+        if not self.kernel and rows == 1 and dtype == torch.float32:
+            # multiply-and-sum: inductor compiles it to one loop that streams the weight
+            y = (self.weight * x.reshape(1, -1)).sum(-1)  # (N,)
+            return y.view(*x.shape[:-1], -1)
         return F.linear(x, self.weight, self.bias)
 
 
-def streaming_view(module: nn.Module) -> nn.Module:
+def _kernel_wins(dtype, rows: int) -> bool:
+    # Where the decode kernel beat F.linear on this project's CPU (bench/bench_matvec.py): float32 at
+    # every decode size; bfloat16 for one or two rows (from 4 rows oneDNN's GEMM is as fast);
+    # float16 from 2 rows (F.linear has a fast float16 matrix-vector product, but no fast GEMM)
+    if rows > matvec.MAX_ROWS:
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and rows <= 2) or (dtype == torch.float16 and rows >= 2)
+
+
+def decode_view(module: nn.Module, kernel: bool) -> nn.Module:
     """A second module tree over the same parameters and buffers (nothing is copied), with every
-    plain nn.Linear a StreamingLinear: what the compiled step runs, while eager calls keep the
+    plain nn.Linear a DecodeLinear: what the compiled step runs, while eager calls keep the
     original modules (so a compile on another thread never changes what they compute)."""
     view = copy.copy(module)  # shares the parameter and buffer tensors
-    view._modules = {name: streaming_view(child) for name, child in module._modules.items()}
-    if type(module) is nn.Linear:
-        view.__class__ = StreamingLinear
+    view._modules = {name: decode_view(child, kernel) for name, child in module._modules.items()}
+    if type(module) is nn.Linear and module.bias is None:
+        view.__class__ = DecodeLinear
+        view.kernel = kernel
     return view
 
 
@@ -66,15 +84,24 @@ class CompiledRunner:
     """`runner(tokens, positions, cache_batch, logits_at)` for the engine: decode steps through
     one compiled graph once it is built, everything else (and everything before) eagerly."""
 
-    def __init__(self, model, *, background: bool = True):
-        self.model = model
-        self.streaming = streaming_view(model)
+    def __init__(self, model, *, background: bool = True, max_batch_size: int = 8):
+        self.model, self.max_batch_size = model, max_batch_size
+        self.view: Optional[nn.Module] = None  # built with the kernel, on the warm-up thread
         self.ready = threading.Event()
         self.error: Optional[str] = None
         self.calls = {"compiled": 0, "eager": 0}
-        self.compiled = torch.compile(self._decode, dynamic=True, fullgraph=True, **_compile_options(model))
+        # dynamo keeps its graphs, and its limit of 8 recompiles, on the code object: a copy per
+        # runner, so that the models of one process (tests, benchmarks) never share or exhaust them
+        fn = type(self)._decode
+        fn = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+        self.compiled = torch.compile(types.MethodType(fn, self), dynamic=True, fullgraph=True,
+                                      **_compile_options(model))
         if background:
-            threading.Thread(target=self._warm_up, name="annotated-llama-compile", daemon=True).start()
+            # not a daemon: one killed at interpreter exit inside a torch call aborts the process
+            # ("terminate called without an active exception"); this one stops between its steps
+            # once the main thread has finished, and the exit waits at most for the current step
+            self.thread = threading.Thread(target=self._warm_up, name="annotated-llama-compile")
+            self.thread.start()
         else:
             self._warm_up()
 
@@ -82,36 +109,55 @@ class CompiledRunner:
         # the engine's CacheBatch, rebuilt from tensors: its ints would otherwise be constants of the graph
         cache = _Pools(pools_k, pools_v)
         batch = CacheBatch(cache, slots, block_table, None, block_table.shape[1] * pools_k[0].shape[1], False)
-        return self.streaming.step(tokens, positions, batch, logits_at)
+        return self.view.step(tokens, positions, batch, logits_at)
 
     def __call__(self, tokens, positions, batch: Optional[CacheBatch] = None, logits_at=None):
         if tokens.shape[1] == 1 and batch is not None and not batch.fresh and batch.copies is None \
                 and logits_at is not None \
                 and self.ready.is_set() and self.error is None:
-            self.calls["compiled"] += 1
-            c = batch.cache
-            return self.compiled(tokens, positions, batch.slots, batch.block_table, c.k, c.v, logits_at)
+            c, table = batch.cache, batch.block_table
+            if table.shape[1] < 2:  # dynamo specialises sizes 0 and 1: keep one graph for every length
+                table = torch.cat([table, torch.zeros_like(table)], 1)  # (B, 2): block 0, keys masked
+            try:
+                out = self.compiled(tokens, positions, batch.slots, table, c.k, c.v, logits_at)
+                self.calls["compiled"] += 1
+                return out
+            except Exception as e:  # a graph that cannot be built for this call: eager from now on
+                self.error = f"{type(e).__name__}: {e}".splitlines()[0]
+                log.warning("the compiled decode step failed, decoding eagerly: %s", self.error)
         self.calls["eager"] += 1
         return self.model.step(tokens, positions, batch, logits_at)
 
     def _warm_up(self):
-        """Compile on a scratch cache: batch 1 and 2, two cache lengths (so every size is dynamic)."""
+        """Build the kernel, then compile on a scratch cache, so that no later step recompiles."""
         try:
+            dev = self.model.tok_embeddings.weight.device
+            kernel = dev.type == "cpu" and matvec.load()
+            t0 = time.perf_counter()
+            self.view = decode_view(self.model, kernel)
+            # one graph per branch of DecodeLinear: 1 row, 2, 3 to 16 (MAX_ROWS), and more
+            sizes = [1, 2, 3] + ([matvec.MAX_ROWS + 1] if self.max_batch_size > matvec.MAX_ROWS else [])
             with torch.inference_mode():
-                dev = self.model.tok_embeddings.weight.device
-                scratch = KVCache.for_model(self.model, max_tokens=4 * 64, block_size=16)
-                for B, start in ((1, 17), (2, 33), (2, 50)):
-                    ids = [("warm", B, start, b) for b in range(B)]
+                scratch = KVCache.for_model(self.model, max_tokens=max(sizes) * 64, block_size=16)
+                for B in sizes:
+                    if not threading.main_thread().is_alive():
+                        self.error = "stopped: the program ended before the compile"
+                        return
+                    ids, start = [("warm", B, b) for b in range(B)], 20
                     scratch.plan(ids, [0] * B, [start] * B, start)  # positions before `start` "held"
                     batch = scratch.plan(ids, [start] * B, [1] * B, 1)
+                    table = batch.block_table
+                    torch._dynamo.mark_dynamic(table, 1)  # else a batch of 1 specialises its length
                     zeros = torch.zeros(B, 1, dtype=torch.long, device=dev)
-                    self.compiled(zeros, zeros + start, batch.slots, batch.block_table, scratch.k, scratch.v,
+                    self.compiled(zeros, zeros + start, batch.slots, table, scratch.k, scratch.v,
                                   torch.zeros(B, dtype=torch.long, device=dev))
                     scratch.reset()
+            log.info("compiled decode step ready after %.0f s", time.perf_counter() - t0)
             self.ready.set()
         except Exception as e:  # no compiler here (e.g. no C++ toolchain): stay eager, say why once
             self.error = f"{type(e).__name__}: {e}".splitlines()[0]
-            log.warning("torch.compile failed, decoding eagerly: %s", self.error)
+            if threading.main_thread().is_alive():  # (at exit, inductor's workers are already gone)
+                log.warning("torch.compile failed, decoding eagerly: %s", self.error)
 
 
 class _Pools:
@@ -143,7 +189,7 @@ def make_runner(model, backend: str = "auto", max_batch_size: int = 8):
         return model.step  # tensor parallelism: rank 0's step broadcasts (tensor_parallel.lead), eagerly
     if backend == "eager" or (backend == "auto" and not compile_available()):
         return model.step
-    return CompiledRunner(model, background=backend == "auto")
+    return CompiledRunner(model, background=backend == "auto", max_batch_size=max_batch_size)
 
 
-__all__ = ["make_runner", "CompiledRunner", "StreamingLinear", "streaming_view", "BACKENDS", "compile_available"]
+__all__ = ["make_runner", "CompiledRunner", "DecodeLinear", "decode_view", "BACKENDS", "compile_available"]

@@ -83,7 +83,7 @@ class Llama:
         if self._engine is None:
             from .backends import make_runner
             self._engine = Engine(self.model, self.tokenizer, max_batch_size=self.max_batch_size, seed=self.seed,
-                                  runner=make_runner(self.model, self.backend))
+                                  runner=make_runner(self.model, self.backend, self.max_batch_size))
         return self._engine
 
     @property

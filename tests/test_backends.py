@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from annotated_llama import ModelArgs, Transformer
-from annotated_llama.backends import CompiledRunner, StreamingLinear, make_runner, streaming_view
+from annotated_llama import matvec
+from annotated_llama.backends import CompiledRunner, DecodeLinear, decode_view, make_runner
 from annotated_llama.engine import Engine
 from annotated_llama.model import attend_one
 from annotated_llama.sampling import SamplingParams
@@ -34,23 +35,42 @@ def test_written_out_attention_equals_sdpa(H, K):
     torch.testing.assert_close(got, want.transpose(1, 2).reshape(B, 1, H * D), rtol=1e-5, atol=1e-6)
 
 
-def test_the_streaming_view_shares_every_weight_and_leaves_the_model_alone():
+@pytest.mark.parametrize("kernel", [False, True])
+def test_the_decode_view_shares_every_weight_and_leaves_the_model_alone(kernel):
+    if kernel and not matvec.load():
+        pytest.fail(f"the decode kernel did not build here: {matvec._state['error']}")
     torch.manual_seed(0)
     model = Transformer(ModelArgs.from_name("tiny-gqa")).eval()
-    view = streaming_view(model)
+    view = decode_view(model, kernel)
     assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
     linears = [m for m in view.modules() if isinstance(m, torch.nn.Linear)]
-    assert linears and all(type(m) is StreamingLinear for m in linears)
+    assert linears and all(type(m) is DecodeLinear and m.kernel == kernel for m in linears)
     assert all(a is b for a, b in zip(model.parameters(), view.parameters()))  # the same tensors
     assert view.output.weight is model.output.weight and view.rope_cos is model.rope_cos
-    x = torch.randint(0, 512, (1, 1))
-    with torch.no_grad():  # eagerly the multiply-and-sum is exact up to summation order
-        torch.testing.assert_close(view(x, cache=False), model(x, cache=False), rtol=1e-5, atol=1e-5)
-        x8 = torch.randn(8, 64)  # more rows: F.linear itself
-        assert torch.equal(view.layers[0].attention.wq(x8), model.layers[0].attention.wq(x8))
+    with torch.no_grad():
+        for rows in (1, 3, 16, 17):  # the kernel's sizes and a prefill-sized product
+            x = torch.randn(rows, 1, 64)
+            torch.testing.assert_close(view(x.argmax(-1), cache=False), model(x.argmax(-1), cache=False),
+                                       rtol=1e-5, atol=1e-5)
     compiled = torch.compile(view.layers[0].attention.wq, fullgraph=True)
     x1 = torch.randn(1, 1, 64)
-    torch.testing.assert_close(compiled(x1), model.layers[0].attention.wq(x1), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the kernel has no backward: the compiled step runs without autograd
+        torch.testing.assert_close(compiled(x1), model.layers[0].attention.wq(x1), rtol=1e-5, atol=1e-5)
+
+
+def test_the_decode_kernel_equals_a_float64_product_for_every_dtype_and_size():
+    if not matvec.load():
+        pytest.fail(f"the decode kernel did not build here: {matvec._state['error']}")
+    torch.manual_seed(0)
+    for dtype, bound in ((torch.float32, 2e-6), (torch.bfloat16, 1e-2), (torch.float16, 1e-3)):
+        for N, K in ((96, 64), (37, 100), (5, 1000), (8, 33)):  # K not a multiple of 16 or 32 too
+            w = torch.randn(N, K).to(dtype)
+            for M in (1, 2, 3, 4, 5, 8, 13, 16):
+                x = torch.randn(M, K).to(dtype)
+                want = x.double() @ w.double().T  # (M, N)
+                got = matvec.matvec(x, w)
+                assert got.dtype == dtype and got.shape == (M, N)
+                assert float((got.double() - want).abs().max() / want.abs().max()) < bound, (dtype, N, K, M)
 
 
 def test_tensor_parallel_and_eager_choices_never_compile():
@@ -82,9 +102,12 @@ def test_compiled_decode_equals_eager_for_one_row_and_continuous_batches():
         eager = [s.output for s in Engine(model, vocab, runner=model.step).run(prompts, params)]
         runner = CompiledRunner(model, background=False)
         assert runner.error is None and runner.ready.is_set()
+        graphs = dict(torch._dynamo.utils.counters["stats"])
         engine = Engine(model, vocab, runner=runner, max_batch_size=3)  # the 4th prompt joins mid-run
         compiled = [s.output for s in engine.run(prompts, params)]
         alone = [engine.run([p], params)[0].output for p in prompts]
+        # the warm-up built every graph: no batch size or cache length since has compiled again
+        assert dict(torch._dynamo.utils.counters["stats"]) == graphs
         # logits: the compiled step against the eager one at the same cache state
         seq = engine.add(prompts[1], params)[0]
         engine.step()
@@ -94,6 +117,13 @@ def test_compiled_decode_equals_eager_for_one_row_and_continuous_batches():
     assert compiled == eager == alone
     assert runner.calls["compiled"] > 50 and runner.calls["eager"] >= 1  # decode compiled, prefill eager
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+    def fails(*args):
+        raise RuntimeError("FailOnRecompileLimitHit: Hard failure due to fullgraph=True")
+    runner.compiled = fails  # a graph that cannot be built at call time: the call runs eagerly
+    with torch.inference_mode():
+        assert [s.output for s in engine.run(prompts, params)] == eager
+    assert runner.error.startswith("RuntimeError: FailOnRecompileLimitHit")
     # "auto": the first call does not wait for the compile, it runs eagerly
     background = CompiledRunner(model, background=True)
     with torch.inference_mode():
