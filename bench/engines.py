@@ -1,0 +1,104 @@
+"""The engines bench_engines.py and paired_decode.py time, each behind one call:
+`generate(prompts, n)` -> (new tokens per row, seconds to the first token, seconds for the other n - 1).
+
+    ours        annotated_llama's public API: `Llama.build(dir, dtype=...)`, then `Llama.generate(prompts,
+                max_gen_len=n, temperature=0, ignore_eos=True)`. Llama.generate does not report its
+                first token's time, so generate() makes two calls, k=1 and k=n new tokens: the first
+                token takes t(1), the other n - 1 take t(n) - t(1).
+    HF          a minimal greedy loop over transformers' `LlamaForCausalLM` with past_key_values
+                (less overhead than HF's `generate`, so the stricter reference).
+    llama.cpp   llama-cpp-python's `Llama.eval` one token at a time, argmax of its logits in place.
+Their checkpoints are the exports bench_engines.py writes into its --workdir.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+class OursEngine:
+    """Our public API: Llama.build, then Llama.generate (greedy, ignore_eos)."""
+
+    def __init__(self, wd: Path, precision: str, max_batch_size: int = 16):
+        from annotated_llama import Llama
+        if precision in ("int8", "int4"):  # load_model recognises a quantized dir
+            self.llm = Llama.build(wd / f"ours-{precision}", max_batch_size=max_batch_size)
+        else:
+            self.llm = Llama.build(wd / "ours", dtype=precision, max_batch_size=max_batch_size)
+
+    def run(self, prompts, n):
+        out, _ = self.llm.generate(prompts, max_gen_len=n, temperature=0, ignore_eos=True)
+        if any(len(row) != n for row in out):
+            raise RuntimeError(f"Llama.generate made {[len(r) for r in out]} tokens, asked {n} (ignore_eos)")
+        return out
+
+    def generate(self, prompts, n):
+        """(new tokens per row, seconds to the first token, seconds for the other n - 1)."""
+        t0 = time.perf_counter()
+        self.run(prompts, 1)
+        t1 = time.perf_counter()
+        out = self.run(prompts, n)
+        t2 = time.perf_counter()
+        return out, t1 - t0, max((t2 - t1) - (t1 - t0), 1e-9)
+
+
+class HFEngine:
+    def __init__(self, wd: Path, precision: str):
+        import torch
+        from transformers import LlamaForCausalLM
+        self.torch = torch
+        self.model = LlamaForCausalLM.from_pretrained(wd / "hf", dtype=getattr(torch, precision)).eval()
+
+    def generate(self, prompts, n):
+        torch = self.torch
+        with torch.no_grad():  # the minimal HF loop: forward with past_key_values, argmax
+            t0 = time.perf_counter()
+            out = self.model(torch.tensor(prompts), use_cache=True, logits_to_keep=1)
+            tok = out.logits[:, -1].argmax(-1)
+            t1 = time.perf_counter()
+            toks = [tok]
+            for _ in range(n - 1):
+                out = self.model(tok[:, None], past_key_values=out.past_key_values, use_cache=True)
+                tok = out.logits[:, -1].argmax(-1)
+                toks.append(tok)
+        return torch.stack(toks, 1).tolist(), t1 - t0, time.perf_counter() - t1
+
+
+class LlamaCppEngine:
+    def __init__(self, wd: Path, precision: str, threads: int, n_ctx: int = 1024):
+        import numpy as np
+        from llama_cpp import Llama
+        self.np = np
+        self.llm = Llama(model_path=str(wd / f"model-{precision}.gguf"), n_ctx=n_ctx, n_batch=512, n_ubatch=512,
+                         n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
+
+    def _argmax_last(self) -> int:
+        # with logits_all=False, Llama.eval no longer copies logits into .scores: read
+        # llama.cpp's buffer for the last token in place (no copy)
+        logits = self.np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.llm.n_vocab(),))
+        return int(logits.argmax())
+
+    def generate(self, prompts, n):
+        llm = self.llm
+        (prompt,) = prompts
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        tok = self._argmax_last()
+        t1 = time.perf_counter()
+        out = [tok]
+        for _ in range(n - 1):
+            llm.eval([tok])
+            tok = self._argmax_last()
+            out.append(tok)
+        return [out], t1 - t0, time.perf_counter() - t1
+
+
+def load_engine(family: str, precision: str, wd: Path, threads: int, max_batch_size: int = 16,
+                n_ctx: int = 1024):
+    if family == "ours":
+        return OursEngine(wd, precision, max_batch_size=max_batch_size)
+    if family == "hf":
+        return HFEngine(wd, precision)
+    return LlamaCppEngine(wd, precision, threads, n_ctx=n_ctx)
