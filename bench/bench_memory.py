@@ -171,7 +171,7 @@ def markdown(r: dict) -> str:
         lens = f"{w['prompt_lens'][0]}..{w['prompt_lens'][-1]}" if len(w["prompt_lens"]) > 1 else str(w["prompt_lens"][0])
         failed = f"{len(w['errors'])}" + (f" ({w['errors'][0][:80]})" if w["errors"] else "")
         L.append(f"| {w['requests']} | {lens} | {failed} | {p['tokens_held_client_count']} | {p['rss_mib']:.0f} | "
-                 f"{fmt_kv(p['kv'])} | {fmt_kv({k: f'{v:g}' for k, v in w['kv_max_during'].items()})} | "
+                 f"{fmt_kv(p['kv'])} | {fmt_kv({k: int(v) if float(v).is_integer() else v for k, v in w['kv_max_during'].items()})} | "
                  f"{aft['rss_mib']:.0f} | {fmt_kv(aft['kv'])} |")
     return "\n".join(L)
 
