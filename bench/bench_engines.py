@@ -10,17 +10,11 @@ What it does, in order:
      format="hf"), GGUF F32/F16/Q8_0 (save_model format="gguf") for llama.cpp through
      llama-cpp-python (`pip install -e ".[bench]"`);
   2. measures this machine's memory bandwidth (the batch-1 decode ceiling) in a fresh process;
-  3. runs every engine in a fresh subprocess, rounds interleaved (A B C A B C ...), medians:
-       ours:       `Llama.build(dir, dtype=...)` then `Llama.generate(prompts, max_gen_len=n,
-                   temperature=0, ignore_eos=True)`: the public API, whatever engine is under it;
-       HF:         a minimal greedy loop over `LlamaForCausalLM` with past_key_values (faster than
-                   HF's `generate`, so the stricter reference);
-       llama.cpp:  llama-cpp-python's `Llama.eval` one token at a time, argmax of its logits.
-     Decode tok/s is (n - 1) / (t(n) - t(1)), where t(k) is the wall time of one call making k
-     new tokens after a 16-token prompt (batch 1, after --warmups warm-up calls); prefill tok/s
-     a --prompt-len prompt with one new token; "load + 1st token" from before loading the weights
-     (after imports) to the first token; batched decode of ours at --batches rows (one prompt per
-     row), B x (n - 1) / (t(n) - t(1));
+  3. runs every engine (bench/engines.py: ours through `Llama.build` + `Llama.generate`, HF, llama.cpp)
+     in a fresh subprocess, rounds interleaved (A B C A B C ...), medians. Decode tok/s: n - 1 new
+     tokens over t(n) - t(1), t(k) one call making k tokens after a 16-token prompt (batch 1, after
+     --warmups warm-up calls); prefill tok/s: a --prompt-len prompt; "load + 1st token" from before
+     loading (after imports); batched decode of ours at --batches rows, B x (n - 1) / (t(n) - t(1));
   4. checks greedy outputs against a float32 reference computed here with Meta's forward contract
      (`model(tokens, start_pos)`, one token at a time) before any speed counts: equal, or parting
      only at a near-tie of the reference's top two logits (random weights give nearly flat logits,
@@ -41,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engines import load_engine  # noqa: E402
+from engines import agreement, load_engine, reference_greedy  # noqa: E402
 from servers import commit_and_time, write_new  # noqa: E402
 
 TOKENIZER = ROOT / "tests" / "data" / "llama-spm.model"
@@ -118,7 +112,13 @@ def worker(a) -> dict:
     for _ in range(spec["warmups"]):
         eng.generate([short], n)  # at the timed run's cache length
     res["warmup_s"] = time.perf_counter() - t
+    deadline = time.monotonic() + spec["wait_compiled"]
+    while family == "ours" and eng.backend().get("compiled_ready") is False and time.monotonic() < deadline:
+        time.sleep(0.5)  # --wait-compiled: the steady state, once a background compile is done
+    before = eng.backend() if family == "ours" else {}
     toks, _, dec = eng.generate([short], n)
+    if family == "ours":  # which steps of the timed call ran compiled (diagnostics, in the JSON)
+        res["backend"] = {"before_timed_call": before, "after": eng.backend()}
     res["tokens"] = toks[0]
     res["decode_tok_s"] = (n - 1) / dec
     res["prefill_tok_s"] = len(long_) / min(eng.generate([long_], 1)[1] for _ in range(2))
@@ -139,18 +139,6 @@ def bandwidth_worker(a) -> dict:
 
 
 # ---- the driver ------------------------------------------------------------------------------
-
-def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
-    """Greedy tokens of the float32 model through Meta's forward(tokens, start_pos) contract."""
-    import torch
-    with torch.inference_mode():
-        tok = int(model(torch.tensor([prompt]), 0)[0, -1].argmax())
-        out = [tok]
-        for i in range(n - 1):
-            tok = int(model(torch.tensor([[tok]]), len(prompt) + i)[0, -1].argmax())
-            out.append(tok)
-    return out
-
 
 def setup(a, wd: Path, engines: list[str]) -> tuple[dict, object]:
     import copy
@@ -193,25 +181,11 @@ def setup(a, wd: Path, engines: list[str]) -> tuple[dict, object]:
         exported.add(target)
     ref = old["reference"] if same else reference_greedy(model, short, a.new_tokens)
     spec = dict(key, short_prompt=short, long_prompt=long_, batch_prompts=rows, batches=a.batches,
-                batched_new=a.batched_new, warmups=a.warmups, reference=ref, context=args.max_seq_len,
+                batched_new=a.batched_new, warmups=a.warmups, wait_compiled=a.wait_compiled, reference=ref, context=args.max_seq_len,
                 n_params=args.num_params(), exported=sorted(exported),
                 decode_weights=args.num_params() - args.vocab_size * args.dim)  # every weight but the embedding
     spec_path.write_text(json.dumps(spec))
     return spec, model
-
-
-def agreement(model, prompt, tokens, ref, tol) -> tuple[str, bool]:
-    import torch
-    j = next((i for i, (x, y) in enumerate(zip(tokens, ref)) if x != y), None)
-    if j is None:
-        return ("exact", True) if len(tokens) == len(ref) else (f"length {len(tokens)}", False)
-    with torch.inference_mode():
-        logits = model(torch.tensor([prompt + ref[:j]]), 0)[0, -1]
-    top2 = logits.topk(2).values
-    gap = float((top2[0] - top2[1]) / (logits.max() - logits.min()))
-    if gap < tol:
-        return f"to token {j} (then a near-tie: gap {gap:.1e})", True
-    return f"DIFFERS at token {j} (gap {gap:.1e})", False
 
 
 def run_worker(a, engine, task, wd):
@@ -219,9 +193,13 @@ def run_worker(a, engine, task, wd):
     cmd = [sys.executable, __file__, "--worker", engine, "--task", task, "--workdir", str(wd),
            "--threads", str(a.threads)]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
-    if p.returncode != 0:
-        return {"engine": engine, "error": (p.stderr.strip().splitlines() or ["?"])[-1]}
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    try:
+        res = json.loads(p.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"engine": engine, "error": (p.stderr.strip().splitlines() or [f"exit status {p.returncode}"])[-1]}
+    if p.returncode != 0:  # measured, then the process failed on its way out: keep it, flagged
+        res["exit_error"] = f"exit status {p.returncode}: " + (p.stderr.strip().splitlines() or ["?"])[-1]
+    return res
 
 
 def med(rows, key):
@@ -240,6 +218,8 @@ def parse_args(argv):
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--warmups", type=int, default=1, help="warm-up calls before each timed one (default 1)")
+    p.add_argument("--wait-compiled", type=float, default=0, metavar="S",
+                   help="before ours' timed call, wait up to S s for a background-compiled step to be ready")
     p.add_argument("--batches", type=ints, default=[1, 8, 16])
     p.add_argument("--batched-new", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -293,12 +273,13 @@ def main(argv=None):
             res = run_worker(a, e, "main", wd)
             rows[e].append(res)
             print(f"round {r + 1}/{a.reps} {e}: " + ", ".join(
-                f"{k} {v:.3g}" for k, v in res.items() if isinstance(v, float)) + (f" {res['error']}" if "error" in res else ""),
-                flush=True)
+                f"{k} {v:.3g}" for k, v in res.items() if isinstance(v, float))
+                + "".join(f" {res[k]}" for k in ("error", "exit_error") if k in res), flush=True)
         for e in batched:
             res = run_worker(a, e, "batched", wd)
             brows[e].append(res)
-            print(f"round {r + 1}/{a.reps} {e} batched: {res.get('batched', res.get('error'))}", flush=True)
+            print(f"round {r + 1}/{a.reps} {e} batched: {res.get('batched', res.get('error'))}"
+                  + (f" {res['exit_error']}" if "exit_error" in res else ""), flush=True)
     gbs = statistics.median([b["read_gb_s"] for b in bw if "read_gb_s" in b])
     summary = {}
     for e in engines:
@@ -312,6 +293,11 @@ def main(argv=None):
         s = {k: med(ok_rows, k) for k in ("decode_tok_s", "prefill_tok_s", "ttft_s", "load_s", "peak_rss_mb",
                                           "warmup_s")}
         s.update(greedy=agree, counted=counted, ceiling_tok_s=ceiling, runs=len(ok_rows))
+        exits = sorted({x["exit_error"] for x in ok_rows if "exit_error" in x})
+        if exits:
+            s["exit_error"] = exits[0]
+        if "backend" in ok_rows[0]:
+            s["backend"] = ok_rows[0]["backend"]
         s["fraction_of_ceiling"] = s["decode_tok_s"] / ceiling
         summary[e] = s
     for e in batched:
@@ -359,6 +345,7 @@ def table(r) -> str:
          f"| engine | decode tok/s (b=1, {r['new_tokens']} new) | % of ceiling | prefill tok/s ({r['prompt_len']}) | "
          f"load + 1st token s | warm-up s | peak RSS MB | greedy vs f32 reference |",
          "|---|---|---|---|---|---|---|---|"]
+    notes = []
     for e, s in r["engines"].items():
         if "error" in s:
             L.append(f"| {e} | error: {s['error'][:80]} | | | | | | |")
@@ -366,6 +353,16 @@ def table(r) -> str:
             L.append(f"| {e} | {s['decode_tok_s']:.1f} | {100 * s['fraction_of_ceiling']:.0f}% of {s['ceiling_tok_s']:.0f} | "
                      f"{s['prefill_tok_s']:.0f} | {s['ttft_s']:.2f} | {s.get('warmup_s') or 0:.1f} | "
                      f"{s['peak_rss_mb']:.0f} | {s['greedy']} |")
+            b = s.get("backend", {})
+            if b.get("after", {}).get("calls") and b.get("before_timed_call", {}).get("calls"):
+                d = {k: b["after"]["calls"][k] - b["before_timed_call"]["calls"].get(k, 0) for k in b["after"]["calls"]}
+                notes.append(f"{e}: {b['after']['runner']}, compiled step ready before the timed calls: "
+                             f"{b['before_timed_call'].get('compiled_ready')}; their forward calls: "
+                             + ", ".join(f"{v} {k}" for k, v in d.items()))
+            if "exit_error" in s:
+                notes.append(f"{e}: measured, then the process ended with {s['exit_error'][:100]}")
+    if notes:
+        L += [""] + [f"- {x}" for x in notes]
     L += ["", "| ratio | decode | prefill | target | speed counted |", "|---|---|---|---|---|"]
     for x in r["ratios"]:
         tgt = f">= {x['target']:.0f}x" if x["target"] else "-"

@@ -130,7 +130,7 @@ async def wave(server: Server, n: int, base_len: int, max_tokens: int, bos: int,
             if best is None or s["tokens_held_client_count"] > best["tokens_held_client_count"]:
                 best = s
             rss_max = max(rss_max, s["rss_mib"])
-            for k, v in {**s["kv"], **s.get("metrics_kv", {})}.items():  # the largest value seen, per field
+            for k, v in s["kv"].items():  # the largest value seen, per field (/metrics: in the JSON only)
                 try:
                     kv_max[k] = max(kv_max.get(k, float("-inf")), float(v))
                 except (TypeError, ValueError):
@@ -150,12 +150,16 @@ def serve(label: str, model_dir: Path, a, log_dir: Path) -> Server:
                   env={"OMP_NUM_THREADS": str(a.threads)})
 
 
-def fmt_kv(kv: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in kv.items()) or "(none)"
+def fmt_kv(kv: dict, skip=()) -> str:
+    """`name=value, ...` by the last part of each dotted key; `skip`: keys not worth repeating."""
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={int(v) if isinstance(v, float) and v.is_integer() else v}"
+                     for k, v in kv.items() if k not in skip) or "(none)"
 
 
 def markdown(r: dict) -> str:
     mib = r["weights_bytes"] / 2**20
+    samples = [r["start"]["kv"]] + [x["kv"] for w in r["waves"] for x in (w["peak_in_flight"] or {"kv": {}}, w["after"])]
+    fixed = {k for k, v in r["start"]["kv"].items() if all(x.get(k) == v for x in samples)}  # budgets, block size
     L = [f"Memory, `bench/bench_memory.py` at commit {r['commit']}, {r['date_utc']} UTC: {r['model']} "
          f"({mib:.1f} MiB of weights as served) with max_seq_len {r['max_seq_len']}, `serve` "
          f"{' '.join(r['serve_flags']) or 'with its defaults'}.", "",
@@ -163,7 +167,8 @@ def markdown(r: dict) -> str:
          f"{r['baseline']['rss_mib']:.0f} MiB at the stored {r['baseline']['max_seq_len']} "
          f"(difference {r['start']['rss_mib'] - r['baseline']['rss_mib']:+.0f} MiB = "
          f"{(r['start']['rss_mib'] - r['baseline']['rss_mib']) / mib:.2f}x the weights; target: start within 10% "
-         f"of the weights)", f"- KV fields at start: {fmt_kv(r['start']['kv'])}", "",
+         f"of the weights)", f"- KV fields at start: {fmt_kv(r['start']['kv'])}",
+         f"- the table leaves out the fields that never changed ({', '.join(k.rsplit('.', 1)[-1] for k in fixed) or 'none'})", "",
          "| requests | prompt lengths | failed | most tokens in flight (client count) | RSS MiB then | kv_* then | "
          "largest kv_* during the wave | RSS MiB after | kv_* after |", "|---|---|---|---|---|---|---|---|---|"]
     for w in r["waves"]:
@@ -171,8 +176,8 @@ def markdown(r: dict) -> str:
         lens = f"{w['prompt_lens'][0]}..{w['prompt_lens'][-1]}" if len(w["prompt_lens"]) > 1 else str(w["prompt_lens"][0])
         failed = f"{len(w['errors'])}" + (f" ({w['errors'][0][:80]})" if w["errors"] else "")
         L.append(f"| {w['requests']} | {lens} | {failed} | {p['tokens_held_client_count']} | {p['rss_mib']:.0f} | "
-                 f"{fmt_kv(p['kv'])} | {fmt_kv({k: int(v) if float(v).is_integer() else v for k, v in w['kv_max_during'].items()})} | "
-                 f"{aft['rss_mib']:.0f} | {fmt_kv(aft['kv'])} |")
+                 f"{fmt_kv(p['kv'], fixed)} | {fmt_kv(w['kv_max_during'], fixed)} | "
+                 f"{aft['rss_mib']:.0f} | {fmt_kv(aft['kv'], fixed)} |")
     return "\n".join(L)
 
 

@@ -8,7 +8,8 @@
     HF          a minimal greedy loop over transformers' `LlamaForCausalLM` with past_key_values
                 (less overhead than HF's `generate`, so the stricter reference).
     llama.cpp   llama-cpp-python's `Llama.eval` one token at a time, argmax of its logits in place.
-Their checkpoints are the exports bench_engines.py writes into its --workdir.
+Their checkpoints are the exports bench_engines.py writes into its --workdir. Also here: the
+float32 reference their greedy tokens are checked against.
 """
 
 from __future__ import annotations
@@ -26,6 +27,22 @@ class OursEngine:
             self.llm = Llama.build(wd / f"ours-{precision}", max_batch_size=max_batch_size)
         else:
             self.llm = Llama.build(wd / "ours", dtype=precision, max_batch_size=max_batch_size)
+
+    def backend(self) -> dict:
+        """Diagnostics only (read, never relied on): the engine's runner class, whether a compiled
+        step is ready, and its compiled / eager call counts, where the runner has them."""
+        runner = getattr(getattr(self.llm, "_engine", None), "runner", None)
+        if runner is None:
+            return {}
+        out = {"runner": type(runner).__name__}
+        ready = getattr(runner, "ready", None)
+        if hasattr(ready, "is_set"):
+            out["compiled_ready"] = ready.is_set()
+        if isinstance(getattr(runner, "error", None), str):
+            out["compile_error"] = runner.error
+        if isinstance(getattr(runner, "calls", None), dict):
+            out["calls"] = dict(runner.calls)
+        return out
 
     def run(self, prompts, n):
         out, _ = self.llm.generate(prompts, max_gen_len=n, temperature=0, ignore_eos=True)
@@ -113,3 +130,31 @@ def load_engine(family: str, precision: str, wd: Path, threads: int, max_batch_s
     if family == "hf":
         return HFEngine(wd, precision)
     return LlamaCppEngine(wd, precision, threads, n_ctx=n_ctx)
+
+
+# ---- the reference: greedy float32 through Meta's forward contract ---------------------------
+
+def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy tokens of the float32 model through Meta's forward(tokens, start_pos) contract."""
+    import torch
+    with torch.inference_mode():
+        tok = int(model(torch.tensor([prompt]), 0)[0, -1].argmax())
+        out = [tok]
+        for i in range(n - 1):
+            tok = int(model(torch.tensor([[tok]]), len(prompt) + i)[0, -1].argmax())
+            out.append(tok)
+    return out
+
+
+def agreement(model, prompt, tokens, ref, tol) -> tuple[str, bool]:
+    import torch
+    j = next((i for i, (x, y) in enumerate(zip(tokens, ref)) if x != y), None)
+    if j is None:
+        return ("exact", True) if len(tokens) == len(ref) else (f"length {len(tokens)}", False)
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt + ref[:j]]), 0)[0, -1]
+    top2 = logits.topk(2).values
+    gap = float((top2[0] - top2[1]) / (logits.max() - logits.min()))
+    if gap < tol:
+        return f"to token {j} (then a near-tie: gap {gap:.1e})", True
+    return f"DIFFERS at token {j} (gap {gap:.1e})", False
