@@ -7,7 +7,8 @@
 Without --draft, the draft is the target's own first --draft-layers layers plus its final norm and
 output head ("self-speculative" drafting, as in Zhang et al. 2023, "Draft & Verify"): no second
 model needed, and it shares the tokenizer by construction. The output is checked to equal plain
-greedy decoding before any time counts.
+greedy decoding (bench/engines.py's reference loop over `model(tokens, start_pos)`) before any
+time counts.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from annotated_llama import ModelArgs, Transformer  # noqa: E402
-from annotated_llama.speculative import greedy_generate, speculative_generate  # noqa: E402
+from annotated_llama.speculative import speculative_generate  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engines import reference_greedy as greedy_generate  # noqa: E402  (Meta's forward contract, no stop ids)
 
 
 def truncated(model: Transformer, n_layers: int) -> Transformer:

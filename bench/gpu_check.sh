@@ -34,10 +34,10 @@ if [ -n "${GPU_CHECK_PYTEST_ARGS:-}" ]; then
     read -r -a TESTS <<< "$GPU_CHECK_PYTEST_ARGS"
 else
     # test_device first: it is the point. The others run on the CPU whatever the device (their
-    # imports exist on the GPU image); test_fast's compiled-on-CPU test is left out (slow there too).
-    TESTS=(tests/test_device.py tests/test_model.py tests/test_fast.py tests/test_quantize.py
-           tests/test_lora.py tests/test_sampling.py tests/test_speculative.py tests/test_peft_interop.py
-           --deselect tests/test_fast.py::test_compiled_step_equals_eager)
+    # imports exist on the GPU image).
+    TESTS=(tests/test_device.py tests/test_model.py tests/test_engine.py tests/test_kv_cache.py
+           tests/test_quantize.py tests/test_lora.py tests/test_sampling.py tests/test_speculative.py
+           tests/test_peft_interop.py)
 fi
 
 # ---- 1. environment ----
