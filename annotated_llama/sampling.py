@@ -20,6 +20,7 @@ Shapes: B rows, V vocabulary. `logits` are float (B, V); the returned tokens are
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -36,22 +37,27 @@ def make_generator(seed: int, device="cpu") -> torch.Generator:
     return g
 
 
+# Past this temperature (or penalty) every distribution a model gives is uniform to float32
+# precision: a larger value is a typo (1e3 for 1.3), not a setting. NaN and infinities fail too.
+MAX_TEMPERATURE = 100.0
+
+
 def check_sampling_args(temperature=0.6, top_p=0.9, top_k=None, repetition_penalty=1.0):
     """ValueError naming the argument when a setting is out of range (scalars or tensors)."""
     def values(x):
         return x.flatten().tolist() if isinstance(x, torch.Tensor) else [x]
     for t in values(temperature):
-        if t is None or t < 0 or t != t:
-            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {t}")
+        if t is None or not 0 <= t <= MAX_TEMPERATURE:  # NaN fails both comparisons
+            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:g}] (0 means greedy), got {t}")
     for p in values(top_p):
         if p is None or not 0 < p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {p}")
     for k in values(top_k):
-        if k is not None and (k < 0 or int(k) != k):
+        if k is not None and (not math.isfinite(k) or k < 0 or int(k) != k):
             raise ValueError(f"top_k must be a positive integer (or 0/None for no limit), got {k}")
     for r in values(repetition_penalty):
-        if r is None or r <= 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1.0 means none), got {r}")
+        if r is None or not 0 < r <= MAX_TEMPERATURE:
+            raise ValueError(f"repetition_penalty must be in (0, {MAX_TEMPERATURE:g}] (1.0 means none), got {r}")
 
 
 def _per_row(x: Setting, B: int, like: torch.Tensor) -> torch.Tensor:

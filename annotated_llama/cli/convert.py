@@ -21,14 +21,14 @@ def add_arguments(p):
 
 def run(args):
     from ..weights import load_model, save_model
+    from .outputs import check_output
 
     src, dst = Path(args.src), Path(args.dst)
     if args.dtype == "q8_0" and args.to != "gguf":
         raise ValueError("--dtype q8_0: only GGUF stores Q8_0 (use --to gguf)")
     if args.shards < 1 or (args.shards != 1 and args.to != "meta"):
         raise ValueError(f"--shards {args.shards}: a positive count, only for --to meta")
-    if dst.exists() and not args.force and (dst.is_file() or any(dst.iterdir())):
-        raise FileExistsError(f"{dst}: already exists (pass --force to replace it)")
+    check_output(dst, force=args.force, inputs=[src], flag="DST")  # cli/outputs.py: the rule of every writer
     # Load in the stored dtype; q8_0 quantizes from it at write time.
     load_dtype = None if args.dtype in (None, "q8_0") else args.dtype
     model, tokenizer = load_model(src, dtype=load_dtype)

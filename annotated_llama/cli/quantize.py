@@ -16,15 +16,15 @@ def add_arguments(p):
     p.add_argument("--mode", choices=("int8", "int4"), default="int8",
                    help="int8: per-channel (default); int4: group-wise")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128 or 256 (default 128)")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
 
 
 def run(args) -> int:
     from ..quantize import INT4_GROUP_SIZES, quantize_model, save_quantized
     from ..weights import load_model
+    from .outputs import check_output
 
-    dst = Path(args.dst)
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise ValueError(f"{dst}: already exists and is not an empty directory; choose a new output path")
+    dst = check_output(args.dst, force=args.force, inputs=[args.src], flag="DST")  # cli/outputs.py
     if args.mode == "int4" and args.group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"--group-size {args.group_size}: int4 needs one of {INT4_GROUP_SIZES}")
     model, tokenizer = load_model(args.src, dtype="float32")
