@@ -54,6 +54,7 @@ def main(argv=None) -> int:
             module = importlib.import_module(f"annotated_llama.cli.{mod}")
             module.add_arguments(p)
     args = parser.parse_args(argv)
+    args.argv = argv  # the command line as given (a command that relaunches itself passes it on)
     if module is None:
         parser.print_help()
         return 0 if not argv or argv in (["-h"], ["--help"]) else 2

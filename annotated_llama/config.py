@@ -278,12 +278,12 @@ PRESETS: dict[str, dict] = {
 # ---- size limits ------------------------------------------------------------------------
 # Checked from the config alone, before any loader builds or reads anything from it. Far above
 # every released Llama (the largest, Llama 3.1 405B's params.json: dim 16384, 126 layers,
-# 128 heads, 8 kv heads, FFN 53248, 131072 positions; Llama 3's vocabulary 128256), far below
+# 128 heads, FFN 53248, 131072 positions; LLaMA 65B's 64 kv heads; Llama 3's vocabulary 128256), far below
 # sizes whose mere skeleton exhausts memory.
 LIMITS = {"dim": 1 << 16, "n_layers": 1 << 10, "n_heads": 1 << 10, "n_kv_heads": 1 << 10, "multiple_of": 1 << 16,
           "hidden_dim": 1 << 20, "vocab_size": 1 << 22, "max_seq_len": 1 << 22, "max_batch_size": 1 << 16,
           "rope_original_context": 1 << 22}
-LARGEST_LLAMA = {"dim": 16384, "n_layers": 126, "n_heads": 128, "n_kv_heads": 128, "multiple_of": 4096,
+LARGEST_LLAMA = {"dim": 16384, "n_layers": 126, "n_heads": 128, "n_kv_heads": 64, "multiple_of": 4096,
                  "hidden_dim": 53248, "vocab_size": 128256, "max_seq_len": 131072, "max_batch_size": 32,
                  "rope_original_context": 8192}
 MAX_PARAMS = 10 ** 13  # 25x the largest Llama

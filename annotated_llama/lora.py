@@ -8,7 +8,7 @@ Here LoRA is a module swap, not a model subclass: `apply_lora` replaces chosen `
 place by `LoRALinear`, which keeps the *same* weight Parameter under the same name, so the base
 state dict (Meta's names) is untouched and only `lora_A` / `lora_B` entries are added.
 
-Adapters are saved in PEFT's layout (REFERENCE section 2): `adapter_config.json` plus
+Adapters are saved in PEFT's layout (huggingface/peft, utils/save_and_load.py): `adapter_config.json` plus
 `adapter_model.safetensors` with HF module names, so `peft.PeftModel.from_pretrained` loads them
 onto our HF export. One subtlety: HF stores wq/wk rows in rotate-half order (weights/hf.py). The
 update B A adds to W's rows, so B's rows must be permuted exactly as W's are; A is untouched.
@@ -109,7 +109,7 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 def apply_lora(model: nn.Module, targets="wq,wv", r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                layers=None) -> nn.Module:
     """Swap the chosen projections of every layer (or of `layers`) for LoRALinear, in place, and
-    freeze everything else. Defaults are alpaca-lora's (r 8, alpha 16, q and v; REFERENCE b10)."""
+    freeze everything else. Defaults are alpaca-lora's (r 8, alpha 16, q and v; tloen/alpaca-lora finetune.py)."""
     if lora_modules(model):
         raise ValueError("the model already has LoRA adapters (merge_and_unload it first)")
     for i, block in enumerate(model.layers):

@@ -44,6 +44,7 @@ def int_range(lo: int, hi: int = INT64_MAX):
             raise argparse.ArgumentTypeError(f"must be an integer of at least {lo}{upper}, got {str(text)[:40]}")
         return value
     parse.__name__ = f"int in [{lo}, {hi}]"
+    parse.kind, parse.lo, parse.hi = "int", lo, hi  # for the tests that enumerate every flag
     return parse
 
 
@@ -57,6 +58,7 @@ def float_range(lo: float, hi: float = math.inf, *, lo_open: bool = False):
             raise argparse.ArgumentTypeError(f"must be {low}{high}, got {text}")
         return value
     parse.__name__ = f"float in [{lo}, {hi}]"
+    parse.kind, parse.lo, parse.hi, parse.lo_open = "float", lo, hi, lo_open
     return parse
 
 
@@ -78,6 +80,9 @@ def seed(text: str) -> int:
     if not 0 <= value < 1 << 64:
         raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**64), got {str(text)[:40]}")
     return value
+
+
+seed.kind, seed.lo, seed.hi = "int", 0, (1 << 64) - 1
 
 
 def device(text: str) -> str:

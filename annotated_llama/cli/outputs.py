@@ -36,9 +36,10 @@ def _same_or_inside(inner: Path, outer: Path) -> bool:
         return False
 
 
-def check_output(out, *, force: bool = False, inputs=(), flag: str = "--out", resume: bool = False) -> Path:
+def check_output(out, *, force: bool = False, inputs=(), flag: str = "--out", resume: bool | None = None) -> Path:
     """Refuse `out` if it is (or holds) one of `inputs`, or if it exists and neither `force` nor
-    `resume` is set. Returns out as a Path. Raises FileExistsError/ValueError with one line."""
+    `resume` is set (resume=None: the command cannot resume). Returns out as a Path. Raises
+    FileExistsError/ValueError with one line."""
     out = Path(out)
     for inp in inputs:
         if inp is None:
@@ -48,7 +49,8 @@ def check_output(out, *, force: bool = False, inputs=(), flag: str = "--out", re
             raise ValueError(f"{flag} {out}: {what} this command's input {inp}; an input is never written over "
                              "(not even with --force): choose another output")
     if exists(out) and not force and not resume:
-        raise FileExistsError(f"{flag} {out}: already exists; pass --force to replace it")
+        how = "pass --resume to continue the run in it, or --force" if resume is not None else "pass --force"
+        raise FileExistsError(f"{flag} {out}: already exists; {how} to replace it")
     return out
 
 

@@ -40,7 +40,7 @@ def run(args):
 
     # the rule of every writer (cli/outputs.py); an --out with its state file is a run to resume
     out = Path(args.out)
-    check_output(out, force=args.force, inputs=[args.seed_tasks], resume=state_path(out).is_file())
+    check_output(out, force=args.force, inputs=[args.seed_tasks], resume=state_path(out).is_file() or None)
 
     missing = [m for m in ("openai", "rouge_score") if importlib.util.find_spec(m) is None]
     if missing:

@@ -76,7 +76,14 @@ def pretrain(data_dir, tokenizer_path, preset: str, cfg: TrainConfig, *, batch_s
 
     check_fits(args, cfg.device, preset)
     rank, world, device = dist_utils.init_from_env(cfg.device)
-    cfg = dataclasses.replace(cfg, device=device)
+    # what defines this run, as its flags: compared with the checkpoint's on --resume
+    run = {"--data": {k: meta.get(k) for k in ("tokenizer_sha256", "train_tokens", "val_tokens")},
+           "--preset": args.to_params_json(), "--batch-size": batch_size, "--seq-len": seq_len,
+           **{"--" + k.replace("_", "-"): getattr(cfg, k) for k in ("max_steps", "lr", "min_lr_ratio", "warmup_steps",
+                                                                     "weight_decay", "grad_clip", "grad_accum",
+                                                                     "dtype", "seed")},
+           "processes (--nproc-per-node)": world}
+    cfg = dataclasses.replace(cfg, device=device, run=run)
     if cfg.flops_per_token is None:
         cfg.flops_per_token = estimate_flops_per_token(args, seq_len)
     torch.manual_seed(cfg.seed)
