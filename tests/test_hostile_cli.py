@@ -117,7 +117,8 @@ def model_dir(tmp_path_factory, tiny_tokenizer_path):  # noqa: F811
     return d
 
 
-def test_invalid_utf8_on_stdin_and_in_arguments(capsys, monkeypatch, model_dir, tiny_tokenizer_path, tmp_path):  # noqa: F811
+def test_invalid_utf8_on_stdin_and_in_arguments(capsys, monkeypatch, model_dir, tiny_tokenizer_path,  # noqa: F811
+                                                tmp_path):
     line = refused(capsys, "generate", "--model", model_dir, "--max-new-tokens", 2, stdin=b"In the \xffbeginning",
                    monkeypatch=monkeypatch, needles=["stdin", "not valid UTF-8", "0xff", "offset 7"])
     assert line.startswith("annotated-llama generate: error:")
@@ -224,7 +225,8 @@ def test_convert_and_quantize(capsys, model_dir, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(model_dir, src)
     cases = 0
-    for command, extra in (("convert", ["--to", "hf"]), ("convert", ["--to", "gguf"]), ("quantize", ["--mode", "int8"])):
+    for command, extra in (("convert", ["--to", "hf"]), ("convert", ["--to", "gguf"]),
+                           ("quantize", ["--mode", "int8"])):
         out = tmp_path / (f"{command}-{extra[-1]}" + (".gguf" if extra[-1] == "gguf" else ""))
         _twice(capsys, tmp_path, lambda o: [command, src, o, *extra], out)
         _own_input(capsys, tmp_path, [command, src, src, *extra])

@@ -93,7 +93,9 @@ for ours, hf, gguf_key, value in fields:
     import shutil
     q = root / f"q-{len(results)}"
     shutil.copytree(root / "quantized", q)
-    cfg = json.loads((q / "params.json").read_text()); cfg[ours] = value; (q / "params.json").write_text(json.dumps(cfg))
+    cfg = json.loads((q / "params.json").read_text())
+    cfg[ours] = value
+    (q / "params.json").write_text(json.dumps(cfg))
     case(f"quantized {ours}={value}", q / "params.json", ["convert", str(q), str(q) + "-out", "--to", "ours"])
     if gguf_key is not None:
         args = copy.copy(model.params)
@@ -108,8 +110,8 @@ for ours, hf, gguf_key, value in fields:
     preset = root / f"preset-{len(results)}.json"
     preset.write_text(json.dumps({**ModelArgs.from_name("tiny").to_params_json(), "vocab_size": -1, ours: value}))
     case(f"pretrain --preset {ours}={value}", preset,
-         ["pretrain", "--data", str(root / "shards"), "--preset", str(preset), "--out", str(root / f"run-{len(results)}"),
-          "--max-steps", "1", "--seq-len", "16", "--batch-size", "1"])
+         ["pretrain", "--data", str(root / "shards"), "--preset", str(preset), "--out",
+          str(root / f"run-{len(results)}"), "--max-steps", "1", "--seq-len", "16", "--batch-size", "1"])
 for value in json.loads(odd):
     d = patched_json("ours", "params.json", "n_layers", value)
     case(f"ours n_layers={value}"[:60], d / "params.json", ["convert", str(d), str(d) + "-out", "--to", "ours"])

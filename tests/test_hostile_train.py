@@ -108,7 +108,8 @@ def test_resume_with_changed_flags_is_refused_naming_them(whole, shards, params_
     shutil.rmtree(run / "ckpt-0000006")
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     tried = 0
-    for extra, named in ((["--lr", 1e-2], ["--lr"]), (["--batch-size", 3, "--seq-len", 8], ["--batch-size", "--seq-len"]),
+    for extra, named in ((["--lr", 1e-2], ["--lr"]),
+                         (["--batch-size", 3, "--seq-len", 8], ["--batch-size", "--seq-len"]),
                          (["--seed", 4], ["--seed"]), (["--max-steps", 8], ["--max-steps"]),
                          (["--grad-accum", 2], ["--grad-accum"]), (["--weight-decay", 0.0], ["--weight-decay"])):
         argv = args6(shards, params_json, run)

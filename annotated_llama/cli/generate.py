@@ -21,17 +21,22 @@ def add_sampling_arguments(p, max_new_tokens=256):
     p.add_argument("--model", help="checkpoint: Meta dir, HF dir, our dir or .gguf (default: the embedded model)")
     p.add_argument("--tokenizer", help="tokenizer.model or .gguf (default: the one beside the weights)")
     p.add_argument("--lora", help="PEFT-format LoRA adapter dir applied to the model")
-    p.add_argument("--tp", type=argtypes.positive_int, default=1, metavar="N", help="tensor-parallel ranks (needs torchrun)")
+    p.add_argument("--tp", type=argtypes.positive_int, default=1, metavar="N",
+                   help="tensor-parallel ranks (needs torchrun)")
     p.add_argument("--device", type=argtypes.device, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: as stored)")
     p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization applied after loading")
-    p.add_argument("--max-seq-len", type=argtypes.positive_int, default=2048, help="context cap (never above the model's)")
+    p.add_argument("--max-seq-len", type=argtypes.positive_int, default=2048,
+                   help="context cap (never above the model's)")
     p.add_argument("--max-new-tokens", type=argtypes.nonnegative_int, default=max_new_tokens, metavar="N",
                    help=f"most tokens to generate (default {max_new_tokens}; 0: up to the end of the context)")
-    p.add_argument("--temperature", type=argtypes.temperature, default=0.6, help="0 = greedy (default 0.6, at most 100)")
+    p.add_argument("--temperature", type=argtypes.temperature, default=0.6,
+                   help="0 = greedy (default 0.6, at most 100)")
     p.add_argument("--top-p", type=argtypes.top_p, default=0.9, help="nucleus sampling mass (default 0.9)")
-    p.add_argument("--top-k", type=argtypes.nonnegative_int, default=None, help="sample among the k most likely tokens only")
-    p.add_argument("--repetition-penalty", type=argtypes.repetition_penalty, default=1.0, help="HF-style penalty, 1.0 = none")
+    p.add_argument("--top-k", type=argtypes.nonnegative_int, default=None,
+                   help="sample among the k most likely tokens only")
+    p.add_argument("--repetition-penalty", type=argtypes.repetition_penalty, default=1.0,
+                   help="HF-style penalty, 1.0 = none")
     p.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
     p.add_argument("--seed", type=argtypes.seed, default=None, help="seed for reproducible sampling")
 

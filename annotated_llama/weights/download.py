@@ -177,7 +177,8 @@ def _http_error(e: urllib.error.HTTPError, url: str) -> DownloadError | None:
         return DownloadError(f"{public(url)}: 403 Forbidden: the download link has expired or is not valid "
                              "for this file; request a new URL and run again (finished files are kept)")
     if e.code == 404:
-        return DownloadError(f"{public(url)}: 404 Not Found: no such file at this URL (check the model name and the URL)")
+        return DownloadError(f"{public(url)}: 404 Not Found: no such file at this URL "
+                             "(check the model name and the URL)")
     if e.code < 500 and e.code not in (408, 429):
         return DownloadError(f"{public(url)}: HTTP {e.code} {str(e.reason)[:80]}")
     return None

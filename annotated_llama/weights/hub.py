@@ -59,7 +59,8 @@ def _errors(repo: str, revision: str | None, endpoint: str):
         except OSError as e:
             if isinstance(e, DownloadError):
                 raise
-            raise DownloadError(f"{repo}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}") from None
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            raise DownloadError(f"{repo}: {type(e).__name__}: {first}") from None
         except Exception as e:  # httpx2's transport errors: connect, read timeouts
             if type(e).__module__.split(".")[0] not in ("httpx", "httpx2", "httpcore"):
                 raise
