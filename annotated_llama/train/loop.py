@@ -26,6 +26,11 @@ API (kept stable; other modules call it):
   as exp(val_loss) if missing. `token_loss_eval(batches)` builds one from fixed batches.
 - `write_files(dir)`: writes model-specific files into each checkpoint dir before it is renamed
   into place (params.json and tokenizer.model for pretraining, an adapter for LoRA).
+With `trainable`, a checkpoint holds only the trained tensors and their optimizer state (LoRA: the
+adapters; the frozen base comes from where the caller loaded it). On resume (`cfg.resume`) the
+newest checkpoint that reads back whole is used (damaged newer ones are named on stderr), and
+`cfg.run` (the caller's run-defining flags; else RUN_FIELDS) must equal the checkpoint's unless
+`cfg.allow_changed`. `cfg.overwrite` lets a new run replace another one's checkpoints in out_dir.
 Returns {"step", "loss" (last training loss), "val_loss"?, "tokens", "elapsed_s", "checkpoint"}.
 
 Loss: mean cross-entropy over non-ignored targets per micro-batch, divided by grad_accum.
@@ -63,8 +68,8 @@ from tqdm import tqdm
 from .. import distributed as dist_utils
 from .checkpoint import list_checkpoints, newest_intact_checkpoint, remove_stale_temporaries, save_checkpoint
 
-# Matmul peaks of the 2-core CPU box this project is developed on (bench/: a 2048^3 square matmul
-# on 2 threads); MFU is reported against these. On CUDA, H100 SXM dense peaks (NVIDIA datasheet).
+# Matmul peaks measured on the 2-core Zen 4 CPU box this project is developed on (a 2048^3 square
+# matmul on 2 threads); MFU is reported against these. On CUDA, H100 SXM dense peaks (NVIDIA datasheet).
 PEAK_FLOPS = {("cpu", "bfloat16"): 410e9, ("cpu", "float32"): 170e9,
               ("cuda", "bfloat16"): 989e12, ("cuda", "float32"): 67e12}
 
