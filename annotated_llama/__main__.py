@@ -17,6 +17,7 @@ COMMANDS = {  # name: (module under annotated_llama.cli, one-line help)
     "chat": ("chat", "interactive chat with a template; Ctrl-D ends"),
     "tokenize": ("tokenize", "print the token ids of a text"),
     "convert": ("convert", "convert weights between Meta, HF and GGUF layouts"),
+    "info": ("info", "what a checkpoint is: format, architecture, tensors, tokenizer, memory (headers only)"),
     "download": ("download", "resumable, verified download from the Hugging Face Hub, Meta's URLs or a plain URL"),
     "quantize": ("quantize", "weight-only int8/int4 quantization of a checkpoint"),
     "train-tokenizer": ("train_tokenizer", "train a SentencePiece BPE tokenizer with LLaMA's settings"),

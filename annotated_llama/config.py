@@ -180,6 +180,8 @@ class ModelArgs:
             out.update(rope_scale_factor=self.rope_scale_factor, rope_low_freq_factor=self.rope_low_freq_factor,
                        rope_high_freq_factor=self.rope_high_freq_factor,
                        rope_original_context=self.rope_original_context)
+        if self.tie_word_embeddings:  # Meta's params.json has no such field: its files store a copy
+            out["tie_word_embeddings"] = True
         return out
 
     @classmethod
@@ -187,8 +189,6 @@ class ModelArgs:
         """From a transformers LlamaConfig dict (`config.json`)."""
         if config.get("model_type", "llama") != "llama":
             raise ValueError(f"config.json: model_type {config.get('model_type')!r} is not 'llama'")
-        if config.get("tie_word_embeddings"):
-            raise ValueError("config.json: tied word embeddings are not a LLaMA architecture (output is untied)")
         kwargs = dict(
             dim=config["hidden_size"], n_layers=config["num_hidden_layers"],
             n_heads=config["num_attention_heads"],
@@ -196,6 +196,8 @@ class ModelArgs:
             vocab_size=config["vocab_size"], hidden_dim=config["intermediate_size"],
             norm_eps=config.get("rms_norm_eps", 1e-6), rope_theta=config.get("rope_theta", 10000.0),
             max_seq_len=config.get("max_position_embeddings", 2048),
+            # LlamaConfig's default is False; Llama 3.2 1B/3B set it (lm_head.weight is then absent)
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         )
         # transformers >= 5 keeps rope_theta inside rope_parameters
         rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
@@ -219,11 +221,13 @@ class ModelArgs:
         return args
 
     def to_hf_config(self, bos_token_id: int = 1, eos_token_id=2, torch_dtype: str = "float32") -> dict:
-        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
-        if self.use_scaled_rope:
-            rope = {"rope_type": "llama3", "rope_theta": self.rope_theta, "factor": self.rope_scale_factor,
-                    "low_freq_factor": self.rope_low_freq_factor, "high_freq_factor": self.rope_high_freq_factor,
-                    "original_max_position_embeddings": self.rope_original_context}
+        """transformers' LlamaConfig fields, spelled as the Hub's config.json files spell them."""
+        scaling = None
+        if self.use_scaled_rope:  # the published rope_scaling dict (meta-llama/Llama-3.1-8B config.json)
+            scaling = {"factor": self.rope_scale_factor, "high_freq_factor": self.rope_high_freq_factor,
+                       "low_freq_factor": self.rope_low_freq_factor,
+                       "original_max_position_embeddings": self.rope_original_context, "rope_type": "llama3"}
+        rope = {**(scaling or {"rope_type": "default"}), "rope_theta": self.rope_theta}
         return {
             "architectures": ["LlamaForCausalLM"], "model_type": "llama",
             "hidden_size": self.dim, "intermediate_size": self.ffn_hidden_dim,
@@ -232,16 +236,20 @@ class ModelArgs:
             "vocab_size": self.vocab_size, "max_position_embeddings": self.max_seq_len,
             "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
             # both spellings: transformers 4.x reads rope_scaling, 5.x rope_parameters
-            "rope_scaling": rope if self.use_scaled_rope else None, "rope_parameters": rope,
-            "hidden_act": "silu", "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+            "rope_scaling": scaling, "rope_parameters": rope,
+            "hidden_act": "silu", "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
             "bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pretraining_tp": 1,
             "initializer_range": 0.02, "use_cache": True, "torch_dtype": torch_dtype,
         }
 
 
 # ---- presets --------------------------------------------------------------------------
-# Real sizes from the params.json files of Meta's releases (REFERENCE b4); vocab_size as
-# shipped with each tokenizer. Tiny presets are for tests and documentation on a CPU.
+# Real sizes from the params.json files of Meta's releases (as HF's convert_llama_weights_to_hf.py
+# and llama.cpp's converters reproduce them) and the config.json files on the Hugging Face Hub;
+# vocab_size as shipped with each tokenizer. tests/test_config.py checks each released preset's
+# parameter count and config.json against the published ones. Tiny presets are for tests and
+# documentation on a CPU.
 PRESETS: dict[str, dict] = {
     # LLaMA 1 (Touvron et al. 2023, Table 2); 7B/13B/33B use norm_eps 1e-6
     "llama-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, norm_eps=1e-6),
@@ -253,12 +261,33 @@ PRESETS: dict[str, dict] = {
     "llama-2-13b": dict(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, max_seq_len=4096),
     "llama-2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000,
                         multiple_of=4096, ffn_dim_multiplier=1.3, max_seq_len=4096),
+    # Code Llama (Roziere et al. 2023, section 2.4: rope_theta 1e6 for 16k-token training). 7B and 13B
+    # add 16 infilling tokens to Llama 2's vocabulary (32,016); 34B has none, and uses GQA.
+    "code-llama-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32016, rope_theta=1e6, max_seq_len=16384),
+    "code-llama-13b": dict(dim=5120, n_layers=40, n_heads=40, vocab_size=32016, rope_theta=1e6, max_seq_len=16384),
+    "code-llama-34b": dict(dim=8192, n_layers=48, n_heads=64, n_kv_heads=8, vocab_size=32000, rope_theta=1e6,
+                           max_seq_len=16384),
     # Llama 3 / 3.1 8B (tiktoken vocabulary of 128,256 ids)
     "llama-3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256,
                        multiple_of=1024, ffn_dim_multiplier=1.3, rope_theta=500000.0, max_seq_len=8192),
     "llama-3.1-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256,
                          multiple_of=1024, ffn_dim_multiplier=1.3, rope_theta=500000.0,
                          use_scaled_rope=True, max_seq_len=131072),
+    # Llama 3.2 1B/3B: pruned and distilled from 3.1 8B, one matrix for embedding and output,
+    # rope scaling factor 32 (meta-llama/Llama-3.2-1B and -3B config.json).
+    "llama-3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256,
+                         ffn_dim_multiplier=1.5, rope_theta=500000.0, use_scaled_rope=True,
+                         rope_scale_factor=32.0, max_seq_len=131072, tie_word_embeddings=True),
+    "llama-3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, vocab_size=128256,
+                         ffn_dim_multiplier=1.0, rope_theta=500000.0, use_scaled_rope=True,
+                         rope_scale_factor=32.0, max_seq_len=131072, tie_word_embeddings=True),
+    # Llama 3.3 70B: Llama 3.1 70B's shape (meta-llama/Llama-3.3-70B-Instruct config.json)
+    "llama-3.3-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=128256,
+                          multiple_of=4096, ffn_dim_multiplier=1.3, rope_theta=500000.0,
+                          use_scaled_rope=True, max_seq_len=131072),
+    # TinyLlama 1.1B (Zhang et al. 2024): Llama 2's vocabulary, 22 layers, 4 kv heads
+    # (TinyLlama/TinyLlama-1.1B-Chat-v1.0 config.json)
+    "tinyllama-1.1b": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000, max_seq_len=2048),
     # Tiny shapes for tests and docs (random weights, milliseconds per forward).
     "tiny": dict(dim=64, n_layers=2, n_heads=4, vocab_size=512, multiple_of=32, max_seq_len=256),
     "tiny-gqa": dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=256),
@@ -267,7 +296,7 @@ PRESETS: dict[str, dict] = {
                         rope_original_context=64, max_seq_len=512),
     # llama2.c's stories15M shape (Karpathy's TinyStories models), a common CPU yardstick.
     "stories15M": dict(dim=288, n_layers=6, n_heads=6, vocab_size=32000, multiple_of=32, max_seq_len=256),
-    # The 134M shape of ../MACHINE.md's reference-engine measurements (the speed benchmark).
+    # The 134M shape of bench/bench_engines.py's speed comparisons (bench/RESULTS.md).
     "bench-134m": dict(dim=768, n_layers=12, n_heads=12, vocab_size=32000, hidden_dim=2048, max_seq_len=1024),
     # Ours: the embedded default model (annotated_llama/default_model), trained on the World
     # English Bible with a 4,096-piece tokenizer by scripts/train_default_model.sh (6.9M params).

@@ -26,6 +26,8 @@ from collections import defaultdict
 import torch
 
 from .alpaca import render_prompt
+from .engine import Engine
+from .sampling import SamplingParams
 
 # Four books of clearly different genres (narrative, law, war stories, poetry).
 BOOKS = ("Genesis", "Leviticus", "Judges", "Job")
@@ -190,52 +192,24 @@ def make_records(corpus_text: str, n_train: int, n_heldout: int, seed: int = 0, 
 
 # ---- evaluation -------------------------------------------------------------------------------
 
-@torch.no_grad()
-def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, stop_ids) -> list[tuple[list[int], bool]]:
-    """Greedy continuations of a batch of prompts: [(new ids without the stop id, stopped?)]."""
-    B = len(prompts)
-    T = max(len(p) for p in prompts)
-    device = next(model.parameters()).device
-    pad_left = torch.tensor([T - len(p) for p in prompts], device=device)
-    tokens = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)  # (B, T) left-padded
-    out, done, stopped = [[] for _ in range(B)], [False] * B, [False] * B
-    model.clear_cache()
-    logits = model(tokens, 0, pad_left=pad_left)[:, -1]  # (B, V)
-    for step in range(max_new_tokens):
-        nxt = logits.argmax(-1)  # (B,)
-        picked = nxt.tolist()  # one device-to-host copy per step
-        for b in range(B):
-            if done[b]:
-                continue
-            if picked[b] in stop_ids:
-                done[b] = stopped[b] = True
-            else:
-                out[b].append(picked[b])
-                done[b] = len(out[b]) >= max_new_tokens
-        if all(done) or T + step + 1 >= model.params.max_seq_len:
-            break
-        logits = model(nxt[:, None], T + step, pad_left=pad_left)[:, -1]  # (B, V)
-    model.clear_cache()
-    return list(zip(out, stopped))
-
-
 def evaluate(model, tokenizer, records: list[dict], max_new_tokens: int = 24, batch_size: int = 16) -> dict:
     """Exact match of the greedy reply (stripped) against `output`, overall and per task."""
     model.eval()
-    stop_ids = set(getattr(tokenizer, "stop_ids", ())) or {tokenizer.eos_id}
     hits, totals, stops, rows = defaultdict(int), defaultdict(int), 0, []
-    order = sorted(range(len(records)), key=lambda i: len(render_prompt(records[i])))  # similar lengths per batch
-    for start in range(0, len(order), batch_size):
-        batch = [records[i] for i in order[start:start + batch_size]]
-        prompts = [tokenizer.encode(render_prompt(r), bos=True, eos=False) for r in batch]
-        for r, (ids, stopped) in zip(batch, greedy_generate(model, prompts, max_new_tokens, stop_ids)):
-            reply = tokenizer.decode(ids).strip()
-            ok = reply == r["output"].strip()
-            task = r.get("task", "all")
-            hits[task] += ok
-            totals[task] += 1
-            stops += stopped
-            rows.append({"task": task, "output": r["output"], "reply": reply, "correct": ok, "stopped": stopped})
+    # the engine batches the records itself (continuously: a finished reply frees its row at once)
+    engine = Engine(model, tokenizer, max_batch_size=batch_size)
+    prompts = [tokenizer.encode(render_prompt(r), bos=True, eos=False) for r in records]
+    with torch.inference_mode():
+        seqs = engine.run(prompts, SamplingParams(temperature=0, max_tokens=max_new_tokens))
+    for r, seq in zip(records, seqs):
+        reply = tokenizer.decode(seq.output).strip()
+        ok = reply == r["output"].strip()
+        stopped = seq.finish_reason == "stop"  # ended at a stop id (EOS), not at the token budget
+        task = r.get("task", "all")
+        hits[task] += ok
+        totals[task] += 1
+        stops += stopped
+        rows.append({"task": task, "output": r["output"], "reply": reply, "correct": ok, "stopped": stopped})
     n = sum(totals.values())
     return {"accuracy": sum(hits.values()) / max(n, 1), "n": n, "stopped_at_eos": stops / max(n, 1),
             "per_task": {t: {"accuracy": hits[t] / totals[t], "n": totals[t]} for t in sorted(totals)},

@@ -8,10 +8,15 @@ Here LoRA is a module swap, not a model subclass: `apply_lora` replaces chosen `
 place by `LoRALinear`, which keeps the *same* weight Parameter under the same name, so the base
 state dict (Meta's names) is untouched and only `lora_A` / `lora_B` entries are added.
 
-Adapters are saved in PEFT's layout (huggingface/peft, utils/save_and_load.py): `adapter_config.json` plus
+Adapters are saved in PEFT's layout (peft's `save_pretrained`): `adapter_config.json` plus
 `adapter_model.safetensors` with HF module names, so `peft.PeftModel.from_pretrained` loads them
 onto our HF export. One subtlety: HF stores wq/wk rows in rotate-half order (weights/hf.py). The
 update B A adds to W's rows, so B's rows must be permuted exactly as W's are; A is untouched.
+
+The output head may carry an adapter too (target "output", PEFT's "lm_head"). In a model with tied
+embeddings (Llama 3.2 1B/3B) that head *is* the input embedding: the adapter's B A is added to the
+head's output only, so the embedding never changes; merging cannot add B A to a matrix both ends
+share, so it unties them first (the merged model has its own output matrix, E + B A).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 import math
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,6 +42,7 @@ HF_PARENT = {"wq": "self_attn", "wk": "self_attn", "wv": "self_attn", "wo": "sel
              "w1": "mlp", "w2": "mlp", "w3": "mlp"}
 OUR_PARENT = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
               "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward"}
+OUTPUT_TARGET, OUTPUT_HF = "output", "lm_head"  # the head: not in a layer, not part of "all"
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 
 
@@ -84,22 +91,24 @@ class LoRALinear(nn.Module):
 
 
 def parse_targets(targets) -> list[str]:
-    """`"wq,wv"`, `"all"`, HF names (`"q_proj,v_proj"`) or a list -> our names, in a fixed order."""
+    """`"wq,wv"`, `"all"`, HF names (`"q_proj,v_proj"`) or a list -> our names, in a fixed order.
+    "output" (HF "lm_head") adapts the output head; "all" is the seven layer projections."""
     names = targets.split(",") if isinstance(targets, str) else list(targets)
     names = [n.strip() for n in names if n.strip()]
     if names == ["all"]:
         return list(TARGET_TO_HF)
+    known = {**TARGET_TO_HF, OUTPUT_TARGET: OUTPUT_HF}
     out = []
     for n in names:
-        ours = HF_TO_TARGET.get(n, n)
-        if ours not in TARGET_TO_HF:
-            raise ValueError(f"unknown LoRA target {n!r}; choose from {', '.join(TARGET_TO_HF)} (or HF names "
-                             f"{', '.join(HF_TO_TARGET)}), or 'all'")
+        ours = {**HF_TO_TARGET, OUTPUT_HF: OUTPUT_TARGET}.get(n, n)
+        if ours not in known:
+            raise ValueError(f"unknown LoRA target {n!r}; choose from {', '.join(known)} (or HF names "
+                             f"{', '.join(known.values())}), or 'all'")
         if ours not in out:
             out.append(ours)
     if not out:
         raise ValueError("no LoRA targets given")
-    return [t for t in TARGET_TO_HF if t in out]
+    return [t for t in known if t in out]
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -109,13 +118,19 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 def apply_lora(model: nn.Module, targets="wq,wv", r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                layers=None) -> nn.Module:
     """Swap the chosen projections of every layer (or of `layers`) for LoRALinear, in place, and
-    freeze everything else. Defaults are alpaca-lora's (r 8, alpha 16, q and v; tloen/alpaca-lora finetune.py)."""
+    freeze everything else. Defaults are alpaca-lora's (r 8, alpha 16, q and v: tloen/alpaca-lora
+    finetune.py)."""
     if lora_modules(model):
         raise ValueError("the model already has LoRA adapters (merge_and_unload it first)")
+    chosen = parse_targets(targets)
+    if OUTPUT_TARGET in chosen:
+        model.output = LoRALinear(model.output, r, alpha, dropout).train(model.training)
     for i, block in enumerate(model.layers):
         if layers is not None and i not in layers:
             continue
-        for t in parse_targets(targets):
+        for t in chosen:
+            if t == OUTPUT_TARGET:
+                continue
             parent = getattr(block, OUR_PARENT[t])
             # a new module starts in training mode: follow the model's mode (no dropout in eval)
             setattr(parent, t, LoRALinear(getattr(parent, t), r, alpha, dropout).train(model.training))
@@ -133,7 +148,17 @@ def mark_only_lora_trainable(model: nn.Module):
         p.requires_grad_(is_lora_parameter(name))
 
 
+def _untie_for_merge(model: nn.Module):
+    # B A may go into the output head only: give it its own copy of the shared matrix first
+    head = getattr(model, "output", None)
+    if isinstance(head, LoRALinear) and not head.merged and head.weight is model.tok_embeddings.weight:
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        model.params = replace(model.params, tie_word_embeddings=False)
+
+
 def merge_lora(model: nn.Module):
+    """Fold every adapter into its weight (a tied output head is untied first)."""
+    _untie_for_merge(model)
     for m in lora_modules(model).values():
         m.merge()
 
@@ -144,20 +169,24 @@ def unmerge_lora(model: nn.Module):
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight and put plain nn.Linears back (for export)."""
+    """Fold every adapter into its base weight and put plain nn.Linears back (for export).
+    A tied output head with an adapter comes back untied (ModelArgs.tie_word_embeddings False)."""
+    _untie_for_merge(model)
     for name, m in lora_modules(model).items():
         m.merge()
         parent_name, _, child = name.rpartition(".")
         linear = nn.Linear(m.in_features, m.out_features, bias=False, device="meta")
         linear.weight = m.weight
         m.weight.requires_grad_(True)
-        setattr(model.get_submodule(parent_name), child, linear)
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
     return model
 
 
 # ---- PEFT's file layout -------------------------------------------------------------------
 
 def _hf_module(layer: int, target: str) -> str:
+    if target == OUTPUT_TARGET:
+        return f"base_model.model.{OUTPUT_HF}"
     return f"base_model.model.model.layers.{layer}.{HF_PARENT[target]}.{TARGET_TO_HF[target]}"
 
 
@@ -171,15 +200,15 @@ def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None 
     args = model.params
     tensors, targets, ranks, alphas = {}, set(), set(), set()
     for name, m in mods.items():
-        parts = name.split(".")  # layers.{i}.attention.wq
-        layer, target = int(parts[1]), parts[-1]
+        parts = name.split(".")  # layers.{i}.attention.wq, or output
+        layer, target = (int(parts[1]), parts[-1]) if name != OUTPUT_TARGET else (-1, OUTPUT_TARGET)
         B = m.lora_B.detach()
         if target in ("wq", "wk"):  # rows follow the base weight's rotary permutation
             B = permute_to_hf(B, args.n_heads if target == "wq" else args.n_kv_heads)
         prefix = _hf_module(layer, target)
         tensors[f"{prefix}.lora_A.weight"] = m.lora_A.detach().contiguous()
         tensors[f"{prefix}.lora_B.weight"] = B.contiguous()
-        targets.add(TARGET_TO_HF[target])
+        targets.add(TARGET_TO_HF.get(target, OUTPUT_HF))
         ranks.add(m.r)
         alphas.add(m.alpha)
         dropout = m.dropout.p if isinstance(m.dropout, nn.Dropout) else 0.0
@@ -187,13 +216,13 @@ def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None 
     if len(ranks) > 1 or len(alphas) > 1:
         raise ValueError("adapters with different ranks or alphas per module are not supported")
     n_layers = len(model.layers)
-    layers = sorted({int(n.split(".")[1]) for n in mods})
+    layers = sorted({int(n.split(".")[1]) for n in mods if n != OUTPUT_TARGET})
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
         "revision": None, "r": ranks.pop(), "lora_alpha": alphas.pop(), "lora_dropout": dropout,
         "target_modules": sorted(targets), "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
         "init_lora_weights": True, "modules_to_save": None,
-        "layers_to_transform": None if len(layers) == n_layers else layers, "layers_pattern": None,
+        "layers_to_transform": None if len(layers) in (0, n_layers) else layers, "layers_pattern": None,
         "use_rslora": rslora, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
     }
     out_dir = Path(out_dir)
@@ -257,6 +286,13 @@ def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
             ab = "lora_A" if "lora_A" in parts else "lora_B"
             hf_mod = parts[parts.index(ab) - 1]
             layer = int(parts[parts.index("layers") + 1]) if "layers" in parts else -1
+            if hf_mod == OUTPUT_HF and layer < 0:  # base_model.model.lm_head
+                module = ".".join(parts[:parts.index(ab)]).removeprefix("base_model.model.")
+                if not (hf_mod in declared or (pattern is not None and re.fullmatch(pattern, module))):
+                    raise ValueError(f"{where}: weights hold {hf_mod} but target_modules is "
+                                     f"{pattern if pattern is not None else sorted(declared)}")
+                found.setdefault((-1, OUTPUT_TARGET), {})[ab] = t
+                continue
             if hf_mod not in HF_TO_TARGET or layer < 0:
                 raise ValueError(f"{where}: adapter module {'.'.join(parts[:parts.index(ab)])} is not a LLaMA "
                                  "projection this model has")
@@ -265,6 +301,13 @@ def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
                 raise ValueError(f"{where}: weights hold {hf_mod} but target_modules is "
                                  f"{pattern if pattern is not None else sorted(declared)}")
             found.setdefault((layer, HF_TO_TARGET[hf_mod]), {})[ab] = t
+        elif key.endswith(f"{OUTPUT_HF}.base_layer.weight"):
+            # PEFT saves the head it adapted when that head is tied to the embedding layer
+            # (save_embedding_layers): only a copy of the base model's own matrix is accepted
+            head = model.output.weight
+            if t.shape != head.shape or not torch.equal(t.to(head.dtype), head.detach()):
+                raise ValueError(f"{where}: the adapter stores an {OUTPUT_HF} matrix that differs from this "
+                                 "model's output head (an adapter for another base model?)")
         else:
             raise ValueError(f"{where}: unexpected tensor {key} in the adapter (only lora_A/lora_B are supported)")
     if not found:
@@ -272,7 +315,7 @@ def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
     args, n_layers = model.params, len(model.layers)
     plan = []
     for (layer, target), ab in sorted(found.items()):
-        name = f"layers.{layer}.{OUR_PARENT[target]}.{target}"
+        name = OUTPUT_TARGET if target == OUTPUT_TARGET else f"layers.{layer}.{OUR_PARENT[target]}.{target}"
         if layer >= n_layers:
             raise ValueError(f"{where}: adapter targets layer {layer} but the model has {n_layers} layers")
         if set(ab) != {"lora_A", "lora_B"}:
@@ -281,18 +324,18 @@ def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
         if isinstance(base, LoRALinear):
             raise ValueError("the model already has LoRA adapters (merge_and_unload it first)")
         A, B = ab["lora_A"], ab["lora_B"]
+        hf_name = f"{TARGET_TO_HF[target]} in layer {layer}" if target != OUTPUT_TARGET else OUTPUT_HF
         if A.shape[0] != r or B.shape[1] != r:
-            raise ValueError(f"{where}: {TARGET_TO_HF[target]} in layer {layer} has rank {A.shape[0]} but the "
-                             f"config says r={r}")
+            raise ValueError(f"{where}: {hf_name} has rank {A.shape[0]} but the config says r={r}")
         if A.shape[1] != base.in_features or B.shape[0] != base.out_features:
-            raise ValueError(f"{where}: {TARGET_TO_HF[target]} in layer {layer} is {B.shape[0]}x{A.shape[1]} "
+            raise ValueError(f"{where}: {hf_name} is {B.shape[0]}x{A.shape[1]} "
                              f"but the model's {target} is {base.out_features}x{base.in_features}")
         if target in ("wq", "wk"):
             B = permute_to_meta(B, args.n_heads if target == "wq" else args.n_kv_heads)
         plan.append((name, A, B))
     for name, A, B in plan:  # checked everything first: a bad adapter leaves the model unchanged
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
+        parent = model.get_submodule(parent_name) if parent_name else model
         m = LoRALinear(getattr(parent, child), r, alpha, float(config.get("lora_dropout", 0.0)))
         if config.get("use_rslora"):
             m.scaling = alpha / math.sqrt(r)  # rank-stabilised LoRA (Kalajdzievski 2023)

@@ -5,8 +5,8 @@ a decoder-only transformer with three changes to the original (Vaswani et al. 20
   - pre-normalization with RMSNorm (Zhang & Sennrich 2019), as in GPT-3;
   - the SwiGLU activation (Shazeer 2020), as in PaLM;
   - rotary position embeddings (Su et al. 2021), as in GPT-NeoX.
-Llama 2 adds grouped-query attention (Ainslie et al. 2023) for its largest size; Llama 3 uses
-GQA everywhere, rope_theta = 500000, and (3.1) a frequency rescaling for long contexts.
+Llama 2 adds grouped-query attention (Ainslie et al. 2023) for its 34B and 70B models; Llama 3
+uses GQA at every size, rope_theta = 500000, and (3.1) a frequency rescaling for long contexts.
 
 Parameter names follow Meta's checkpoints exactly, so `consolidated.00.pth` loads as is.
 Shape letters (see config.py): B batch, T new tokens, S cached length, H query heads,
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelArgs
+from .kv_cache import CacheBatch, KVCache
 
 
 class RMSNorm(nn.Module):
@@ -82,62 +83,53 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).type_as(x)  # (B, T, H, D)
 
 
-# ---- attention with a key/value cache -----------------------------------------------------
+# ---- attention ---------------------------------------------------------------------------
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer_id: int = 0):
         super().__init__()
+        self.layer_id = layer_id  # which layer's keys and values it reads from a KVCache
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        self.max_seq_len = args.max_seq_len
-        # Meta preallocates (max_batch_size, max_seq_len, K, D) per layer at construction; we
-        # allocate on first use, for the batch actually seen (OOM reports, REFERENCE section 3).
-        self.register_buffer("cache_k", None, persistent=False)
-        self.register_buffer("cache_v", None, persistent=False)
 
-    def _cache_for(self, B: int, like: torch.Tensor, fresh: bool):
-        c = self.cache_k
-        if c is None or c.shape[0] < B or c.dtype != like.dtype or c.device != like.device:
-            if not fresh:
-                raise RuntimeError("the KV cache was not filled for this batch: start with start_pos=0")
-            shape = (B, self.max_seq_len, self.n_kv_heads, self.head_dim)  # (B, S_max, K, D)
-            self.cache_k = torch.zeros(shape, dtype=like.dtype, device=like.device)
-            self.cache_v = torch.zeros(shape, dtype=like.dtype, device=like.device)
-        return self.cache_k, self.cache_v
-
-    def forward(self, x, start_pos, cos, sin, mask, use_cache: bool):
+    def forward(self, x, cos, sin, mask, cache: Optional[CacheBatch]):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # never v
-
-        if use_cache:
-            if isinstance(start_pos, int):  # Meta's case: every row at the same slot
-                cache_k, cache_v = self._cache_for(B, k, fresh=start_pos == 0)
-                cache_k[:B, start_pos:start_pos + T] = k
-                cache_v[:B, start_pos:start_pos + T] = v
-                S = start_pos + T
-            else:  # per-row slots (B,): rows of a continuous batch are at different lengths
-                cache_k, cache_v = self._cache_for(B, k, fresh=False)
-                slots = start_pos[:, None] + torch.arange(T, device=x.device)  # (B, T)
-                rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
-                cache_k[rows, slots] = k
-                cache_v[rows, slots] = v
-                S = mask.shape[-1]
-            k, v = cache_k[:B, :S], cache_v[:B, :S]  # (B, S, K, D)
-
-        # SDPA wants heads before positions. enable_gqa lets H query heads share K kv heads
-        # without materialising Meta's `repeat_kv` copies.
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T|S, D)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-            enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, D); scale 1/sqrt(D)
-        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
+        if cache is not None:  # store this call's keys, read every key the queries may see
+            k, v = cache.update(self.layer_id, k, v)  # (B, S, K, D)
+        if T == 1 and mask is not None:
+            out = attend_one(q, k, v, mask)  # (B, 1, H*D)
+        else:
+            # softmax(q k^T / sqrt(D) + mask) v (Vaswani et al. 2017, eq. 1), the mask letting a
+            # query at position p see keys at positions <= p. SDPA wants heads before positions;
+            # enable_gqa lets H query heads share K kv heads without Meta's `repeat_kv` copies.
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T|S, D)
+            out = F.scaled_dot_product_attention(
+                q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=mask is None and T > 1,
+                enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, D); scale 1/sqrt(D)
+            out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.wo(out)
+
+
+def attend_one(q, k, v, mask):
+    """Decoding: one query per row over its cached keys, the attention equation written out (SDPA's
+    CPU kernels cost more than this arithmetic at one query). q (B, 1, H, D); k, v (B, S, K, D);
+    mask (B, 1, 1, S). Query heads g*G..g*G+G-1 share kv head g (G = H/K, grouped-query attention,
+    in the order of Meta's `repeat_kv`)."""
+    B, _, H, D = q.shape
+    K = k.shape[2]
+    qg = q.view(B, K, H // K, D)  # (B, K, G, D): each kv head's group of query heads
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1).to(q.dtype)).float() / math.sqrt(D)  # (B, K, G, S)
+    scores = scores.masked_fill(~mask.view(B, 1, 1, -1), float("-inf"))
+    p = torch.softmax(scores, dim=-1).to(q.dtype)  # (B, K, G, S)
+    out = torch.matmul(p, v.transpose(1, 2).to(q.dtype))  # (B, K, G, D)
+    return out.reshape(B, 1, H * D)
 
 
 class FeedForward(nn.Module):
@@ -156,14 +148,14 @@ class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
         self.layer_id = layer_id
-        self.attention = Attention(args)
+        self.attention = Attention(args, layer_id)
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, start_pos, cos, sin, mask, use_cache):
+    def forward(self, x, cos, sin, mask, cache):
         # pre-norm residual blocks (GPT-2/GPT-3 style, LLaMA paper 2.2)
-        h = x + self.attention(self.attention_norm(x), start_pos, cos, sin, mask, use_cache)
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -191,6 +183,7 @@ class Transformer(nn.Module):
             cos, sin = precompute_rope(args, args.max_seq_len * 2)
         self.register_buffer("rope_cos", cos, persistent=False)  # (2*max_seq_len, D/2)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.cache: Optional[KVCache] = None  # the cache of Meta's forward(tokens, start_pos)
 
     def _apply(self, fn, recurse=True):
         # `model.to(torch.bfloat16)` would also round the rotary tables; Meta keeps them in
@@ -207,45 +200,49 @@ class Transformer(nn.Module):
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
     def clear_cache(self):
-        for layer in self.layers:
-            layer.attention.cache_k = layer.attention.cache_v = None
+        """Forget what `forward(tokens, start_pos)` cached (the memory goes with it)."""
+        self.cache = None
 
-    def forward(self, tokens: torch.Tensor, start_pos=0, *, pad_left: Optional[torch.Tensor] = None,
-                cache: bool = True) -> torch.Tensor:
-        """Logits (float32) for every position of `tokens` (B, T).
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, *, cache: bool = True) -> torch.Tensor:
+        """Meta's contract: float32 logits (B, T, V) for every position of `tokens` (B, T).
 
-        start_pos: the cache slot of tokens[:, 0]; the call attends to every slot before it
-        that earlier calls filled (Meta semantics), so prefill-then-decode and chunked prefill
-        work. It may also be a LongTensor (B,) of per-row slots, for batches whose rows have
-        different lengths (continuous batching); the cache must already exist then.
-        pad_left: LongTensor (B,); row b's first pad_left[b] slots are padding (ragged prompts
-        left-padded to one length): its positions count from its first real token and its
-        padding is never attended to.
-        cache=False: a plain causal forward without the KV cache (training).
+        start_pos: the position of tokens[:, 0]; the call attends to the keys that earlier calls
+        cached for positions before it (Meta semantics: prefill, then decode one token at a time,
+        or prefill in chunks). Row b of the batch is sequence b of the model's own KV cache.
+        cache=False: a plain causal forward without any cache (training, scoring).
         """
         B, T = tokens.shape
-        per_row = isinstance(start_pos, torch.Tensor)
-        S = (int(start_pos.max()) if per_row else start_pos) + T  # keys attended: slots [0, S)
-        if S > self.params.max_seq_len:
-            raise ValueError(f"sequence of {S} tokens exceeds max_seq_len={self.params.max_seq_len}")
-        if not cache and (per_row or start_pos != 0):
-            raise ValueError("start_pos > 0 needs the KV cache")
+        if start_pos + T > self.params.max_seq_len:
+            raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len={self.params.max_seq_len}")
+        positions = (start_pos + torch.arange(T, device=tokens.device)).expand(B, T)  # (B, T)
+        if not cache:
+            if start_pos:
+                raise ValueError("start_pos > 0 needs the KV cache")
+            return self.step(tokens, positions)
+        if start_pos == 0 or self.cache is None:
+            if start_pos:
+                raise RuntimeError("the KV cache was not filled for this batch: start with start_pos=0")
+            rows = max(B, self.params.max_batch_size)
+            weight = self.tok_embeddings.weight
+            if (self.cache is None or self.cache.max_blocks < rows * self.cache.blocks_needed(self.params.max_seq_len)
+                    or self.cache.dtype != weight.dtype or self.cache.device != weight.device):
+                self.cache = KVCache.for_model(self, max_tokens=rows * self.params.max_seq_len)
+            self.cache.reset()
+        batch = self.cache.plan(range(B), [start_pos] * B, [T] * B, T)
+        return self.step(tokens, positions, batch)
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Optional[CacheBatch] = None,
+             logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The engine's contract: tokens (B, T) at positions (B, T), reading and writing the keys
+        of `cache` (a KVCache.plan of this call; None: no cache, causal over the T tokens).
+        logits_at (B,): the one position per row whose logits are wanted, giving (B, V); None
+        gives every position's (B, T, V). Logits are float32."""
+        B, T = tokens.shape
         h = self.tok_embeddings(tokens)  # (B, T, C)
-        arange_t = torch.arange(T, device=tokens.device)
-        slots = start_pos[:, None] + arange_t if per_row else (start_pos + arange_t)[None]  # (B|1, T)
-        positions = slots if pad_left is None else (slots - pad_left[:, None]).clamp(min=0)  # (B|1, T)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B|1, T, D/2)
-
-        mask = None  # None: plain causal (is_causal) over slots [0, S), or one query attending to all
-        if per_row or pad_left is not None or (T > 1 and start_pos > 0):
-            keys = torch.arange(S, device=tokens.device)  # (S,)
-            allowed = keys <= slots[..., None]  # (B|1, T, S): causal, and chunked prefill (Meta v2)
-            if pad_left is not None:
-                allowed = allowed & (keys >= pad_left[:, None, None])  # (B, T, S)
-                # a padding query attends to itself only, so no softmax row is empty (no NaNs)
-                allowed = allowed | (keys == slots[..., None])
-            mask = allowed[:, None]  # (B|1, 1, T, S): broadcast over heads
-
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, D/2)
+        mask = None if cache is None else cache.mask(positions)  # (B, 1, T, S), or None: causal
         for layer in self.layers:
-            h = layer(h, start_pos, cos, sin, mask, cache)
-        return self.output(self.norm(h)).float()  # (B, T, V)
+            h = layer(h, cos, sin, mask, cache)
+        if logits_at is not None:  # decode needs one row of logits, not T x V of them
+            h = h[torch.arange(B, device=h.device), logits_at]  # (B, C)
+        return self.output(self.norm(h)).float()  # (B, [T,] V)

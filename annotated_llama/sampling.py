@@ -3,7 +3,10 @@
 The order of operations is HF transformers' logits-processor order, which also contains
 Meta's: repetition penalty -> temperature -> top-k -> softmax -> top-p -> draw.
 
+    SamplingParams                                        every setting of one request, checked in one place
     apply_repetition_penalty(logits, presence, penalty)   HF's RepetitionPenaltyLogitsProcessor
+    apply_openai_penalties(logits, counts, presence, freq) OpenAI's presence and frequency penalties
+    apply_logit_bias(logits, bias)                        OpenAI's logit_bias (HF's SequenceBias, one token)
     apply_temperature(logits, temperature)                 logits / T (rows with T == 0 untouched)
     apply_top_k(logits, top_k)                             keep the k largest logits (gpt-fast, lit-llama)
     sample_top_p(probs, p, generator)                      Meta's `sample_top_p`, exactly (REFERENCE b7)
@@ -21,7 +24,8 @@ Shapes: B rows, V vocabulary. `logits` are float (B, V); the returned tokens are
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -37,27 +41,99 @@ def make_generator(seed: int, device="cpu") -> torch.Generator:
     return g
 
 
-# Past this temperature (or penalty) every distribution a model gives is uniform to float32
-# precision: a larger value is a typo (1e3 for 1.3), not a setting. NaN and infinities fail too.
-MAX_TEMPERATURE = 100.0
+# ---- the settings of one request -----------------------------------------------------------
+# The one source of truth for their ranges: (low, high, low inclusive). OpenAI's API reference
+# gives temperature [0, 2], penalties [-2, 2], logit_bias [-100, 100]; the rest are ours.
+LIMITS = {
+    "temperature": (0.0, 2.0, True),
+    "top_p": (0.0, 1.0, False),
+    "top_k": (0, 1 << 31, True),
+    "repetition_penalty": (0.0, 10.0, False),
+    "presence_penalty": (-2.0, 2.0, True),
+    "frequency_penalty": (-2.0, 2.0, True),
+    "logit_bias": (-100.0, 100.0, True),
+    "seed": (0, (1 << 64) - 1, True),
+    "max_tokens": (1, 1 << 31, True),
+    "logprobs": (0, 20, True),
+}
+
+
+def check_range(name: str, value) -> None:
+    """ValueError naming `name` unless `value` is a finite number within LIMITS[name]."""
+    low, high, closed = LIMITS[name]
+    integer = isinstance(low, int)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            integer and math.isfinite(value) and int(value) != value):  # (int(nan) raises: NaN is refused below)
+        raise ValueError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if not math.isfinite(value) or not (low <= value if closed else low < value) or value > high:
+        raise ValueError(f"{name} must be in {'[' if closed else '('}{low}, {high}], got {value!r}")
+
+
+@dataclass
+class SamplingParams:
+    """Every setting of one generation request, for every front end (Llama, the CLI, the server).
+
+    The defaults are Meta's (`Llama.generate`); the OpenAI server passes OpenAI's. Penalties in the
+    order the engine applies them: repetition (HF/CTRL, over prompt and output), then presence and
+    frequency (OpenAI, over the output so far), then logit_bias, then `constraint` (a grammar that
+    masks tokens), then temperature, top-k, top-p and the draw.
+    """
+    temperature: float = 0.6  # 0: greedy
+    top_p: float = 0.9
+    top_k: int = 0  # 0: no limit
+    max_tokens: Optional[int] = None  # None: up to the end of the context
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict = field(default_factory=dict)  # {token id: bias added to its logit}
+    seed: Optional[int] = None  # None: drawn from the engine's own generator
+    stop: tuple = ()  # strings; the text ends before the first one
+    ignore_eos: bool = False  # keep going past the tokenizer's stop ids
+    logprobs: Optional[int] = None  # report each token's log-probability and this many alternatives
+    prompt_logprobs: bool = False  # also the log-probability of every prompt token (echo)
+    constraint: Any = None  # apply(logits_row) / advance(token) / is_finished(): a grammar
+
+    def __post_init__(self):
+        for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            check_range(name, getattr(self, name))
+        if self.top_k is None:
+            self.top_k = 0
+        check_range("top_k", self.top_k)
+        for name in ("max_tokens", "seed", "logprobs"):
+            if getattr(self, name) is not None:
+                check_range(name, getattr(self, name))
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop = tuple(self.stop or ())
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+        for token, bias in self.logit_bias.items():
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+            check_range("logit_bias", bias)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    def replace(self, **changes) -> "SamplingParams":
+        return SamplingParams(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})
 
 
 def check_sampling_args(temperature=0.6, top_p=0.9, top_k=None, repetition_penalty=1.0):
     """ValueError naming the argument when a setting is out of range (scalars or tensors)."""
     def values(x):
         return x.flatten().tolist() if isinstance(x, torch.Tensor) else [x]
-    for t in values(temperature):
-        if t is None or not 0 <= t <= MAX_TEMPERATURE:  # NaN fails both comparisons
-            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:g}] (0 means greedy), got {t}")
-    for p in values(top_p):
-        if p is None or not 0 < p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {p}")
+    for name, setting in (("temperature", temperature), ("top_p", top_p), ("repetition_penalty", repetition_penalty)):
+        for value in values(setting):
+            check_range(name, value)
     for k in values(top_k):
-        if k is not None and (not math.isfinite(k) or k < 0 or int(k) != k):
-            raise ValueError(f"top_k must be a positive integer (or 0/None for no limit), got {k}")
-    for r in values(repetition_penalty):
-        if r is None or not 0 < r <= MAX_TEMPERATURE:
-            raise ValueError(f"repetition_penalty must be in (0, {MAX_TEMPERATURE:g}] (1.0 means none), got {r}")
+        if k is not None:
+            check_range("top_k", k)
 
 
 def _per_row(x: Setting, B: int, like: torch.Tensor) -> torch.Tensor:
@@ -85,6 +161,22 @@ def apply_repetition_penalty(logits: torch.Tensor, presence: torch.Tensor, penal
     r = _per_row(penalty, logits.shape[0], logits)  # (B, 1)
     penalized = torch.where(logits < 0, logits * r, logits / r)
     return torch.where(presence, penalized, logits)
+
+
+def apply_openai_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: Setting,
+                           frequency: Setting) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties (API reference, "Parameter details"):
+    logit[j] -= frequency * count[j] + presence * (count[j] > 0), count over the tokens generated
+    so far. counts: float (B, V)."""
+    f = _per_row(frequency, logits.shape[0], logits)  # (B, 1)
+    p = _per_row(presence, logits.shape[0], logits)
+    return logits - f * counts - p * (counts > 0).float()
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Add a bias (B, V) to the logits: OpenAI's logit_bias, HF's SequenceBiasLogitsProcessor for
+    one-token sequences. A bias of -100 all but bans a token; +100 all but forces it."""
+    return logits + bias
 
 
 def apply_temperature(logits: torch.Tensor, temperature: Setting) -> torch.Tensor:
@@ -147,6 +239,16 @@ def logits_to_probs(logits: torch.Tensor, temperature: Setting = 1.0, top_k: Set
     return torch.softmax(logits, dim=-1)
 
 
+def distribution(logits: torch.Tensor, temperature: float = 1.0, top_k: Setting = None, top_p: Setting = 1.0) -> torch.Tensor:
+    """The probabilities (B, V) that `sample` draws from at temperature > 0: softmax(top_k(logits /
+    T)) cut to the top-p nucleus and renormalised (speculative decoding's target and draft)."""
+    probs = logits_to_probs(logits, temperature, top_k)  # (B, V)
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    probs_sort = probs_sort.masked_fill(top_p_mask(probs_sort, 1.0 if top_p is None else top_p), 0.0)
+    kept = torch.zeros_like(probs).scatter(1, probs_idx, probs_sort)  # back to vocabulary order
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
 def sample(logits: torch.Tensor, temperature: Setting = 0.6, top_p: Setting = 0.9, top_k: Setting = None, *,
            generator: Generators = None, presence: Optional[torch.Tensor] = None,
            repetition_penalty: Setting = 1.0) -> torch.Tensor:
@@ -168,6 +270,7 @@ def sample(logits: torch.Tensor, temperature: Setting = 0.6, top_p: Setting = 0.
     return torch.where(t.to(logits.device) == 0, greedy(logits), drawn)  # mixed greedy/sampled rows
 
 
-__all__ = ["make_generator", "check_sampling_args", "token_presence", "apply_repetition_penalty",
-           "apply_temperature", "apply_top_k", "top_p_mask", "sample_top_p", "greedy", "logits_to_probs",
+__all__ = ["SamplingParams", "LIMITS", "check_range", "make_generator", "check_sampling_args",
+           "apply_openai_penalties", "apply_logit_bias", "token_presence", "apply_repetition_penalty",
+           "apply_temperature", "apply_top_k", "top_p_mask", "sample_top_p", "greedy", "logits_to_probs", "distribution",
            "sample"]

@@ -1,33 +1,24 @@
-"""One scheduler shared by every request: continuous batching on a background thread.
+"""The server's scheduler: the engine, a thread that owns it, admission and cancellation.
 
-A server that runs each HTTP request's generation loop on its own would either serialise the
-requests (one model, one request at a time) or run B separate batch-1 decodes, each re-reading
-all the weights per token. Decoding is memory-bound (../docs MACHINE.md: batch-1 decode reads
-every weight once per token), so B rows decoded in one forward cost little more than one row.
-Orca (Yu et al. 2022, "Orca: A Distributed Serving System for Transformer-Based Generative
-Models", OSDI) adds the other half, *iteration-level scheduling*: a new request does not wait
-for the running batch to finish; it is prefilled and joins at the next decode step, and a
-finished one leaves at once, so its row is reused. vLLM and llama.cpp's server work this way.
+Continuous batching itself is the engine's (engine.py: every step prefills the newcomers and
+decodes one token for every running request, each at its own place in the paged KV cache). What
+a server adds is concurrency: HTTP handlers on other threads submit requests and wait for their
+events, while one thread owns the model and the cache and runs `engine.step()` as long as there
+is work. So the handlers never touch the model, and under tensor parallelism every forward call
+(and so every collective) comes from that one thread, in one order.
 
-Here one thread owns the model. The KV cache has `max_batch_size` rows (allocated once, by a
-first forward at that batch size); active requests always occupy rows 0..n-1, so a decode step
-is one `model(tokens[n, 1], start_pos=lengths[n])` call with each row at its own cache slot.
-- Prefill of a new request into row r: a batch-1 forward writes cache row 0 (the per-row path
-  maps batch row b to cache row b), so rows 0 and r swap their first P slots, the prompt is
-  prefilled in row 0, and the rows swap back. Cost O(P) copies, no other row disturbed.
-- A request that leaves row i: the last active row's cache is swapped into row i (O(its length)).
-- Every cache edit is a forward call or `tensor_parallel.swap_cache_rows`, which `serve --tp N`
-  mirrors on the other ranks (each holds its heads' slice of the cache).
-- Admission: a free row, and the tokens it may reach (prompt + max_tokens) within the KV budget.
-  Waiting requests queue (bounded); beyond the queue `submit` raises `QueueFull` (HTTP 503).
-- Cancellation (client gone): `job.cancel()`; the row is freed before the next step.
+- Admission: a request whose prompt + max_tokens can never fit the context or the KV budget is
+  refused in `submit` (ValueError: HTTP 400); one that fits later waits in the engine's queue;
+  beyond `max_queue` waiting requests, `submit` raises `QueueFull` (HTTP 503 + Retry-After).
+- Cancellation (client gone): `cancel(job)`; its blocks go back before the next step.
+- A failing step fails the requests in it (their clients get an error event) and the scheduler
+  goes on serving the next ones.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
-import random
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,13 +26,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .sampling import make_generator, sample
-from .streaming import TextStream
-from .tensor_parallel import swap_cache_rows
-
-
-PREFILL_CHUNK = 512  # prompt tokens per prefill forward
-
+from .engine import Engine, Output
+from .sampling import SamplingParams
 
 log = logging.getLogger("annotated_llama.scheduler")
 
@@ -51,80 +37,68 @@ class QueueFull(RuntimeError):
 
 
 @dataclass
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: Optional[int] = None
-    repetition_penalty: float = 1.0
-    seed: Optional[int] = None
-    stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
-
-
-@dataclass
 class Event:
-    """What a job reports, in order: text pieces, then one final event (`finish_reason` set)."""
+    """What a job reports, in order: pieces of text (one per token, `index` naming which of the
+    job's n completions), then one final event per completion (`finish_reason` set)."""
     text: str = ""
     finish_reason: Optional[str] = None  # "stop" | "length" | "cancelled" | "error"
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: Optional[str] = None
+    index: int = 0
+    token: Optional[int] = None
+    logprob: Optional[float] = None
+    top_logprobs: Optional[list] = None  # [(token id, logprob)]
+    prompt_logprobs: Optional[list] = None  # on the final event, with params.prompt_logprobs
+    prompt_top_logprobs: Optional[list] = None
+    tokens: list = field(default_factory=list)  # on the final event: every output token id
 
 
 class Job:
-    """One request inside the scheduler. `emit` is called on the scheduler thread."""
+    """One request: `n` completions of one prompt. `emit` is called on the scheduler's thread."""
 
-    def __init__(self, prompt_tokens: list[int], params: SamplingParams, emit: Callable[[Event], None],
-                 tokenizer, device="cpu"):
-        self.prompt_tokens, self.params, self.emit = list(prompt_tokens), params, emit
-        seed = params.seed if params.seed is not None else random.getrandbits(63)
-        self.generator = make_generator(seed, device)  # per request: its draws ignore who shares the batch
-        self.presence: Optional[torch.Tensor] = None  # (V,) bool, for the repetition penalty
-        self.text = TextStream(tokenizer, context_ids=prompt_tokens, stops=params.stop)
-        self.generated: list[int] = []
-        self.length = 0  # cache slots filled
+    def __init__(self, prompt_tokens: list[int], params: SamplingParams, emit: Callable[[Event], None], n: int = 1):
+        self.prompt_tokens, self.params, self.emit, self.n = list(prompt_tokens), params, emit, n
+        self.seqs: list = []  # the engine's sequences, once admitted
         self.cancelled = False
         self.done = False
+        self.submitted = time.perf_counter()
 
     def cancel(self):
         self.cancelled = True
 
-    @property
-    def reserve(self) -> int:  # the most cache slots it can reach
-        return len(self.prompt_tokens) + self.params.max_tokens
-
 
 class Scheduler:
-    """`Scheduler(model, tokenizer, max_batch_size=8)`; `submit(...)` from any thread; `start()` runs it.
-
-    kv_budget: the most cache slots (prompt + max_tokens, summed over active requests) admitted at
-    once; default max_batch_size * max_seq_len. max_queue: requests allowed to wait for a row.
-    step_delay: seconds to sleep after each decode step (0; tests use it to make streams slow).
-    """
+    """`Scheduler(model, tokenizer, max_batch_size=8)`; `submit(...)` from any thread; `start()`
+    runs it. kv_budget: cache positions (prompt + max_tokens, summed over running requests) at
+    most (default max_batch_size x the context; memory is taken only as tokens arrive).
+    step_delay: seconds to sleep after each step (tests use it to make streams slow)."""
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, kv_budget: Optional[int] = None,
-                 max_queue: int = 64, step_delay: float = 0.0):
+                 max_queue: int = 64, step_delay: float = 0.0, backend: str = "auto", runner=None):
+        if runner is None:
+            from .backends import make_runner
+            runner = make_runner(model, backend, max_batch_size=max_batch_size)
+        self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, kv_tokens=kv_budget, runner=runner)
         self.model, self.tokenizer = model, tokenizer
-        self.max_seq_len = model.params.max_seq_len
-        self.max_batch_size = max_batch_size
-        self.kv_budget = kv_budget or max_batch_size * self.max_seq_len
+        self.max_seq_len, self.max_batch_size = self.engine.max_seq_len, max_batch_size
+        self.kv_budget = self.engine.kv_tokens
         self.max_queue, self.step_delay = max_queue, step_delay
-        self.waiting: collections.deque[Job] = collections.deque()
-        self.active: list[Job] = []  # active[i] lives in cache row i
-        self.cond = threading.Condition()
+        self.inbox: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self.jobs: dict[int, tuple[Job, int]] = {}  # engine sequence id -> (its job, its index)
+        self.live: set[Job] = set()  # submitted, not yet finished
+        self.wake = threading.Event()
         self.thread: Optional[threading.Thread] = None
+        self.lock = threading.Lock()
         self.stopping = False
         self.error: Optional[str] = None
-        # counters (read by /health and /metrics; written by the scheduler thread only)
-        self.steps = self.prefills = self.tokens_generated = self.batch_rows = 0
-        self.max_batch_seen = self.completed = self.cancelled = self.rejected = self.failures = 0
+        self.completed = self.cancelled = self.rejected = self.failures = 0
         self.last_failure: Optional[str] = None
 
-    # ---- the public side (any thread) -------------------------------------------------
+    # ---- the public side (any thread) -------------------------------------------------------
 
     def start(self) -> "Scheduler":
-        with self.cond:  # two threads starting it at once must not get two model owners
+        with self.lock:  # two threads starting it at once must not get two model owners
             if self.thread is None or not self.thread.is_alive():
                 self.stopping = False
                 self.thread = threading.Thread(target=self._run, name="annotated-llama-scheduler", daemon=True)
@@ -132,41 +106,30 @@ class Scheduler:
         return self
 
     def stop(self, timeout: float = 10.0):
-        with self.cond:
-            self.stopping = True
-            self.cond.notify_all()
+        self.stopping = True
+        self.wake.set()
         if self.thread is not None:
             self.thread.join(timeout)
 
-    def submit(self, prompt_tokens: list[int], params: SamplingParams, emit: Callable[[Event], None]) -> Job:
-        if not prompt_tokens:
-            raise ValueError("the prompt is empty")
-        job = Job(prompt_tokens, params, emit, self.tokenizer, self._device)
-        if job.reserve > self.max_seq_len:
-            raise ValueError(f"prompt ({len(prompt_tokens)}) + max_tokens ({params.max_tokens}) exceeds "
-                             f"the context of {self.max_seq_len} tokens")
-        if job.reserve > self.kv_budget:
-            raise ValueError(f"prompt + max_tokens ({job.reserve}) exceeds the KV budget of {self.kv_budget} tokens")
-        with self.cond:
-            if self.error is not None:
-                raise RuntimeError(f"the scheduler stopped: {self.error}")
-            if len(self.waiting) >= self.max_queue:
+    def submit(self, prompt_tokens: list[int], params: SamplingParams, emit: Callable[[Event], None],
+               n: int = 1) -> Job:
+        if self.error is not None:
+            raise RuntimeError(f"the scheduler stopped: {self.error}")
+        self.engine.check(list(prompt_tokens), params)  # ValueError: can never run
+        job = Job(prompt_tokens, params, emit, n)
+        with self.lock:
+            if len(self.live) >= self.max_queue + self.max_batch_size:
                 self.rejected += 1
-                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
-            self.waiting.append(job)
-            self.cond.notify_all()
+                raise QueueFull(f"{len(self.live) - self.max_batch_size} requests are already waiting")
+            self.live.add(job)
+        self.inbox.put(job)
+        self.wake.set()
         return job
 
     def cancel(self, job: Job):
-        """Stop `job` (its client went away): dropped from the queue now, or from its row before
-        the next decode step."""
+        """Stop `job` (its client went away): its rows are freed before the next step."""
         job.cancel()
-        with self.cond:
-            if job in self.waiting:
-                self.waiting.remove(job)
-                job.done = True
-                self.cancelled += 1
-            self.cond.notify_all()
+        self.wake.set()
 
     def generate(self, prompt_tokens: list[int], params: SamplingParams, timeout: float = 600) -> Event:
         """Blocking helper (docs, benchmarks): the whole text and the final event's counts."""
@@ -181,181 +144,101 @@ class Scheduler:
         if not done.wait(timeout):
             raise TimeoutError("generation did not finish in time")
         return Event("".join(pieces), final[0].finish_reason, final[0].prompt_tokens,
-                     final[0].completion_tokens, final[0].error)
+                     final[0].completion_tokens, final[0].error, tokens=final[0].tokens)
 
     def stats(self) -> dict:
-        return {"steps": self.steps, "prefills": self.prefills, "tokens_generated": self.tokens_generated,
-                "active": len(self.active), "waiting": len(self.waiting),
-                "max_batch_size": self.max_batch_size, "max_batch_seen": self.max_batch_seen,
-                "batch_rows": self.batch_rows,  # sum over steps of the rows decoded in that step
-                "mean_batch_size": round(self.batch_rows / self.steps, 3) if self.steps else 0.0,
+        return {**self.engine.stats(), "active": len(self.engine.running), "kv_budget": self.kv_budget,
                 "completed": self.completed, "cancelled": self.cancelled, "rejected": self.rejected,
                 "failures": self.failures, "last_failure": self.last_failure,
-                "kv_budget": self.kv_budget, "kv_reserved": sum(j.reserve for j in self.active),
                 "running": self.thread is not None and self.thread.is_alive(), "error": self.error}
 
-    # ---- the scheduler thread ------------------------------------------------------------
+    # ---- the scheduler thread ---------------------------------------------------------------
 
     def _run(self):
         try:
             with torch.inference_mode():
-                # Allocate the cache once, for every row; from now on start_pos is always a tensor.
-                self.model(torch.zeros(self.max_batch_size, 1, dtype=torch.long, device=self._device), 0)
-                while True:
-                    with self.cond:
-                        while not self.stopping and not self.active and not self.waiting:
-                            self.cond.wait()
-                        if self.stopping:
-                            break
-                    self._admit()
-                    self._drop_finished()
-                    if self.active:
-                        try:
-                            self._decode_step()
-                        except Exception as e:  # fail this batch's requests, keep serving the next ones
-                            self._fail(self.active, e)
-                        self._drop_finished()
-                        if self.step_delay:
-                            time.sleep(self.step_delay)
-        except Exception as e:  # the thread itself failed: tell every waiting client rather than hang them
+                while not self.stopping:
+                    self._take_inbox()
+                    self._cancel_requested()
+                    if not self.engine.has_work:
+                        self.wake.wait(0.5)
+                        self.wake.clear()
+                        continue
+                    try:
+                        outputs = self.engine.step()
+                    except Exception as e:  # fail this step's requests, keep serving the next ones
+                        self._fail(e)
+                        continue
+                    for out in outputs:
+                        self._emit(out)
+                    if self.step_delay:
+                        time.sleep(self.step_delay)
+        except Exception as e:  # the thread itself failed: tell every client rather than hang them
             self.error = f"{type(e).__name__}: {e}"
-            for job in list(self.active) + list(self.waiting):
-                self._finish(job, "error", error=self.error)
             raise
         finally:
-            for job in list(self.active) + list(self.waiting):
-                if not job.done:
-                    self._finish(job, "cancelled")
-            self.active.clear()
-            self.waiting.clear()
-            self.model.clear_cache()
+            self._take_inbox()
+            for job in list(self.live):
+                for i in range(len(job.seqs) or job.n):
+                    self._end(job, i, "error" if self.error else "cancelled", self.error)
 
-    @property
-    def _device(self):
-        return self.model.tok_embeddings.weight.device
-
-    def _admit(self):
-        while len(self.active) < self.max_batch_size:
-            with self.cond:
-                if not self.waiting:
-                    return
-                job = self.waiting[0]
-                if not job.cancelled and sum(j.reserve for j in self.active) + job.reserve > self.kv_budget:
-                    return  # first come, first served: the head waits for room
-                self.waiting.popleft()
-            if job.cancelled:
-                self._finish(job, "cancelled")
-                continue
+    def _take_inbox(self):
+        while True:
             try:
-                self._prefill(job, row=len(self.active))
-            except Exception as e:  # this request's failure only: the others keep their rows
-                self._fail([job], e)
+                job = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if job.cancelled:
+                for i in range(job.n):
+                    self._end(job, i, "cancelled")
                 continue
-            self.active.append(job)
+            job.seqs = self.engine.add(job.prompt_tokens, job.params, job.n)
+            for i, seq in enumerate(job.seqs):
+                self.jobs[seq.id] = (job, i)
 
-    def _prefill(self, job: Job, row: int):
-        P = len(job.prompt_tokens)
-        tokens = torch.tensor([job.prompt_tokens], device=self._device)  # (1, P)
-        # Row 0 belongs to a running request: swap its first P slots into row `row` (free), prefill
-        # in row 0, swap back. The swap goes through swap_cache_rows, not in-place copies here, so
-        # that under tensor parallelism every rank's cache slice makes the same move.
-        if row:
-            swap_cache_rows(self.model, 0, row, P)
-        try:
-            for i in range(0, P, PREFILL_CHUNK):  # chunks: logits (1, chunk, V), not (1, P, V), in memory
-                chunk = tokens[:, i:i + PREFILL_CHUNK]  # (1, <=chunk)
-                logits = self.model(chunk, torch.full((1,), i, dtype=torch.long, device=self._device))
-        finally:  # give row 0 back even if the prefill failed (row `row` then holds junk: it is free)
-            if row:
-                swap_cache_rows(self.model, 0, row, P)
-        job.length = P
-        if job.params.repetition_penalty != 1.0:
-            job.presence = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)  # (V,)
-            job.presence[tokens[0]] = True
-        self.prefills += 1
-        self._sample([job], logits[:, -1])
+    def _cancel_requested(self):
+        for job in [j for j in self.live if j.cancelled and j.seqs]:
+            for i, seq in enumerate(job.seqs):
+                if not seq.done:
+                    self.engine.cancel(seq)
+                    self._end(job, i, "cancelled")
 
-    def _decode_step(self):
-        n = len(self.active)
-        last = torch.tensor([[j.generated[-1]] for j in self.active], device=self._device)  # (n, 1)
-        start = torch.tensor([j.length for j in self.active], device=self._device)  # (n,)
-        logits = self.model(last, start)[:, -1]  # (n, V)
-        self.steps += 1
-        self.batch_rows += n
-        self.max_batch_seen = max(self.max_batch_seen, n)
-        for job in self.active:
-            job.length += 1
-        self._sample(self.active, logits)
-
-    def _sample(self, jobs: list[Job], logits: torch.Tensor):
-        """One token for each job from its row of logits (n, V), with each job's own settings."""
-        logits = logits[:, :self.tokenizer.n_words]  # a padded embedding: never ids the tokenizer lacks
-        ps = [j.params for j in jobs]
-        presence = None
-        if any(j.presence is not None for j in jobs):
-            presence = torch.stack([j.presence if j.presence is not None else
-                                    torch.zeros_like(logits[0], dtype=torch.bool) for j in jobs])  # (n, V)
-        tokens = sample(logits, temperature=_setting([p.temperature for p in ps]),
-                        top_p=_setting([p.top_p for p in ps]), top_k=_setting([p.top_k or 0 for p in ps]),
-                        repetition_penalty=_setting([p.repetition_penalty for p in ps]),
-                        presence=presence, generator=[j.generator for j in jobs]).tolist()  # n ints
-        for job, token in zip(jobs, tokens):
-            self._take(job, token)
-
-    def _take(self, job: Job, token: int):
-        """Report the sampled token's text and decide whether the job ends."""
-        self.tokens_generated += 1
-        if job.cancelled:
+    def _emit(self, out: Output):
+        job, index = self.jobs.get(out.seq.id, (None, 0))
+        if job is None:
             return
-        p = job.params
-        if token in self.tokenizer.stop_ids and not p.ignore_eos:
-            self._finish(job, "stop")
-            return
-        job.generated.append(token)
-        if job.presence is not None:
-            job.presence[token] = True
-        piece = job.text.push(token)
-        if piece:
-            job.emit(Event(piece))
-        if job.text.stopped:
-            self._finish(job, "stop")
-        elif len(job.generated) >= p.max_tokens or job.length >= self.max_seq_len:
-            self._finish(job, "length")
+        if out.token is not None or out.text:
+            job.emit(Event(out.text, index=index, token=out.token, logprob=out.logprob, top_logprobs=out.top_logprobs))
+        if out.finish_reason is not None:
+            self._end(job, index, out.finish_reason)
 
-    def _finish(self, job: Job, reason: str, error: Optional[str] = None):
-        if job.done:
-            return
-        job.done = True
-        tail = job.text.flush() if reason in ("stop", "length") else ""
+    def _end(self, job: Job, index: int, reason: str, error: Optional[str] = None):
+        seq = job.seqs[index] if index < len(job.seqs) else None
+        if seq is not None:
+            if self.jobs.pop(seq.id, None) is None:
+                return  # already ended
         if reason == "cancelled":
             self.cancelled += 1
         elif reason != "error":
             self.completed += 1
-        job.emit(Event(tail, reason, len(job.prompt_tokens), len(job.generated), error))
+        job.emit(Event("", reason, len(job.prompt_tokens), len(seq.output) if seq else 0, error, index=index,
+                       prompt_logprobs=seq.prompt_logprobs if seq else None,
+                       prompt_top_logprobs=seq.prompt_top_logprobs if seq else None,
+                       tokens=list(seq.output) if seq else []))
+        if seq is None or all(s.id not in self.jobs for s in job.seqs):
+            job.done = True
+            with self.lock:
+                self.live.discard(job)
 
-    def _fail(self, jobs: list[Job], e: Exception):
+    def _fail(self, e: Exception):
         self.failures += 1
         self.last_failure = f"{type(e).__name__}: {e}"
-        log.exception("generation failed for %d request(s)", len(jobs))
-        for job in jobs:
-            self._finish(job, "error", error=self.last_failure)
-
-    def _drop_finished(self):
-        i = 0
-        while i < len(self.active):
-            job = self.active[i]
-            if job.cancelled and not job.done:
-                self._finish(job, "cancelled")
-            if not job.done:
-                i += 1
-                continue
-            last = self.active.pop()
-            if last is not job:  # keep rows dense: move the last row's cache into row i (mirrored under --tp)
-                swap_cache_rows(self.model, i, len(self.active), last.length)
-                self.active[i] = last
+        log.exception("an engine step failed; failing its %d request(s)", len(self.engine.running))
+        for seq in list(self.engine.running):
+            self.engine.cancel(seq)
+            job, index = self.jobs.get(seq.id, (None, 0))
+            if job is not None:
+                self._end(job, index, "error", self.last_failure)
 
 
-def _setting(values: list):
-    # one number when every row agrees (sampling then takes its fast paths: all-greedy is a
-    # plain argmax with no draw), else a tensor (n,) of per-row values
-    return values[0] if all(v == values[0] for v in values) else torch.tensor(values, dtype=torch.float32)
+__all__ = ["Scheduler", "SamplingParams", "Event", "Job", "QueueFull"]

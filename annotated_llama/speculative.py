@@ -8,11 +8,14 @@ the target's own, so the output is exactly the target's:
   - greedy: accept guesses while they equal the target's argmax; the first mismatch is
     replaced by the target's argmax (and if all k match, the target's next token is free);
   - sampled: accept guess x with probability min(1, p(x) / q(x)), else resample from
-    norm(max(0, p - q)) (Leviathan et al., Algorithm 1): tokens distributed exactly as p.
+    norm(max(0, p - q)) (Leviathan et al., Algorithm 1): tokens distributed exactly as p, where p
+    and q are the distributions `sampling.sample` draws from (temperature, top-k, top-p).
 
-Both models keep Meta's KV-cache semantics (`model(tokens, start_pos)`): a rejected guess
-needs no rollback, because the next call's start_pos overwrites its slot before any query
-attends to it. Batch 1 only.
+An algorithm on the engine's forward contract (`model.step` over a paged KVCache, model.py):
+each model keeps its own cache, and a rejected guess is forgotten with `KVCache.truncate`.
+Batch 1. The stop rule is the engine's: a stop id ends the output and is not part of it.
+Measured on this project's CPU it is slower than plain decoding for the default model (the draft
+costs more than the target calls it saves: docs/annotated/10_speed.md).
 """
 
 from __future__ import annotations
@@ -22,14 +25,22 @@ from typing import Optional, Sequence
 
 import torch
 
+from .kv_cache import KVCache
+from .sampling import distribution
 
-def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return torch.softmax(logits.float() / temperature, dim=-1)
+
+def _run(model, cache: KVCache, tokens: list[int], start: int) -> torch.Tensor:
+    # tokens at positions start.. of the one sequence in `cache`: logits (T, V)
+    dev = model.tok_embeddings.weight.device
+    T = len(tokens)
+    positions = (start + torch.arange(T, device=dev))[None]  # (1, T)
+    return model.step(torch.tensor([tokens], device=dev), positions, cache.plan([0], [start], [T], T))[0]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def speculative_generate(target, draft, prompt: Sequence[int], max_new_tokens: int, *, k: int = 4,
-                         temperature: float = 0.0, stop_ids: Sequence[int] = (),
+                         temperature: float = 0.0, top_k: Optional[int] = None, top_p: float = 1.0,
+                         stop_ids: Sequence[int] = (),
                          generator: Optional[torch.Generator] = None) -> tuple[list[int], dict]:
     """(new tokens, stats). Greedy (temperature 0) output equals plain greedy decoding of `target`.
     stats: rounds, proposed, accepted, acceptance_rate, tokens_per_round, target_calls, seconds."""
@@ -37,96 +48,91 @@ def speculative_generate(target, draft, prompt: Sequence[int], max_new_tokens: i
         raise ValueError(f"k (draft tokens per round) must be >= 1, got {k}")
     if not prompt:
         raise ValueError("prompt: needs at least one token")
-    device = next(target.parameters()).device
     limit = min(target.params.max_seq_len, draft.params.max_seq_len)
     if len(prompt) + max_new_tokens + k > limit:
         raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) + k ({k}) exceeds max_seq_len={limit}")
     stops = set(stop_ids)
     t0 = time.perf_counter()
     greedy = temperature <= 0
+    target_cache = KVCache.for_model(target, max_tokens=limit)
+    draft_cache = KVCache.for_model(draft, max_tokens=limit)
 
-    def pick(logits):  # (V,) -> token id from the target's distribution
-        if greedy:
-            return int(logits.argmax())
-        return int(torch.multinomial(_probs(logits, temperature), 1, generator=generator))
+    def probs(logits):  # (n, V) -> what sampling.sample draws from
+        return distribution(logits.float(), temperature, top_k, top_p)
 
-    seq = list(prompt)
-    tgt_logits = target(torch.tensor([seq], device=device), 0)[0, -1]  # prefill: (V,)
-    draft(torch.tensor([seq], device=device), 0)
-    seq.append(pick(tgt_logits))
-    n_draft = len(prompt)  # slots [0, n_draft) of the draft's cache agree with seq
-    new = [seq[-1]]
-    stats = dict(rounds=0, proposed=0, accepted=0, target_calls=1)
+    def draw(p):  # (V,) probabilities -> a token id
+        return int(torch.multinomial(p, 1, generator=generator))
 
-    while len(new) < max_new_tokens and new[-1] not in stops:
-        # 1. the draft guesses k tokens, feeding first what its cache lacks (1 or 2 tokens)
-        base = len(seq) - 1  # slot of the last token, which neither cache holds yet
+    def pick(logits):  # (V,) -> the target's token
+        return int(logits.argmax()) if greedy else draw(probs(logits[None])[0])
+
+    seq, new = list(prompt), []
+
+    def _round() -> list[int]:
+        """One draft-and-verify round: the accepted guesses plus one token of the target's."""
+        base = len(seq) - 1  # position of the last token, which the target has not seen
+        # 1. the draft guesses k tokens, first feeding what its cache lacks
         guesses, q_rows = [], []
-        feed, pos = seq[n_draft:], n_draft
+        pos = draft_cache.lengths.get(0, 0)
+        feed = seq[pos:]
         for _ in range(k):
-            logits = draft(torch.tensor([feed], device=device), pos)[0, -1]  # (V,)
+            d = _run(draft, draft_cache, feed, pos)[-1]  # (V,)
             pos += len(feed)
             if greedy:
-                g = int(logits.argmax())
+                g = int(d.argmax())
             else:
-                q = _probs(logits, temperature)
+                q = probs(d[None])[0]
                 q_rows.append(q)
-                g = int(torch.multinomial(q, 1, generator=generator))
+                g = draw(q)
             guesses.append(g)
             feed = [g]
         # 2. the target scores the last token and all k guesses in one forward: (k+1, V)
-        tgt = target(torch.tensor([[seq[-1]] + guesses], device=device), base)[0]
+        scored = _run(target, target_cache, [seq[-1]] + guesses, base)
         stats["target_calls"] += 1
         # 3. accept a prefix of the guesses, then one token of the target's own
-        n = 0
         out = []
         for i, g in enumerate(guesses):
             if greedy:
-                ok = int(tgt[i].argmax()) == g
+                ok = int(scored[i].argmax()) == g
             else:
-                p = _probs(tgt[i], temperature)
-                ratio = (p[g] / q_rows[i][g]).clamp(max=1.0)
-                ok = bool(torch.rand((), generator=generator, device=ratio.device) < ratio)
+                p = probs(scored[i:i + 1])[0]
+                ok = bool(torch.rand((), generator=generator) < (p[g] / q_rows[i][g]).clamp(max=1.0))
             if not ok:
                 break
             out.append(g)
-            n += 1
+        n = len(out)
         if n < k:  # correction: the target's token where the draft went wrong
             if greedy:
-                out.append(int(tgt[n].argmax()))
+                out.append(int(scored[n].argmax()))
             else:
-                residual = (_probs(tgt[n], temperature) - q_rows[n]).clamp(min=0)
-                out.append(int(torch.multinomial(residual / residual.sum(), 1, generator=generator)))
+                residual = (probs(scored[n:n + 1])[0] - q_rows[n]).clamp(min=0)
+                out.append(draw(residual / residual.sum()))
         else:  # all k accepted: the target's next token comes free
-            out.append(pick(tgt[k]))
+            out.append(pick(scored[k]))
         stats["rounds"] += 1
         stats["proposed"] += k
         stats["accepted"] += n
-        # the draft's cache holds seq[-1] and guesses[:k-1]; keep the slots still on the path
-        n_draft = base + 1 + min(n, k - 1)
-        for tok in out:
-            if len(new) >= max_new_tokens:
+        # the caches keep what lies on the accepted path: seq[-1] and the n accepted guesses
+        target_cache.truncate(0, base + 1 + n)
+        draft_cache.truncate(0, min(draft_cache.lengths[0], base + 1 + n))  # (its last guess was never fed)
+        return out
+    logits = _run(target, target_cache, seq, 0)[-1]  # prefill: (V,)
+    if len(seq) > 1:
+        _run(draft, draft_cache, seq[:-1], 0)  # the draft lacks only the last token
+    stats = dict(rounds=0, proposed=0, accepted=0, target_calls=1)
+    pending = [pick(logits)]  # tokens decided, not yet in seq
+    while True:
+        for tok in pending:
+            if tok in stops or len(new) >= max_new_tokens:
                 break
-            seq.append(tok)
             new.append(tok)
-            if tok in stops:
-                break
+            seq.append(tok)
+        else:
+            if len(new) < max_new_tokens:
+                pending = _round()
+                continue
+        break
     stats["acceptance_rate"] = stats["accepted"] / max(stats["proposed"], 1)
-    stats["tokens_per_round"] = (len(new) - 1) / max(stats["rounds"], 1)
+    stats["tokens_per_round"] = len(new) / max(stats["rounds"], 1)
     stats["seconds"] = time.perf_counter() - t0
     return new, stats
-
-
-@torch.no_grad()
-def greedy_generate(model, prompt: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
-    """Plain one-token-at-a-time greedy decoding: the reference speculative decoding must equal."""
-    device = next(model.parameters()).device
-    logits = model(torch.tensor([list(prompt)], device=device), 0)[0, -1]
-    new, pos = [], len(prompt)
-    while True:
-        tok = int(logits.argmax())
-        new.append(tok)
-        if len(new) >= max_new_tokens or tok in set(stop_ids):
-            return new
-        logits = model(torch.tensor([[tok]], device=device), pos)[0, -1]
-        pos += 1

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelArgs
+from .kv_cache import CacheBatch, KVCache
 from .model import Transformer
 
 # ---- the parallel layers ------------------------------------------------------------------
@@ -122,12 +123,12 @@ def parallelize(model: Transformer, world_size: int, rank: int, group=None, embe
             lin.out_features = lin.weight.shape[0]
         att.wo = RowParallelLinear(_slice(att.wo.weight, 1, world_size, rank), group)  # (C, H/N*D)
         ffn.w2 = RowParallelLinear(_slice(ffn.w2.weight, 1, world_size, rank), group)  # (C, F/N)
-        # Attention reads its head counts from these fields, so the KV cache it allocates is
-        # (B, S_max, K/N, D): this rank's share. Query head h uses kv head h // (H/K); rank r's
+        # Attention reads its head counts from these fields, and KVCache.for_model sizes a cache
+        # for K/N kv heads: this rank's share. Query head h uses kv head h // (H/K); rank r's
         # query heads r*H/N.. map exactly onto its kv heads r*K/N.. because K divides by N.
         att.n_heads //= world_size
         att.n_kv_heads //= world_size
-        att.cache_k = att.cache_v = None
+    # a tied head (Llama 3.2) is the embedding: its vocabulary slice, whatever the embedding's split
     model.output = GatheredLinear(_slice(model.output.weight, 0, world_size, rank), group)
     model.tok_embeddings = ParallelEmbedding(
         _slice(model.tok_embeddings.weight, embedding_dim, world_size, rank), embedding_dim, rank, group)
@@ -137,50 +138,46 @@ def parallelize(model: Transformer, world_size: int, rank: int, group=None, embe
 
 
 # ---- rank 0 leads, the others follow ------------------------------------------------------
-# Rank 0 runs the ordinary front end (generation loop, sampler, server) on its slice of the
-# model. A forward pre-hook broadcasts each call's inputs, and the other ranks run the same
-# call, so the collectives inside line up. Sampling happens on rank 0 only: nothing to agree on.
+# Rank 0 runs the ordinary front end (the engine, its sampler, the server) on its slice of the
+# model. Every forward call goes through `model.step` (model.py: Meta's forward calls it too), so
+# `lead` wraps that one method: it broadcasts the call's inputs, cache plan included, and the
+# other ranks run the same call on their own caches (their heads' keys and values, in a KVCache
+# with the same blocks), so the collectives inside line up. Sampling happens on rank 0 only.
 
-_STOP, _FORWARD, _SWAP = 0, 1, 2
+_STOP, _STEP = 0, 1
+HEADER = 12  # cmd, B, T, cache uid, capacity, block size, blocks read, span, fresh, has cache, logits_at, copies
 
 
 def _src(group):
     return 0 if group is None else dist.get_global_rank(group, 0)
 
 
-def lead(model: Transformer, group=None):
-    """On rank 0: announce every forward call of `model` to the ranks running `follow`."""
+def lead(model: Transformer, group=None) -> None:
+    """On rank 0: announce every `model.step` call to the ranks running `follow`."""
     device = model.norm.weight.device
-    seen = {"cache": None}  # rank 0's layer-0 cache after its last forward
+    step = model.step
 
-    def announce(module, args, kwargs):
-        current = model.layers[0].attention.cache_k
-        if current is not None and current is not seen["cache"]:
-            # e.g. generation.compact_cache: surgery the other ranks cannot see; refuse rather
-            # than let their caches silently diverge (in-place row copies are not detected)
-            raise RuntimeError("the KV cache was changed outside a forward call; under tensor parallelism "
-                               "only forward calls and clear_cache() are mirrored to the other ranks")
-        tokens = args[0] if args else kwargs["tokens"]
-        start_pos = args[1] if len(args) > 1 else kwargs.get("start_pos", 0)
-        pad_left, cache = kwargs.get("pad_left"), kwargs.get("cache", True)
-        per_row = isinstance(start_pos, torch.Tensor)
-        has_cache = model.layers[0].attention.cache_k is not None  # mirrors rank 0's clear_cache()
-        header = [_FORWARD, *tokens.shape, -1 if per_row else int(start_pos), pad_left is not None, bool(cache), has_cache]
+    def announced(tokens, positions, cache=None, logits_at=None):
+        B, T = tokens.shape
+        c = cache.cache if cache is not None else None
+        header = [_STEP, B, T, c.uid if c else -1, c.capacity if c else 0, c.block_size if c else 0,
+                  cache.block_table.shape[1] if c else 0, -1 if c is None or cache.span is None else cache.span,
+                  int(bool(cache and cache.fresh)), int(c is not None), int(logits_at is not None),
+                  0 if c is None or cache.copies is None else cache.copies.shape[0]]
         dist.broadcast(torch.tensor(header, device=device), _src(group), group=group)
-        for t in (tokens, start_pos if per_row else None, pad_left):
-            if t is not None:
-                dist.broadcast(t.to(device=device, dtype=torch.long).contiguous(), _src(group), group=group)
+        sent = [tokens, positions] + ([cache.slots, cache.block_table] if c else []) + \
+            ([logits_at] if logits_at is not None else []) + ([cache.copies] if c and cache.copies is not None else [])
+        for t in sent:
+            dist.broadcast(t.to(device=device, dtype=torch.long).contiguous(), _src(group), group=group)
+        return step(tokens, positions, cache, logits_at)
 
-    def record(module, args, output):
-        seen["cache"] = model.layers[0].attention.cache_k
-
-    model.register_forward_hook(record)
-    model.register_forward_pre_hook(announce, with_kwargs=True)
+    model.step = announced  # an instance attribute: forward's `self.step` finds it too
 
 
 def follow(model: Transformer, group=None) -> None:
-    """On ranks > 0: run the forward calls rank 0 announces, until it sends stop."""
+    """On ranks > 0: run the calls rank 0 announces, until it sends stop."""
     device = model.norm.weight.device
+    caches: dict[int, KVCache] = {}  # rank 0's cache uid -> this rank's mirror of it
 
     def receive(*shape):
         t = torch.empty(shape, dtype=torch.long, device=device)
@@ -189,43 +186,28 @@ def follow(model: Transformer, group=None) -> None:
 
     with torch.inference_mode():
         while True:
-            cmd, B, T, start, has_pad, cache, has_cache = receive(7).tolist()
+            cmd, B, T, uid, capacity, block_size, nb, span, fresh, has_cache, has_logits_at, n_copies = \
+                receive(HEADER).tolist()
             if cmd == _STOP:
                 return
-            if cmd == _SWAP:
-                _swap_rows(model, B, T, start)
-                continue
-            tokens = receive(B, T)
-            start_pos = start if start >= 0 else receive(B)
-            pad_left = receive(B) if has_pad else None
-            if not has_cache:
-                model.clear_cache()
+            tokens, positions = receive(B, T), receive(B, T)
+            batch = None
+            if has_cache:
+                if uid not in caches:
+                    caches[uid] = KVCache.for_model(model, max_tokens=1 << 40, block_size=block_size)
+                cache = caches[uid]
+                cache.ensure_capacity(capacity)
+                slots, table = receive(B * T), receive(B, nb)
+            logits_at = receive(B) if has_logits_at else None
+            if has_cache:
+                batch = CacheBatch(cache, slots, table, None if span < 0 else span, nb * block_size, bool(fresh),
+                                   receive(n_copies, 2) if n_copies else None)
             try:
-                model(tokens, start_pos, pad_left=pad_left, cache=bool(cache))
+                model.step(tokens, positions, batch, logits_at)
             except (ValueError, RuntimeError):
                 pass  # bad input: rank 0 raised the same error before any collective, and reports it
 
 
-def swap_cache_rows(model: Transformer, a: int, b: int, length: int, group=None) -> None:
-    """Swap slots [0, length) of KV-cache rows a and b in every layer, on every rank when rank 0
-    leads: the one cache edit a batching scheduler needs besides forward calls (moving a finished
-    row's slot to the end, prefilling one request in a scratch row), mirrored so ranks agree."""
-    cache = model.layers[0].attention.cache_k  # (B, S_max, K/N, D); checked before the broadcast
-    if cache is None or not (0 <= a < cache.shape[0] and 0 <= b < cache.shape[0] and 0 <= length <= cache.shape[1]):
-        raise ValueError(f"swap_cache_rows({a}, {b}, {length}): outside the KV cache "
-                         f"{None if cache is None else tuple(cache.shape[:2])}")
-    if getattr(model, "tp_world_size", 1) > 1 and dist.is_initialized():
-        header = torch.tensor([_SWAP, a, b, length, 0, 0, 0], device=model.norm.weight.device)
-        dist.broadcast(header, _src(group), group=group)
-    _swap_rows(model, a, b, length)
-
-
-def _swap_rows(model, a, b, length):
-    for layer in model.layers:
-        for c in (layer.attention.cache_k, layer.attention.cache_v):  # (B, S_max, K/N, D)
-            c[[a, b], :length] = c[[b, a], :length]
-
-
 def stop_followers(model: Transformer, group=None) -> None:
     device = model.norm.weight.device
-    dist.broadcast(torch.tensor([_STOP, 0, 0, 0, 0, 0, 0], device=device), _src(group), group=group)
+    dist.broadcast(torch.tensor([_STOP] + [0] * (HEADER - 1), device=device), _src(group), group=group)

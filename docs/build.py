@@ -1,9 +1,15 @@
-"""Keep the Annotated LLaMA chapters in step with the code.
+"""Keep the Annotated LLaMA chapters in step with the code, and turn them into notebooks.
 
     python docs/build.py           refresh every source excerpt (and the index's chapter list) in place
     python docs/build.py FILE...   only these chapters;  --index: only the index
     python docs/build.py --check   change nothing; exit 1 and list stale or broken excerpts (CI);
                                    an out-of-date index is only noted
+    python docs/build.py --notebook CHAPTER [--out FILE.ipynb]
+                                   the chapter as a Jupyter notebook (jupytext reads the Markdown;
+                                   only the blocks the tests run become code cells)
+
+Chapters are docs/paper/NN_*.md (Part I, the annotated paper) and docs/annotated/NN_*.md
+(Part II, running LLaMA).
 
 A source excerpt is a marker line followed by a ```python source block:
 
@@ -30,25 +36,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CHAPTER_DIR = REPO / "docs" / "annotated"
+PARTS = {  # directory -> the part of the site it is
+    REPO / "docs" / "paper": "Part I: the annotated paper",
+    REPO / "docs" / "annotated": "Part II: running LLaMA",
+}
+CHAPTER_DIRS = list(PARTS)
+INDEX = REPO / "docs" / "index.md"
 CHAPTER_RE = re.compile(r"^\d\d_[a-z0-9_]+\.md$")
 MARKER_RE = re.compile(r"^<!--\s*source:\s*(\S+?)::(\S+?)\s*-->\s*$")
 FENCE_RE = re.compile(r"^(`{3,})(.*)$")
 
-# The chapters the index announces before they are written (number -> title).
-PLANNED = {
-    "01": "What LLaMA is and why it mattered",
-    "02": "The datasets and the training recipe",
-    "03": "The architecture",
-    "04": "The tokenizer",
-    "05": "The generator",
-    "06": "The model end to end",
-    "07": "Getting weights",
-    "08": "Alpaca: instruction fine-tuning",
-    "09": "Serving",
-    "10": "Speed",
-    "11": "Tensor parallelism",
-}
 INDEX_BEGIN, INDEX_END = "<!-- chapters: filled by docs/build.py -->", "<!-- /chapters -->"
 
 
@@ -70,8 +67,10 @@ class Block:
         return self.lang == "python" and not self.flags
 
 
-def chapters(directory: Path = CHAPTER_DIR) -> list[Path]:
-    return sorted(p for p in directory.glob("*.md") if CHAPTER_RE.match(p.name))
+def chapters(directories=None) -> list[Path]:
+    """Every chapter, part by part, in reading order."""
+    dirs = CHAPTER_DIRS if directories is None else ([directories] if isinstance(directories, Path) else directories)
+    return [p for d in dirs for p in sorted(d.glob("*.md")) if CHAPTER_RE.match(p.name)]
 
 
 def parse_blocks(text: str, name: str = "<chapter>") -> list[Block]:
@@ -186,34 +185,84 @@ def committed(paths: list[Path]) -> list[Path]:
     return [p for p in paths if p.resolve() in tracked]
 
 
-def index_listing(directory: Path = CHAPTER_DIR) -> str:
-    """The chapter list of index.md: a link to each chapter written, the plan for the rest."""
-    written = {p.name[:2]: p for p in committed(chapters(directory))}
-    rows = []
-    for num in sorted(set(PLANNED) | set(written)):
-        if num in written:
-            p = written[num]
-            title = next((ln[2:].strip() for ln in p.read_text().split("\n") if ln.startswith("# ")), p.stem)
-            rows.append(f"{int(num)}. [{title}]({p.name})")
-        else:
-            rows.append(f"{int(num)}. {PLANNED[num]} *(not written yet)*")
-    return "\n".join(rows)
+def title_of(path: Path) -> str:
+    return next((ln[2:].strip() for ln in path.read_text().split("\n") if ln.startswith("# ")), path.stem)
 
 
-def refresh_index(text: str, directory: Path = CHAPTER_DIR) -> str:
+def index_listing(directories=None) -> str:
+    """The chapter list of index.md: each part's committed chapters, linked, in order."""
+    dirs = CHAPTER_DIRS if directories is None else directories
+    out = []
+    for d in dirs:
+        written = committed(chapters([d]))
+        if not written:
+            continue
+        out.append(f"**{PARTS.get(d, d.name)}**\n")
+        for k, p in enumerate(written, 1):  # numbered within the part (file numbers may have gaps)
+            rel = p.relative_to(INDEX.parent) if p.is_relative_to(INDEX.parent) else p
+            out.append(f"{k}. [{title_of(p)}]({rel.as_posix()})")
+        out.append("")
+    return "\n".join(out).rstrip("\n")
+
+
+def refresh_index(text: str, directories=None) -> str:
     if INDEX_BEGIN not in text or INDEX_END not in text:
         raise ValueError(f"index.md: the markers {INDEX_BEGIN} and {INDEX_END} are missing")
     head, rest = text.split(INDEX_BEGIN, 1)
     _, tail = rest.split(INDEX_END, 1)
-    return f"{head}{INDEX_BEGIN}\n{index_listing(directory)}\n{INDEX_END}{tail}"
+    return f"{head}{INDEX_BEGIN}\n{index_listing(directories)}\n{INDEX_END}{tail}"
+
+
+# ---- notebooks ---------------------------------------------------------------------------------
+
+def notebook_markdown(text: str, name: str = "<chapter>") -> str:
+    """The chapter's Markdown with every fenced block that the tests do not run (excerpts, no-run
+    blocks, shell commands, expected output) wrapped in jupytext's region markers, so that jupytext
+    makes code cells of exactly the blocks that run."""
+    lines = text.split("\n")
+    for block in reversed(parse_blocks(text, name)):
+        if block.runs:
+            continue
+        first = (block.marker_line or block.fence_line) - 1  # keep a source marker with its excerpt
+        lines[block.end_line:block.end_line] = ["<!-- #endregion -->"]
+        lines[first:first] = ["<!-- #region -->"]
+    return "\n".join(lines)
+
+
+def notebook(path: Path):
+    """The chapter as an nbformat notebook. Each code cell carries the chapter's expected output
+    (the ```text block after it, if any) in its metadata as `expected_output`."""
+    import jupytext  # the docs/dev extra
+
+    text = path.read_text()
+    name = _display(path)
+    nb = jupytext.reads(notebook_markdown(text, name), fmt="md")
+    blocks = parse_blocks(text, name)
+    expected = []
+    for i, b in enumerate(blocks):
+        if b.runs:
+            nxt = blocks[i + 1] if i + 1 < len(blocks) else None
+            expected.append(nxt.code if nxt is not None and nxt.lang == "text" and nxt.follows_prev else None)
+    code_cells = [c for c in nb.cells if c.cell_type == "code"]
+    if len(code_cells) != len(expected):
+        raise ValueError(f"{name}: jupytext made {len(code_cells)} code cells from {len(expected)} python blocks")
+    for cell, want in zip(code_cells, expected):
+        cell.metadata = {"expected_output": want} if want is not None else {}
+    nb.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+                   "language_info": {"name": "python"}}
+    return nb
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="change nothing; exit 1 when anything is stale")
     ap.add_argument("--index", action="store_true", help="refresh only index.md's chapter list")
-    ap.add_argument("files", nargs="*", type=Path, help="chapters to process (default: all of docs/annotated)")
+    ap.add_argument("--notebook", type=Path, metavar="CHAPTER", help="write CHAPTER as a Jupyter notebook")
+    ap.add_argument("--out", type=Path, help="with --notebook: the .ipynb to write (default: beside the chapter)")
+    ap.add_argument("files", nargs="*", type=Path, help="chapters to process (default: every chapter)")
     args = ap.parse_args(argv)
+    if args.notebook is not None:
+        return write_notebook(args.notebook, args.out)
     files = [] if args.index else (args.files or chapters())
     stale, problems = [], []
     for path in files:
@@ -229,7 +278,7 @@ def main(argv=None) -> int:
             stale.append(f"{name}: source excerpts differ from the code")
             if not args.check:
                 _write(path, new)
-    index = CHAPTER_DIR / "index.md"
+    index = INDEX
     if not args.files and index.is_file():
         text = index.read_text()
         try:
@@ -250,6 +299,25 @@ def main(argv=None) -> int:
     if args.check and stale:
         print("run `python docs/build.py` to refresh", file=sys.stderr)
     return 1 if problems or (args.check and stale) else 0
+
+
+def write_notebook(chapter: Path, out: Path | None) -> int:
+    if not chapter.is_file():
+        print(f"error: {chapter}: no such chapter", file=sys.stderr)
+        return 2
+    out = out or chapter.with_suffix(".ipynb")
+    try:
+        import nbformat
+        nb = notebook(chapter)
+    except ImportError as e:
+        print(f"error: --notebook needs jupytext and nbformat (pip install -e .[docs]): {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    _write(out, nbformat.writes(nb))
+    print(f"wrote {_display(out)}")
+    return 0
 
 
 def _display(path: Path) -> str:

@@ -1,4 +1,4 @@
-"""A time-boxed hyper-parameter sweep for the Alpaca gain (docs/annotated/08_alpaca.md, section 6).
+"""A time-boxed hyper-parameter sweep for the Alpaca gain (docs/paper/09_instruction.md, section 6).
 
     PYTHONUNBUFFERED=1 python scripts/alpaca_sweep.py --device cuda --budget-s 170 --out DIR
 

@@ -63,3 +63,29 @@ def device() -> torch.device:
     elif dev.type != "cpu":
         pytest.fail(f"ANNOTATED_LLAMA_TEST_DEVICE={name!r}: only cpu and cuda are tested")
     return dev
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_json(tmp_path_factory, llama3_tokenizer) -> Path:
+    """Llama 3's vocabulary as a Hub tokenizer.json (byte-level BPE, Llama 3's split regex, merges
+    ranked as tiktoken ranks them, BOS added by the post-processor), written by weights/hf.py."""
+    from annotated_llama.weights.hf import tokenizer_json
+
+    out = tmp_path_factory.mktemp("llama3-json") / "tokenizer.json"
+    out.write_text(tokenizer_json(llama3_tokenizer))
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama2_tokenizer_json(tmp_path_factory, spm_path) -> Path:
+    """LLaMA's SentencePiece vocabulary as transformers' own converter writes tokenizer.json
+    (SentencePiece-style BPE with byte fallback; a Llama 2 snapshot that ships no tokenizer.model)."""
+    import transformers
+
+    src = tmp_path_factory.mktemp("llama2-src")
+    (src / "tokenizer.model").write_bytes(spm_path.read_bytes())
+    out = tmp_path_factory.mktemp("llama2-json")
+    transformers.LlamaTokenizer.from_pretrained(src).save_pretrained(out)
+    for extra in set(p.name for p in out.iterdir()) - {"tokenizer.json"}:
+        (out / extra).unlink()  # only the vocabulary: each test writes the config it needs
+    return out / "tokenizer.json"

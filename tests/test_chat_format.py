@@ -1,5 +1,6 @@
 """Chat templates, token for token, against sequences written out by hand from Meta's and
-stanford_alpaca's code (REFERENCE b8, b9)."""
+stanford_alpaca's code (meta-llama/llama generation.py `chat_completion`, meta-llama/llama3 tokenizer.py
+`ChatFormat`, tatsu-lab/stanford_alpaca train.py `PROMPT_DICT`)."""
 
 import pytest
 

@@ -1,14 +1,16 @@
 """The Annotated LLaMA is tested: every chapter's code runs, and what it prints is what it shows.
 
-One parametrized case per chapter (select one with `pytest tests/test_docs.py -k 03_architecture`):
-- test_chapter_runs: every ```python block of docs/annotated/NN_*.md runs, in order, in one
+One parametrized case per chapter (select one with `pytest tests/test_docs.py -k 04_architecture`):
+- test_chapter_runs: every ```python block of docs/paper/NN_*.md (Part I) and docs/annotated/NN_*.md
+  (Part II) runs, in order, in one
   namespace per chapter, with the working directory a fresh temp dir and the repo importable. A
   ```text block right after a python block (blank lines between are allowed) must equal what that
   block printed, trailing whitespace ignored. ```python no-run blocks are skipped.
 - test_chapter_excerpts: every <!-- source: path::Name --> excerpt equals the current source, and every
   relative link points at a file that exists.
-Also: the index lists the chapters written, the figure scripts make real PNGs, and chapter 6's
-parameter counts equal the presets' counted on the meta device.
+Also: the index lists the chapters written, the figure scripts make real PNGs, the model chapter's
+parameter counts equal the presets' counted on the meta device, and the minimal implementations that
+Part I writes (MINIMAL_CHECKS) equal the package's code on random inputs other than the chapters' own.
 Failures name the chapter file and line; tracebacks show the chapter's own lines.
 """
 
@@ -62,9 +64,10 @@ def _normalize(out: str) -> list[str]:
     return lines
 
 
-def run_chapter(path: Path, workdir: Path) -> tuple[list[str], list[tuple[int, str]]]:
+def run_chapter(path: Path, workdir: Path, namespace: dict | None = None) -> tuple[list[str], list[tuple[int, str]]]:
     """Execute a chapter. Returns (problems, [(code_line, printed output)] per run block).
-    Stops at the first block that raises; output mismatches are collected and it goes on."""
+    Stops at the first block that raises; output mismatches are collected and it goes on.
+    `namespace`, if given, receives the chapter's global names after the run."""
     name = _rel(path)
     blocks = build.parse_blocks(path.read_text(), name)
     module = types.ModuleType(f"annotated_llama_docs_{path.stem}")  # a real module: dataclasses, pickle
@@ -105,6 +108,8 @@ def run_chapter(path: Path, workdir: Path) -> tuple[list[str], list[tuple[int, s
             prev = block
     finally:
         sys.modules.pop(module.__name__, None)
+        if namespace is not None:
+            namespace.update(module.__dict__)
     return problems, outputs
 
 
@@ -119,17 +124,19 @@ def chapter_env(tmp_path, monkeypatch):
     torch.set_grad_enabled(grad)
 
 
-_RESULTS: dict[Path, tuple] = {}  # chapter -> run_chapter's result, so chapter 6 is run once per session
+_RESULTS: dict[Path, tuple] = {}  # chapter -> run_chapter's result, so a chapter runs once per session
+_NAMESPACES: dict[Path, dict] = {}  # chapter -> its global names after the run
 
 
 def run_chapter_once(path: Path, workdir: Path):
     if path not in _RESULTS:
-        _RESULTS[path] = run_chapter(path, workdir)
+        _NAMESPACES[path] = {}
+        _RESULTS[path] = run_chapter(path, workdir, _NAMESPACES[path])
     return _RESULTS[path]
 
 
 # Chapters measured at over ~10 s on the shared 2-core box (tens of seconds each): marked slow, still run in CI.
-SLOW_CHAPTERS = {"02_training", "05_generator", "07_weights", "08_alpaca"}
+SLOW_CHAPTERS = {"06_training", "05_generator", "07_weights", "09_instruction"}
 RUN_CASES = [pytest.param(p, id=p.stem, marks=[pytest.mark.slow] if p.stem in SLOW_CHAPTERS else [])
              for p in CHAPTERS]
 
@@ -180,11 +187,11 @@ def test_there_are_chapters():
 def test_index_links_resolve():
     # Dead links fail. A chapter that is not listed yet only warns: chapters are written by several
     # people, and the list is refreshed by `python docs/build.py` (which the docs owner runs).
-    index = DOCS / "annotated" / "index.md"
+    index = DOCS / "index.md"
     text = index.read_text()
     for target in re.findall(r"\]\(([^)#]+\.md)\)", text):
         assert (index.parent / target).is_file(), f"{_rel(index)}: link to missing file {target}"
-    unlisted = [p.name for p in CHAPTERS if f"]({p.name})" not in text]
+    unlisted = [p.name for p in CHAPTERS if f"]({p.relative_to(index.parent).as_posix()})" not in text]
     if unlisted:
         warnings.warn(f"{_rel(index)} does not list {unlisted} yet: run `python docs/build.py`")
 
@@ -233,7 +240,7 @@ def test_runner_reports_mismatch_and_errors(tmp_path, chapter_env):
     assert "line 24" in problems[1]  # the traceback points into the chapter
 
 
-# ---- chapter 6: parameter counts -----------------------------------------------------------------
+# ---- the model chapter: parameter counts -------------------------------------------------------------
 
 PAPER_SIZES = {"llama-7b": "6.7B", "llama-13b": "13.0B", "llama-33b": "32.5B", "llama-65b": "65.2B"}
 
@@ -246,9 +253,9 @@ def _count_on_meta_device(name: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def test_chapter6_parameter_counts(chapter_env):
-    path = next((p for p in CHAPTERS if p.name.startswith("06_")), None)
-    assert path is not None, "chapter 6 (docs/annotated/06_end_to_end.md) is missing"
+def test_model_chapter_parameter_counts(chapter_env):
+    path = next((p for p in CHAPTERS if p.stem == "05_model"), None)
+    assert path is not None, "the model chapter (docs/paper/05_model.md) is missing"
     problems, outputs = run_chapter_once(path, chapter_env)
     assert not problems, "\n\n".join(problems)
     printed = "".join(out for _, out in outputs)
@@ -265,11 +272,24 @@ def test_chapter6_parameter_counts(chapter_env):
 # script -> the PNGs it must write into the directory given as its only argument.
 FIGURE_SCRIPTS = {
     "make_speed_chart.py": ["speed.png"],  # from bench/results.json (bench/bench_engines.py)
+    "make_roofline.py": ["roofline.png"],  # from bench/results.json and bench/gpu/*.json
     "make_rope.py": ["rope.png"],
     "make_lr_schedule.py": ["lr_schedule.png"],
     "make_loss_curve.py": ["loss_curve.png"],
     "make_attention.py": ["attention.png"],
+    "make_architecture.py": ["architecture.png"],
+    "make_kv_cache.py": ["kv_cache.png"],
+    "make_ragged_batch.py": ["ragged_batch.png"],
+    "make_gqa.py": ["gqa.png"],
+    "make_megatron.py": ["megatron.png"],
+    "make_alpaca_masking.py": ["alpaca_masking.png"],
+    "make_chinchilla.py": ["chinchilla.png"],  # from docs/data/chinchilla.csv
+    "make_results.py": ["results.png"],  # from docs/data/llama_paper_tables.json
+    "make_sampling.py": ["sampling.png"],
+    "make_tokenization.py": ["tokenization.png"],
+    "make_chat_page.py": ["chat-page.png"],  # a real server and headless Chromium: slow
 }
+SLOW_FIGURES = {"make_chat_page.py"}
 
 
 def _check_png(path: Path):
@@ -296,7 +316,8 @@ def _run_script(path: Path, argv: list[str]) -> int:
     return 0
 
 
-@pytest.mark.parametrize("script", sorted(FIGURE_SCRIPTS))
+@pytest.mark.parametrize("script", [pytest.param(s, marks=[pytest.mark.slow] if s in SLOW_FIGURES else [])
+                                    for s in sorted(FIGURE_SCRIPTS)])
 def test_figure_script(script, chapter_env):
     out = chapter_env / "out"
     out.mkdir()
@@ -311,3 +332,157 @@ def test_every_figure_script_is_tested():
     scripts = {p.name for p in FIGURES.glob("make_*.py")}
     untested = scripts - set(FIGURE_SCRIPTS)
     assert not untested, f"figure scripts not in FIGURE_SCRIPTS: {sorted(untested)}"
+
+
+def test_every_figure_is_made_by_a_script():
+    made = {png for pngs in FIGURE_SCRIPTS.values() for png in pngs}
+    orphans = sorted(p.name for p in FIGURES.glob("*.png") if p.name not in made)
+    assert not orphans, f"docs/figures: PNGs no script makes (add the script or delete the file): {orphans}"
+
+
+# ---- Part I's minimal implementations against the package ------------------------------------------
+# Each chapter of Part I writes the smallest code for its idea and compares it with the package inside its
+# own blocks. Here the same functions (taken from the chapter's namespace after it ran) are compared again,
+# on other shapes and seeds, so a chapter cannot pass by printing True for one lucky input.
+
+def _check_architecture(ns):
+    from annotated_llama import ModelArgs
+    from annotated_llama.model import (Attention, FeedForward, RMSNorm, TransformerBlock, apply_rope,
+                                       precompute_rope, rope_frequencies, scale_rope_frequencies)
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(123)
+    for B, H, T, S, D in ((1, 2, 3, 3, 8), (2, 3, 5, 9, 16), (3, 1, 1, 7, 4)):
+        q, k, v = (torch.randn(B, H, n, D, generator=g) for n in (T, S, S))
+        visible = torch.ones(T, S, dtype=torch.bool).tril(S - T)
+        assert torch.allclose(ns["attention"](q, k, v), F.scaled_dot_product_attention(q, k, v, attn_mask=visible),
+                              atol=1e-5), (B, H, T, S, D)
+    for dim, eps in ((5, 1e-5), (96, 1e-6)):
+        norm = RMSNorm(dim, eps)
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(dim, generator=g) + 0.5)
+        x = torch.randn(4, 3, dim, generator=g) * 7
+        assert torch.allclose(ns["rms_norm"](x, norm.weight, eps), norm(x), atol=1e-5)
+        x16 = x.to(torch.bfloat16)
+        assert torch.equal(ns["rms_norm"](x16, norm.weight.to(torch.bfloat16), eps), norm.to(torch.bfloat16)(x16))
+    ffn = FeedForward(24, 40)
+    x = torch.randn(3, 24, generator=g)
+    assert torch.allclose(ns["swiglu"](x, ffn.w1.weight, ffn.w2.weight, ffn.w3.weight), ffn(x), atol=1e-5)
+    from annotated_llama.config import PRESETS
+    for name in PRESETS:
+        a = ModelArgs.from_name(name)
+        if a.hidden_dim is None:
+            assert ns["ffn_width"](a.dim, a.multiple_of, a.ffn_dim_multiplier) == a.ffn_hidden_dim, name
+    for name in ("tiny-gqa", "tiny-llama3", "llama-3.1-8b"):
+        a = ModelArgs.from_name(name)
+        freqs = ns["rope_frequencies_"](a.head_dim, a.rope_theta)
+        if a.use_scaled_rope:
+            scaled = ns["scale_frequencies"](freqs, a.rope_scale_factor, a.rope_low_freq_factor,
+                                             a.rope_high_freq_factor, a.rope_original_context)
+            assert torch.allclose(scaled, scale_rope_frequencies(freqs, a)), name
+            freqs = scaled
+        assert torch.allclose(freqs, rope_frequencies(a), rtol=1e-6), name
+    a = ModelArgs.from_name("tiny-llama3")
+    cos, sin = precompute_rope(a, 600)
+    pos = torch.tensor([0, 3, 4, 100, 511])  # not contiguous: each row's own positions
+    x = torch.randn(2, 5, a.n_heads, a.head_dim, generator=g)
+    freqs = torch.as_tensor(rope_frequencies(a))
+    assert torch.allclose(ns["rope"](x, freqs, pos), apply_rope(x, cos[pos][None], sin[pos][None]), atol=1e-4)
+    for name in ("tiny", "tiny-gqa", "tiny-llama3"):
+        a = ModelArgs.from_name(name)
+        torch.manual_seed(7)
+        layer, attn = TransformerBlock(0, a), Attention(a)
+        x, pos = torch.randn(1, 11, a.dim, generator=g), torch.arange(11)
+        c, s = precompute_rope(a, 16)
+        freqs = rope_frequencies(a)
+        got = ns["self_attention"](x, attn.wq.weight, attn.wk.weight, attn.wv.weight, attn.wo.weight,
+                                   a.n_heads, a.n_kv_heads, freqs, pos)
+        assert torch.allclose(got, attn(x, 0, c[pos][None], s[pos][None], None, False), atol=1e-5), name
+        assert torch.allclose(ns["block"](x, layer, a, freqs, pos), layer(x, 0, c[pos][None], s[pos][None], None, False),
+                              atol=1e-5), name
+
+
+def _check_model(ns):
+    from annotated_llama import ModelArgs, Transformer
+    for name, overrides in (("tiny", {}), ("tiny-gqa", {"n_layers": 3}), ("tiny-llama3", {"vocab_size": 300})):
+        a = ModelArgs.from_name(name, **overrides)
+        torch.manual_seed(11)
+        model = Transformer(a).eval()
+        tokens = torch.randint(0, a.vocab_size, (3, 21))
+        with torch.no_grad():
+            assert torch.allclose(ns["llama"](tokens, model.state_dict(), a), model(tokens, cache=False), atol=1e-4), name
+
+
+def _check_training(ns):
+    import math
+    import torch.nn.functional as F
+    from annotated_llama.train.loop import TrainConfig, lr_at
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 9, 30, generator=g) * 3
+    tokens = torch.randint(0, 30, (2, 9), generator=g)
+    tokens[0, 3:6] = -100  # ignored targets
+    want = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=-100)
+    assert torch.allclose(ns["next_token_loss"](logits, tokens), want, atol=1e-6)
+    w = torch.randn(4, 4, generator=g, requires_grad=True)
+    opt = torch.optim.AdamW([w], lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05)
+    theta, m, v = w.detach().clone(), torch.zeros(4, 4), torch.zeros(4, 4)
+    for t in range(1, 9):
+        grad = torch.randn(4, 4, generator=g)
+        w.grad = grad.clone()
+        opt.step()
+        theta, m, v = ns["adamw_step"](theta, grad, m, v, t, lr=3e-3, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.05)
+    assert torch.allclose(theta, w.detach(), atol=1e-6)
+    for total, peak, warmup, floor in ((100, 1e-3, 10, 0.1), (57, 2e-4, 3, 0.0)):
+        cfg = TrainConfig(out_dir="unused", max_steps=total, lr=peak, warmup_steps=warmup, min_lr_ratio=floor)
+        for step in range(total + 1):
+            assert math.isclose(ns["lr_schedule"](step, peak, total, warmup, floor), lr_at(step, cfg), rel_tol=1e-9)
+
+
+def _check_efficiency(ns):
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(9)
+    for T, block in ((7, 3), (16, 4), (5, 8)):
+        q, k, v = (torch.randn(1, 2, T, 8, generator=g) for _ in range(3))
+        out, computed = ns["blockwise_causal_attention"](q, k, v, block=block)
+        assert torch.allclose(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-5), (T, block)
+        n = -(-T // block)
+        assert computed == n * (n + 1) // 2
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    weights = [torch.randn(*s, dtype=torch.float64, generator=None, requires_grad=True) for s in ((7, 5), (5, 7), (7, 5))]
+    assert torch.autograd.gradcheck(ns["SwiGLU"].apply, (x, *weights))
+
+
+def _check_instruction(ns):
+    from annotated_llama.alpaca import encode_record, render_prompt
+    tok = ns["tok"]
+    for record in ({"instruction": "Name the first book.", "input": "", "output": "Genesis"},
+                   {"instruction": "Count the words.", "input": "In the beginning", "output": "3"}):
+        ex = encode_record(tok, record)
+        assert (ex.ids, ex.labels) == ns["masked_example"](tok, render_prompt(record), record["output"])
+
+
+def _check_meta_code(ns):
+    from annotated_llama.sampling import sample_top_p
+    probs = torch.softmax(torch.randn(4, 50, generator=torch.Generator().manual_seed(2)) * 2, dim=-1)
+    for p in (0.05, 0.5, 0.9, 1.0):
+        g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        for _ in range(20):
+            assert torch.equal(ns["top_p_sample"](probs, p, g1), sample_top_p(probs, p, g2)), p
+
+
+MINIMAL_CHECKS = {"04_architecture": _check_architecture, "05_model": _check_model, "06_training": _check_training,
+                  "07_efficiency": _check_efficiency, "09_instruction": _check_instruction,
+                  "11_meta_code": _check_meta_code}
+
+
+@pytest.mark.parametrize("stem", [pytest.param(s, marks=[pytest.mark.slow] if s in SLOW_CHAPTERS else [])
+                                  for s in sorted(MINIMAL_CHECKS)])
+def test_minimal_implementation_equals_package(stem, chapter_env):
+    path = next((p for p in CHAPTERS if p.stem == stem), None)
+    assert path is not None, f"docs/paper/{stem}.md is missing"
+    problems, _ = run_chapter_once(path, chapter_env)
+    assert not problems, "\n\n".join(problems)
+    ns = _NAMESPACES[path]
+    try:
+        MINIMAL_CHECKS[stem](ns)
+    except KeyError as e:
+        pytest.fail(f"{_rel(path)} no longer defines {e}: update MINIMAL_CHECKS in tests/test_docs.py")

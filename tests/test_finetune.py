@@ -10,8 +10,10 @@ import torch
 from annotated_llama import ModelArgs, Transformer, Tokenizer
 from annotated_llama.__main__ import main
 from annotated_llama.alpaca import render_prompt
-from annotated_llama.instruct_tasks import evaluate, greedy_generate
+from annotated_llama.instruct_tasks import evaluate
 from annotated_llama.lora import lora_modules
+
+from reference import greedy_reference
 
 RECORDS = [
     {"instruction": "Name the first book.", "input": "", "output": "Genesis"},
@@ -104,15 +106,15 @@ def test_finetuned_model_stops_at_eos_on_training_prompts(base_dir, data_file, t
 
     base, tok = load_model(base_dir)
     prompts = [tok.encode(render_prompt(r), bos=True, eos=False) for r in RECORDS]
-    before = greedy_generate(base, prompts, 20, tok.stop_ids)
-    assert not any(stopped for _, stopped in before)  # random weights: run to the length limit
+    before = evaluate(base, tok, RECORDS, max_new_tokens=20)
+    assert before["stopped_at_eos"] == 0  # random weights: run to the length limit
     out = tmp_path / "full"
     assert main(["finetune", "--model", str(base_dir), "--data", str(data_file), "--out", str(out),
                  "--max-steps", "60", "--batch-size", "6", "--lr", "3e-3", "--log-every", "20"]) == 0
     tuned, tok = load_model(out)
-    after = greedy_generate(tuned, prompts, 20, tok.stop_ids)
-    for r, (ids, stopped) in zip(RECORDS, after):
-        assert stopped, f"no EOS after {tok.decode(ids)!r}"
+    for r, prompt in zip(RECORDS, prompts):
+        ids = greedy_reference(tuned, prompt, 20, tok.stop_ids)
+        assert len(ids) < 20, f"no EOS after {tok.decode(ids)!r}"
         assert tok.decode(ids) == r["output"]
     report = evaluate(tuned, tok, RECORDS)
     assert report["accuracy"] == 1.0 and report["stopped_at_eos"] == 1.0

@@ -8,6 +8,8 @@ from annotated_llama import ModelArgs, Tokenizer, Transformer
 from annotated_llama.generation import Llama
 from annotated_llama.streaming import IncrementalDecoder, StopStringHolder, decode_continuation
 
+from reference import meta_generate
+
 ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=32, max_seq_len=128)
 
 
@@ -53,8 +55,9 @@ def test_greedy_tokens_and_logprobs_match_hf_generate(llama):
     hf_tokens = out.sequences[0, len(prompt):].tolist()
     hf_logprobs = [float(torch.log_softmax(step[0], -1)[t]) for step, t in zip(out.logits, hf_tokens)]
     assert len(hf_tokens) == n
-    for mode in ("batched", "meta"):
-        tokens, logprobs = llama.generate([prompt], n, temperature=0, logprobs=True, ignore_eos=True, mode=mode)
+    ours = llama.generate([prompt], n, temperature=0, logprobs=True, ignore_eos=True)
+    meta = meta_generate(llama.model, llama.tokenizer, [prompt], n, temperature=0, logprobs=True, ignore_eos=True)
+    for mode, (tokens, logprobs) in (("engine", ours), ("meta", meta[:2])):
         assert tokens[0] == hf_tokens, mode
         err = max(abs(a - b) for a, b in zip(logprobs[0], hf_logprobs))
         print(f"{mode}: 40 greedy tokens equal HF; max logprob error {err:.1e}")
@@ -68,13 +71,11 @@ def test_ragged_batch_equals_each_prompt_alone_with_fewer_forward_calls(spm):
     prompts = prompts_of_lengths([3, 30, 7, 12, 5, 21, 9, 26])  # lengths differ 10x
     n = 16
     solo = [llama.generate([p], n, temperature=0, ignore_eos=True)[0][0] for p in prompts]
-    llama.forward_calls = 0
+    before = llama.forward_calls
     batch = llama.generate(prompts, n, temperature=0, ignore_eos=True)[0]
-    batched_calls = llama.forward_calls
+    batched_calls = llama.forward_calls - before
     assert batch == solo
-    llama.forward_calls = 0
-    meta = llama.generate(prompts, n, temperature=0, ignore_eos=True, mode="meta")[0]
-    meta_calls = llama.forward_calls
+    meta, _, meta_calls = meta_generate(llama.model, llama.tokenizer, prompts, n, temperature=0, ignore_eos=True)
     assert meta == solo
     print(f"forward calls for 8 ragged prompts x {n} tokens: batched {batched_calls}, Meta {meta_calls}")
     assert batched_calls == n  # one prefill + n-1 decode steps
@@ -92,13 +93,14 @@ def test_rows_that_stop_leave_the_batch(spm):
     solo = [llama.generate([p], 12, temperature=0)[0][0] for p in prompts]
     assert len(solo[2]) <= 5 and solo[2] == full[2][:full[2].index(stop_tok)]
     assert llama.generate(prompts, 12, temperature=0)[0] == solo
-    assert llama.generate(prompts, 12, temperature=0, mode="meta")[0] == solo
+    assert meta_generate(llama.model, llama.tokenizer, prompts, 12, temperature=0)[0] == solo
 
 
 def test_echo_and_logprobs_agree_with_metas_loop(llama):
     prompts = prompts_of_lengths([6, 14], seed=4)
     a_tok, a_lp = llama.generate(prompts, 8, temperature=0, logprobs=True, echo=True, ignore_eos=True)
-    b_tok, b_lp = llama.generate(prompts, 8, temperature=0, logprobs=True, echo=True, ignore_eos=True, mode="meta")
+    b_tok, b_lp, _ = meta_generate(llama.model, llama.tokenizer, prompts, 8, temperature=0, logprobs=True, echo=True,
+                                   ignore_eos=True)
     assert a_tok == b_tok and a_tok[0][:6] == prompts[0] and len(a_tok[1]) == 14 + 8
     for x, y in zip(a_lp, b_lp):
         assert len(x) == len(y) and max(abs(u - v) for u, v in zip(x, y)) < 1e-4
@@ -108,10 +110,11 @@ def test_chunked_prefill_gives_the_same_tokens(spm):
     llama = Llama(tiny_model(3), spm)
     prompts = prompts_of_lengths([40, 9, 23], seed=8)
     one = llama.generate(prompts, 6, temperature=0, logprobs=True, echo=True, ignore_eos=True)
-    llama.prefill_chunk = 16
-    llama.forward_calls = 0
+    llama.engine.prefill_chunk = 16
+    prefills, calls = llama.engine.prefills, llama.forward_calls
     chunked = llama.generate(prompts, 6, temperature=0, logprobs=True, echo=True, ignore_eos=True)
-    assert llama.forward_calls == 3 + 5  # 40 prompt positions in chunks of 16, then 5 decode steps
+    # 40 prompt positions in chunks of 16, the shorter prompts' rows decoding in between
+    assert llama.engine.prefills - prefills == 3 and llama.forward_calls - calls == 3 + 7
     assert chunked[0] == one[0]
     assert max(abs(a - b) for x, y in zip(one[1], chunked[1]) for a, b in zip(x, y)) < 1e-4
 
@@ -172,9 +175,9 @@ def test_stop_string_split_across_tokens_is_caught(llama):
     else:
         pytest.fail("no token boundary to test")
     expected = full[:full.index(stop)]
-    llama.forward_calls = 0
+    before = llama.forward_calls
     (out,) = llama.text_completion([prompt], temperature=0, max_gen_len=30, stop=[stop], ignore_eos=True)
-    assert out["generation"] == expected and llama.forward_calls < 30  # stopped early
+    assert out["generation"] == expected and llama.forward_calls - before < 30  # stopped early
     pieces = list(llama.stream(prompt, temperature=0, max_gen_len=30, stop=[stop, "never appears"],
                                ignore_eos=True))
     assert "".join(pieces) == expected

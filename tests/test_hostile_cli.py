@@ -93,15 +93,19 @@ def test_every_numeric_flag_is_range_checked(capsys):
     assert tried > 250, tried  # about 45 flags x 5-7 values
 
 
-def test_sampling_values_are_checked_in_the_library_too():
-    from annotated_llama.sampling import check_sampling_args
+def test_sampling_flags_take_the_engines_ranges():
+    # one source of truth: the flags' types are built from sampling.LIMITS, which the engine checks too
+    from annotated_llama.sampling import LIMITS, check_sampling_args
 
+    for name in ("temperature", "top_p", "top_k", "repetition_penalty"):
+        t, (low, high, closed) = getattr(argtypes, name), LIMITS[name]
+        assert t.hi == high and (t.lo == low if closed or t.kind == "float" else t.lo == low + 1), name
     for kw in ({"temperature": float("inf")}, {"temperature": float("nan")}, {"temperature": 1e3},
                {"repetition_penalty": float("nan")}, {"repetition_penalty": float("inf")}, {"top_p": float("nan")},
                {"top_k": float("nan")}, {"top_k": float("inf")}, {"top_k": -1}, {"temperature": -0.5}):
         with pytest.raises(ValueError, match=next(iter(kw))):
             check_sampling_args(**kw)
-    check_sampling_args(temperature=100.0, repetition_penalty=1.3, top_k=0)
+    check_sampling_args(temperature=2.0, repetition_penalty=1.3, top_k=0)
 
 
 # ---- text that is not UTF-8 ------------------------------------------------------------------

@@ -84,21 +84,26 @@ def test_incremental_decoding_equals_full_forward(preset):
     assert (incremental - full).abs().max().item() < 1e-5
 
 
-def test_left_padded_rows_equal_unpadded_rows():
-    # Ragged batches: row b left-padded by pad_left[b] gives the logits of the row alone.
+def test_ragged_rows_in_one_call_equal_each_row_alone():
+    # The engine's contract: rows of one call at their own positions, each reading its own
+    # blocks of the paged cache; the right padding of a short row writes the scratch block.
+    from annotated_llama.kv_cache import KVCache
     model = Transformer(ModelArgs.from_name("tiny-gqa")).eval()
-    a, b = torch.randint(0, 512, (1, 12)), torch.randint(0, 512, (1, 5))
-    batch = torch.cat([a, torch.cat([torch.zeros(1, 7, dtype=torch.long), b], 1)])
-    pad_left = torch.tensor([0, 7])
+    a, b = torch.randint(0, 512, (12,)), torch.randint(0, 512, (5,))
+    cache = KVCache.for_model(model, max_tokens=64, block_size=4)
+    tokens = torch.zeros(2, 12, dtype=torch.long)
+    tokens[0], tokens[1, :5] = a, b
     with torch.no_grad():
-        out = model(batch, 0, pad_left=pad_left)
-        nxt = model(torch.tensor([[3], [4]]), 12, pad_left=pad_left)
-        alone_a = model(torch.cat([a, torch.tensor([[3]])], 1), cache=False)
-        alone_b = model(torch.cat([b, torch.tensor([[4]])], 1), cache=False)
+        out = model.step(tokens, torch.arange(12).expand(2, 12), cache.plan(["a", "b"], [0, 0], [12, 5], 12))
+        nxt = model.step(torch.tensor([[3], [4]]), torch.tensor([[12], [5]]), cache.plan(["a", "b"], [12, 5], [1, 1], 1),
+                         logits_at=torch.tensor([0, 0]))  # (2, V): only the asked-for position
+        alone_a = model(torch.cat([a, torch.tensor([3])])[None], cache=False)
+        alone_b = model(torch.cat([b, torch.tensor([4])])[None], cache=False)
     assert (out[0] - alone_a[0, :12]).abs().max() < 1e-5
-    assert (out[1, 7:] - alone_b[0, :5]).abs().max() < 1e-5
-    assert (nxt[0, 0] - alone_a[0, 12]).abs().max() < 1e-5
-    assert (nxt[1, 0] - alone_b[0, 5]).abs().max() < 1e-5
+    assert (out[1, :5] - alone_b[0, :5]).abs().max() < 1e-5
+    assert nxt.shape == (2, 512)
+    assert (nxt[0] - alone_a[0, 12]).abs().max() < 1e-5
+    assert (nxt[1] - alone_b[0, 5]).abs().max() < 1e-5
     assert torch.isfinite(out).all()
 
 
@@ -127,14 +132,20 @@ def test_sequence_longer_than_context_is_rejected():
         model(torch.zeros(1, 17, dtype=torch.long))
 
 
-def test_per_row_start_positions_continue_each_row():
-    # Continuous batching: rows at different lengths decode together, each as if alone.
+def test_rows_at_different_lengths_continue_each_row():
+    # Continuous batching: rows at different lengths decode together (two tokens per row here),
+    # each as if alone; blocks are not consecutive once rows interleave, so the gather path runs.
+    from annotated_llama.kv_cache import KVCache
     model = Transformer(ModelArgs.from_name("tiny-gqa")).eval()
-    a, b = torch.randint(0, 512, (1, 9)), torch.randint(0, 512, (1, 4))
+    a, b = torch.randint(0, 512, (9,)), torch.randint(0, 512, (4,))
+    cache = KVCache.for_model(model, max_tokens=64, block_size=2)
     with torch.no_grad():
-        model(torch.cat([a, torch.cat([b, torch.zeros(1, 5, dtype=torch.long)], 1)]), 0)  # b's tail is junk
-        step = model(torch.tensor([[7, 8], [5, 6]]), torch.tensor([9, 4]))  # two tokens per row
-        alone_a = model(torch.cat([a, torch.tensor([[7, 8]])], 1), cache=False)
-        alone_b = model(torch.cat([b, torch.tensor([[5, 6]])], 1), cache=False)
+        model.step(b[None], torch.arange(4)[None], cache.plan(["b"], [0], [4], 4))
+        model.step(a[None], torch.arange(9)[None], cache.plan(["a"], [0], [9], 9))
+        batch = cache.plan(["a", "b"], [9, 4], [2, 2], 2)
+        assert batch.span is None and batch.block_table.shape == (2, 6)
+        step = model.step(torch.tensor([[7, 8], [5, 6]]), torch.tensor([[9, 10], [4, 5]]), batch)
+        alone_a = model(torch.cat([a, torch.tensor([7, 8])])[None], cache=False)
+        alone_b = model(torch.cat([b, torch.tensor([5, 6])])[None], cache=False)
     assert (step[0] - alone_a[0, 9:]).abs().max() < 1e-5
     assert (step[1] - alone_b[0, 4:]).abs().max() < 1e-5

@@ -280,11 +280,12 @@ def test_chunked_prefill_and_repetition_penalty_match_references(tokenizer, monk
     from annotated_llama import scheduler as sched
     from annotated_llama.generation import Llama
     model = tiny_model()
-    monkeypatch.setattr(sched, "PREFILL_CHUNK", 4)  # a 13-token prompt in 4 forwards
     prompt = "The history of the world in a few words"
     ids = tokenizer.encode(prompt, bos=True, eos=False)
     assert len(ids) > 8
-    s = sched.Scheduler(model, tokenizer, max_batch_size=2).start()
+    s = sched.Scheduler(model, tokenizer, max_batch_size=2)
+    s.engine.prefill_chunk = 4  # a 13-token prompt in 4 forwards
+    s.start()
     try:
         plain = s.generate(ids, sched.SamplingParams(max_tokens=8, temperature=0)).text
         penalized = s.generate(ids, sched.SamplingParams(max_tokens=8, temperature=0, repetition_penalty=0.2)).text
@@ -314,10 +315,10 @@ def test_a_failing_request_does_not_stop_the_server(tokenizer):
     from fastapi.testclient import TestClient
 
     class Flaky(Transformer):  # the same weights as tiny_model(); fails on one token id
-        def forward(self, tokens, start_pos=0, **kw):
+        def step(self, tokens, *args, **kw):
             if (tokens == 31999).any():
                 raise RuntimeError("boom")
-            return super().forward(tokens, start_pos, **kw)
+            return super().step(tokens, *args, **kw)
     torch.manual_seed(0)
     model = Flaky(ModelArgs(**TINY)).eval()
     with TestClient(create_app(model, tokenizer)) as c:

@@ -66,19 +66,22 @@ def random_model(preset: dict, seed: int) -> Transformer:
 
 def exercise(model) -> dict:
     """Every kind of forward call, then greedy decoding; same calls on one process or on rank 0."""
-    from annotated_llama.tensor_parallel import swap_cache_rows
+    from annotated_llama.kv_cache import KVCache
 
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, model.params.vocab_size, (2, 10), generator=g)  # (B, T)
     out = {}
     with torch.inference_mode():
         model.clear_cache()
-        out["prefill"] = model(tokens[:, :7])
+        out["prefill"] = model(tokens[:, :7])  # Meta's contract: the model's own cache
         out["decode"] = torch.cat([model(tokens[:, 7 + i:8 + i], 7 + i) for i in range(3)], dim=1)
-        out["per_row"] = model(tokens[:, :1], torch.tensor([3, 5]))  # continuous batching's per-row slots
-        out["ragged"] = model(tokens, pad_left=torch.tensor([0, 4]))
-        swap_cache_rows(model, 0, 1, 10)  # a scheduler's cache edit, mirrored on every rank
-        out["swapped"] = model(tokens[:, :1], torch.tensor([10, 10]))
+        # the engine's contract: ragged rows in one call (row 1 padded), then rows at their own positions
+        cache = KVCache.for_model(model, max_tokens=64, block_size=4)
+        out["ragged"] = model.step(tokens, torch.arange(10).expand(2, 10), cache.plan(["a", "b"], [0, 0], [10, 6], 10))
+        out["per_row"] = model.step(tokens[:, :1], torch.tensor([[10], [6]]), cache.plan(["a", "b"], [10, 6], [1, 1], 1),
+                                    logits_at=torch.tensor([0, 0]))
+        cache.fork("b", "c")  # n samples of one prompt: shared blocks, copied on write
+        out["forked"] = model.step(tokens[:, 1:2], torch.tensor([[7], [7]]), cache.plan(["b", "c"], [7, 7], [1, 1], 1))
         out["no_cache"] = model(tokens, cache=False)
         model.clear_cache()
         seq = tokens[:1, :4]
@@ -88,7 +91,7 @@ def exercise(model) -> dict:
             seq = torch.cat([seq, nxt], dim=1)
             logits = model(nxt, seq.shape[1] - 1)
         out["greedy"] = seq[0].tolist()
-        out["cache_kv_heads"] = model.layers[0].attention.cache_k.shape[2]
+        out["cache_kv_heads"] = cache.n_kv_heads
     return out
 
 
@@ -243,7 +246,7 @@ def test_two_ranks_match_one_process_and_load_a_slice(checkpoints):
 def assert_matches(results: dict, reference: dict, world: int) -> None:
     for variant in VARIANTS:
         got = results[variant]
-        for key in ("prefill", "decode", "per_row", "ragged", "swapped", "no_cache"):
+        for key in ("prefill", "decode", "ragged", "per_row", "forked", "no_cache"):
             err = (got[key] - reference[key]).abs().max().item()
             print(f"{world} ranks {variant:13s} {key:9s} max |diff| = {err:.2e}")
             torch.testing.assert_close(got[key], reference[key], rtol=0, atol=1e-5, msg=f"{world} ranks {variant} {key}")
@@ -331,7 +334,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_serve_tp_2_answers_like_one_process_and_stops_every_rank(checkpoints):
     """`serve --tp 2` (relaunched under torchrun): concurrent greedy completions, batched by the
-    scheduler on rank 0 with its cache swaps mirrored on rank 1, equal Llama.text_completion's on
+    engine on rank 0 with every step mirrored on rank 1, equal Llama.text_completion's on
     one process; a SIGTERM to the command then ends every process, cleanly."""
     import signal
     from concurrent.futures import ThreadPoolExecutor
@@ -343,7 +346,7 @@ def test_serve_tp_2_answers_like_one_process_and_stops_every_rank(checkpoints):
     root, _ = checkpoints
     model_dir = root / "cli"
     # Greedy runs on this random model can repeat one token; each prompt gets its own length so the
-    # rows finish at different steps and the scheduler's row swaps are exercised too.
+    # rows finish at different steps and free their blocks while the others go on.
     asks = [("In the beginning", 12), ("The capital of France is", 7), ("1 2 3 4", 10)]
     port = _free_port()
     t0 = time.time()

@@ -89,8 +89,8 @@ def test_hf_to_ours_to_hf_is_bit_exact(tmp_path):
 
 
 def split_like_meta(sd, n, vocab_parallel):
-    # Written from REFERENCE b4 independently of weights/meta.py: column-parallel layers
-    # split rows, row-parallel layers split columns, norms are replicated.
+    # Written from HF convert_llama_weights_to_hf.py's merge rules, independently of weights/meta.py:
+    # column-parallel layers split rows, row-parallel layers split columns, norms are replicated.
     rows = ("wq", "wk", "wv", "w1", "w3", "output")
     shards = [{} for _ in range(n)]
     for name, w in sd.items():

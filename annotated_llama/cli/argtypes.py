@@ -13,7 +13,7 @@ import argparse
 import math
 import re
 
-from ..sampling import MAX_TEMPERATURE
+from ..sampling import LIMITS
 
 INT64_MAX = (1 << 63) - 1
 
@@ -68,10 +68,20 @@ finite_float = float_range(-math.inf)
 positive_float = float_range(0.0, lo_open=True)
 nonnegative_float = float_range(0.0)
 probability = float_range(0.0, 1.0)  # [0, 1]
-# Sampling: the ranges of sampling.check_sampling_args (temperature 0 is greedy)
-temperature = float_range(0.0, MAX_TEMPERATURE)
-top_p = float_range(0.0, 1.0, lo_open=True)  # (0, 1]
-repetition_penalty = float_range(0.0, MAX_TEMPERATURE, lo_open=True)
+
+
+def sampling(name: str):
+    """The type of a sampling flag, its range the one of sampling.LIMITS (the engine's own check)."""
+    low, high, closed = LIMITS[name]
+    if isinstance(low, int):
+        return int_range(low if closed else low + 1, high)
+    return float_range(low, high, lo_open=not closed)
+
+
+temperature = sampling("temperature")  # [0, 2]: 0 is greedy
+top_p = sampling("top_p")  # (0, 1]
+top_k = sampling("top_k")  # 0: no limit
+repetition_penalty = sampling("repetition_penalty")
 
 
 def seed(text: str) -> int:

@@ -16,7 +16,7 @@ from .generate import add_sampling_arguments, build_llama, sampling_kwargs
 
 def add_arguments(p):
     add_sampling_arguments(p, max_new_tokens=512)
-    p.add_argument("--template", choices=["llama-2", "llama-3", "alpaca"],
+    p.add_argument("--template", choices=["llama-2", "llama-3", "alpaca", "model"],
                    help="chat template (default: llama-3 for a Llama 3 tokenizer, else llama-2)")
     p.add_argument("--system", help="system message kept at the start of the conversation")
 

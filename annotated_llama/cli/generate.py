@@ -31,9 +31,9 @@ def add_sampling_arguments(p, max_new_tokens=256):
     p.add_argument("--max-new-tokens", type=argtypes.nonnegative_int, default=max_new_tokens, metavar="N",
                    help=f"most tokens to generate (default {max_new_tokens}; 0: up to the end of the context)")
     p.add_argument("--temperature", type=argtypes.temperature, default=0.6,
-                   help="0 = greedy (default 0.6, at most 100)")
+                   help="0 = greedy (default 0.6, at most 2)")
     p.add_argument("--top-p", type=argtypes.top_p, default=0.9, help="nucleus sampling mass (default 0.9)")
-    p.add_argument("--top-k", type=argtypes.nonnegative_int, default=None,
+    p.add_argument("--top-k", type=argtypes.top_k, default=None,
                    help="sample among the k most likely tokens only")
     p.add_argument("--repetition-penalty", type=argtypes.repetition_penalty, default=1.0,
                    help="HF-style penalty, 1.0 = none")

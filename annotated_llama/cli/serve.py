@@ -19,7 +19,7 @@ def add_arguments(p):
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* requests")
-    p.add_argument("--template", choices=["none", "alpaca", "llama-2", "llama-3"],
+    p.add_argument("--template", choices=["none", "alpaca", "llama-2", "llama-3", "model"],
                    help="chat template for /v1/chat/completions (default: llama-3 for a Llama 3 vocabulary, else llama-2)")
     p.add_argument("--model-name", default=None, help="the model id reported by /v1/models (default: the path's name)")
     p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together at most (default 8)")

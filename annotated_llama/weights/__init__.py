@@ -1,5 +1,7 @@
 """Loading and saving weights in every layout users hold: Meta's `consolidated.NN.pth`, HF
-safetensors, llama.cpp's GGUF, and our own dir (params.json + model.safetensors with Meta's names).
+safetensors (a Hub snapshot as downloaded: shards, tokenizer.json, generation_config.json, Meta's
+files under original/), llama.cpp's GGUF, and our own dir (params.json + model.safetensors with
+Meta's names).
 
 Every format is read into one thing, an (args, state dict with Meta's names) pair, and the model
 is built from that pair in one place (`build_model`):
@@ -8,6 +10,10 @@ is built from that pair in one place (`build_model`):
   - lazily: tensors are memory-mapped from the files, the model is created on the "meta" device
     (shapes, no storage) and `load_state_dict(assign=True)` adopts the mapped tensors as its
     parameters, so a checkpoint of S bytes is not copied into a second S bytes of RAM.
+
+Tied embeddings (Llama 3.2 1B/3B, `ModelArgs.tie_word_embeddings`): the state dicts passed
+around here hold the matrix once, as `tok_embeddings.weight`, with no `output.weight`; HF files
+hold it as `model.embed_tokens.weight` (no `lm_head.weight`), Meta's files as two equal copies.
 """
 
 from __future__ import annotations
@@ -57,11 +63,21 @@ def detect_format(path) -> str:
         if any(path.glob("consolidated.*.pth")):
             return "meta"
         raise ValueError(f"{path}: params.json but no weights (expected consolidated.NN.pth or model.safetensors)")
+    if meta_dir(path) != path:  # a Hub snapshot holding only Meta's files, under original/
+        return "meta"
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
         raise ValueError(f"{path}: no checkpoint here; did you mean the file {ggufs[0]}?")
     raise ValueError(f"{path}: no weights found (expected params.json + consolidated.NN.pth, "
                      "config.json + model.safetensors, params.json + model.safetensors, or a .gguf file)")
+
+
+def meta_dir(path: Path) -> Path:
+    """Where a Meta checkpoint's files are: `path`, or its original/ (Hub snapshots of Llama 3.x
+    keep Meta's params.json, consolidated.00.pth and tokenizer.model there)."""
+    if not (path / "params.json").is_file() and (path / "original" / "params.json").is_file():
+        return path / "original"
+    return path
 
 
 def load_checkpoint(path) -> tuple[ModelArgs, dict[str, torch.Tensor], Tokenizer | None]:
@@ -74,9 +90,12 @@ def load_checkpoint(path) -> tuple[ModelArgs, dict[str, torch.Tensor], Tokenizer
         args.check_checkpoint({k: tuple(v.shape) for k, v in sd.items()}, path, f"{path.name}'s metadata")
         check_weights(sd, path)
         return args, sd, gguf_tokenizer(path)  # the vocabulary is inside the file
+    # A Hub snapshot is read from its HF side only (config.json, safetensors, tokenizer.json);
+    # its original/ is used when nothing else is there, and then for weights and tokenizer both.
+    path = meta_dir(path) if fmt == "meta" else path
     # Meta ships tokenizer.model beside the model dirs; HF keeps it inside
-    tok_path = default_tokenizer_path(path) if fmt != "hf" else path / "tokenizer.model"
-    tokenizer = Tokenizer(tok_path) if tok_path is not None and tok_path.is_file() else None
+    tok_path = default_tokenizer_path(path, parent=fmt != "hf")
+    tokenizer = Tokenizer(tok_path) if tok_path is not None else None
     if fmt == "hf":
         from .hf import load_hf
         args, sd = load_hf(path)
@@ -93,9 +112,14 @@ def load_checkpoint(path) -> tuple[ModelArgs, dict[str, torch.Tensor], Tokenizer
         if args.vocab_size == -1:  # as Meta's: taken from the tokenizer, else from the embedding
             emb = sd.get("tok_embeddings.weight")
             args.vocab_size = tokenizer.n_words if tokenizer else (emb.shape[0] if emb is not None else -1)
-    config_file = path / ("config.json" if fmt == "hf" else "params.json")
-    args.check_checkpoint({k: tuple(v.shape) for k, v in sd.items()}, weights, config_file)
-    check_state_dict(sd, args, weights, config_file)
+    config = path / ("config.json" if fmt == "hf" else "params.json")
+    args.check_checkpoint({k: tuple(v.shape) for k, v in sd.items()}, weights, config)  # before any skeleton
+    # Meta's files store a tied output as a copy of the embedding (its params.json has no flag)
+    resolve_tied_output(sd, args, weights, config, detect=fmt == "meta")
+    if fmt == "meta":
+        from .meta import llama32_rope_factor
+        llama32_rope_factor(args, config)
+    check_state_dict(sd, args, weights, config)
     check_weights(sd, weights)  # floating point and finite (weights/checks.py)
     if tokenizer is not None and tokenizer.n_words > args.vocab_size:
         raise ValueError(f"{tok_path}: the tokenizer has {tokenizer.n_words} ids but the model only "
@@ -103,12 +127,39 @@ def load_checkpoint(path) -> tuple[ModelArgs, dict[str, torch.Tensor], Tokenizer
     return args, sd, tokenizer
 
 
+def _same_matrix(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    # the first row settles the usual (untied) case without reading two whole V x C matrices
+    return bool(torch.equal(a[:1], b[:1])) and bool(torch.equal(a, b))
+
+
+def resolve_tied_output(sd: dict[str, torch.Tensor], args: ModelArgs, weights_file, config_file,
+                        detect: bool = False) -> None:
+    """Bring `sd` to the tied form (no output.weight) when `args` ties the embeddings, or when
+    `detect` and the file's output.weight equals the embedding (then `args` is set tied)."""
+    out, emb = sd.get("output.weight"), sd.get("tok_embeddings.weight")
+    if out is None or emb is None:
+        return
+    if args.tie_word_embeddings:
+        if not _same_matrix(out, emb):
+            raise ValueError(f"{weights_file}: the output matrix differs from the embedding, but {config_file} "
+                             "ties them (tie_word_embeddings)")
+        del sd["output.weight"]
+    elif detect and _same_matrix(out, emb):
+        args.tie_word_embeddings = True
+        del sd["output.weight"]
+
+
 def check_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs, weights_file, config_file) -> None:
-    """Every tensor the architecture needs, with the shape `config_file` implies; nothing else."""
+    """Every tensor the architecture needs, with the shape `config_file` implies; nothing else.
+    A tied model's output head is its embedding: no output.weight of its own."""
     if args.vocab_size < 1:
         raise ValueError(f"{config_file}: vocab_size is -1 and no tokenizer or embedding gives it")
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
+    if args.tie_word_embeddings:
+        del expected["output.weight"]
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     if missing:
@@ -130,13 +181,18 @@ def build_model(args: ModelArgs, sd: dict[str, torch.Tensor], dtype=None, device
     with torch.device("meta"):  # shapes only: no memory, no random init to throw away
         model = Transformer(args)
     # .to() is a no-op (returns the mapped tensor itself) when nothing changes
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, assign=True)
+    tensors = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    if args.tie_word_embeddings:
+        tensors["output.weight"] = tensors["tok_embeddings.weight"]
+    model.load_state_dict(tensors, assign=True)
+    if args.tie_word_embeddings:  # assign=True gave each module its own Parameter: share one again
+        model.output.weight = model.tok_embeddings.weight
     model.reset_rope()  # non-persistent buffers were left on the meta device
     return model.eval()
 
 
 def load_model(path, dtype=None, device="cpu", lora=None):
-    """(model, tokenizer or None) from a Meta/HF/ours dir or a .gguf file; see CONTRACT.md.
+    """(model, tokenizer or None) from a Meta/HF/ours dir (a Hub snapshot too) or a .gguf file.
     dtype None keeps the stored dtype (GGUF quantized tensors: float32)."""
     p = Path(path)
     if p.is_dir() and (p / OURS_WEIGHTS).is_file() and _is_quantized(p / OURS_WEIGHTS):
@@ -170,6 +226,11 @@ def _is_quantized(weights: Path) -> bool:
 
 def _state_dict_for_saving(model, dtype) -> dict[str, torch.Tensor]:
     sd = {k: v.detach() for k, v in model.state_dict().items()}
+    if model.params.tie_word_embeddings:  # the state dict lists the shared matrix under both names
+        if model.output.weight is not model.tok_embeddings.weight:
+            raise ValueError("the model's ModelArgs tie the embeddings but its output.weight is a separate tensor "
+                             "(set tie_word_embeddings=False to save them apart)")
+        del sd["output.weight"]
     check_state_dict(sd, model.params, "the model", "its ModelArgs")
     dtype = to_dtype(dtype)
     if dtype is not None:
@@ -220,7 +281,8 @@ def save_model(model, tokenizer, path, format="hf", dtype=None, *, shards: int =
             (tmp / "params.json").write_text(json.dumps(model.params.to_params_json(), indent=2))
             save_file({k: v.contiguous() for k, v in sd.items()}, tmp / OURS_WEIGHTS, metadata={"format": "pt"})
             if tokenizer is not None:
-                (tmp / "tokenizer.model").write_bytes(tokenizer.model_bytes())
+                for name, data in tokenizer.files().items():
+                    (tmp / name).write_bytes(data)
         _move_into(tmp, path, format)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -238,7 +300,10 @@ def _move_into(tmp: Path, path: Path, format: str) -> None:
     if not path.exists():
         os.replace(tmp, path)  # one atomic rename of the whole directory
         return
-    for pattern in _STALE[format]:
+    stale = list(_STALE[format])
+    if (tmp / "tokenizer.json").exists():  # an old tokenizer.model would be read first
+        stale.append("tokenizer.model")
+    for pattern in stale:
         for old in path.glob(pattern):
             if not (tmp / old.name).exists():
                 old.unlink()

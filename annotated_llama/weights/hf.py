@@ -3,7 +3,8 @@
 Meta rotates interleaved pairs (x[2i], x[2i+1]); HF's `rotate_half` pairs x[i] with
 x[i + D/2]. HF's converter (convert_llama_weights_to_hf.py) therefore reorders the output
 rows of wq and wk within each head, so the same weights give the same attention scores.
-Forgetting it still runs, but the text turns to gibberish after ~20 tokens (REFERENCE b2).
+Forgetting it still runs, but the text turns to gibberish after ~20 tokens (transformers #25199,
+llama.cpp #2376, llama2.c PR #286).
 """
 
 from __future__ import annotations
@@ -218,10 +219,11 @@ def tokenizer_json(tokenizer) -> str | None:
 
 
 def tokenizer_files(tokenizer, max_len: int, fast: bool) -> dict[str, dict]:
-    """tokenizer_config.json and special_tokens_map.json: add BOS, not EOS; no pad token
-    (REFERENCE b5 and the pad-id confusion of section 3 item 6)."""
+    """tokenizer_config.json and special_tokens_map.json: add BOS, not EOS; no pad token (LLaMA
+    has none: early conversions that set bos 0 / eos 1 or pad 0 made fine-tunes that never stop,
+    transformers #22239, #22520, tloen/alpaca-lora #279)."""
     piece = tokenizer.id_to_piece
-    special = {"bos_token": piece(tokenizer.bos_id), "eos_token": piece(tokenizer.eos_id)}
+    special = {k: piece(i) for k, i in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id)) if i >= 0}
     if tokenizer.kind == "sentencepiece" and tokenizer.sp.unk_id() >= 0:
         special["unk_token"] = piece(tokenizer.sp.unk_id())
     # With our tokenizer.json, the generic fast class uses it as is; LlamaTokenizer would
@@ -229,6 +231,10 @@ def tokenizer_files(tokenizer, max_len: int, fast: bool) -> dict[str, dict]:
     config = {"tokenizer_class": "PreTrainedTokenizerFast" if fast else "LlamaTokenizer",
               "add_bos_token": True, "add_eos_token": False, **special, "pad_token": None,
               "legacy": True, "model_max_length": max_len, "clean_up_tokenization_spaces": False}
+    if tokenizer.kind == "tokenizers" and tokenizer.hf_config is not None:
+        config = dict(tokenizer.hf_config)  # a Hub tokenizer.json travels with the config it came with
+    if tokenizer.chat_template is not None:
+        config["chat_template"] = tokenizer.chat_template
     return {"tokenizer_config.json": config, "special_tokens_map.json": special}
 
 
@@ -247,14 +253,20 @@ def save_hf(out_dir, args: ModelArgs, sd: dict[str, torch.Tensor], tokenizer) ->
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     hf = {k: v.contiguous() for k, v in meta_to_hf_state_dict(sd, args).items()}
     save_file(hf, out_dir / HF_WEIGHTS, metadata={"format": "pt"})  # transformers wants format=pt
+    # Meta's sampling defaults (llama generation.py), unless the model came with its own file
     generation = {"bos_token_id": bos, "eos_token_id": eos, "do_sample": True, "temperature": 0.6, "top_p": 0.9}
-    if tokenizer is not None and tokenizer.kind == "tiktoken":
+    if tokenizer is not None and tokenizer.kind != "sentencepiece":
         generation["eos_token_id"] = sorted(tokenizer.stop_ids)  # Llama 3 stops on eot and end_of_text
+    if tokenizer is not None and tokenizer.generation_config is not None:
+        generation = tokenizer.generation_config
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
     if tokenizer is None:
         return
-    (out_dir / "tokenizer.model").write_bytes(tokenizer.model_bytes())
-    fast = tokenizer_json(tokenizer)
+    if tokenizer.kind == "tokenizers":  # read from a tokenizer.json: written back as it was
+        fast = tokenizer.files()["tokenizer.json"].decode("utf-8")
+    else:
+        (out_dir / "tokenizer.model").write_bytes(tokenizer.model_bytes())
+        fast = tokenizer_json(tokenizer)
     if fast is not None:
         (out_dir / "tokenizer.json").write_text(fast)
     for name, content in tokenizer_files(tokenizer, args.max_seq_len, fast is not None).items():

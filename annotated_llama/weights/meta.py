@@ -3,7 +3,7 @@ model-parallel rank, merged into one state dict (and split back with `save_meta(
 
 Meta trained with fairscale's model parallelism (Shoeybi et al. 2019, "Megatron-LM"): each
 rank holds a slice of every matrix, and `consolidated.NN.pth` is rank NN's slice. Merging is
-concatenation along the axis the layer was split on (REFERENCE b4, HF convert_llama_weights_to_hf.py):
+concatenation along the axis the layer was split on (HF convert_llama_weights_to_hf.py):
   - column-parallel layers (wq, wk, wv, w1, w3, output) split their *output* rows: dim 0;
   - row-parallel layers (wo, w2) split their *input* columns: dim 1;
   - LLaMA 1/2's ParallelEmbedding splits the embedding dim (dim 1); Llama 3's
@@ -165,13 +165,30 @@ def load_meta(ckpt_dir: Path, params_path: Path, vocab_size: int | None) -> tupl
     return args, sd
 
 
+def llama32_rope_factor(args: ModelArgs, params_path: Path) -> None:
+    """Meta's params.json for Llama 3.2 1B/3B says use_scaled_rope but names no factor, and Meta's
+    reference code applied 8, which is wrong for these two: their factor is 32, as their HF
+    config.json says (meta-llama/llama-models #166, #241). Tied embeddings tell them apart from
+    every other Llama 3 release, so a tied model whose params.json names no factor gets 32."""
+    import json
+
+    if args.tie_word_embeddings and args.use_scaled_rope and "rope_scale_factor" not in json.loads(
+            Path(params_path).read_text()):
+        args.rope_scale_factor = 32.0
+
+
 def save_meta(out_dir: Path, args: ModelArgs, sd: dict[str, torch.Tensor], tokenizer, shards: int = 1):
     import json
 
     vocab_parallel = tokenizer is not None and tokenizer.kind == "tiktoken" or args.vocab_size >= 128000
     vocab = -1 if tokenizer is not None and tokenizer.n_words == args.vocab_size else args.vocab_size
     (out_dir / "params.json").write_text(json.dumps(meta_params(args, vocab)))
+    if args.tie_word_embeddings:
+        # Meta's model code has no tying: its Llama 3.2 files store output.weight as a copy
+        # of tok_embeddings.weight (and its loader reads them back the same way)
+        sd = {**sd, "output.weight": sd["tok_embeddings.weight"]}
     for r, part in enumerate(split_state_dict(sd, args, shards, vocab_parallel)):
         torch.save(part, out_dir / f"consolidated.{r:02d}.pth")
     if tokenizer is not None:
-        (out_dir / "tokenizer.model").write_bytes(tokenizer.model_bytes())
+        for name, data in tokenizer.files().items():
+            (out_dir / name).write_bytes(data)

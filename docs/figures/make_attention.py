@@ -5,7 +5,8 @@
 
 The embedded default model (annotated_llama/default_model) reads a verse; the figure shows the attention
 probabilities softmax(q k^T / sqrt(D)) of the four sharpest heads (lowest entropy) of its first and last layers,
-on a square-root colour scale, recomputed from what each
+on a square-root colour scale (the colour bar
+maps colour to probability), recomputed from what each
 attention module receives (the normalized input and the rotary tables), exactly as the model computes them.
 --random-tiny draws the same picture for the random-weight "tiny" preset (only for developing this script:
 random weights have no meaningful pattern). A missing default model is an error, never a silent fallback.
@@ -89,21 +90,26 @@ def main(out_dir: Path, random_tiny: bool = False, model_dir: Path | None = None
     # per layer, the sharpest heads (lowest mean entropy of their attention rows): the ones with a pattern
     entropy = [-(p * p.clamp_min(1e-12).log()).sum(-1).mean(-1) for p in probs]  # per layer: (H,)
     shown = {layer: sorted(entropy[layer].argsort()[:n_heads].tolist()) for layer in layers}
-    fig, axes = plt.subplots(len(layers), n_heads, figsize=(3.3 * n_heads, 3.5 * len(layers)), dpi=100,
+    fig, axes = plt.subplots(len(layers), n_heads, figsize=(3.3 * n_heads + 1.2, 3.5 * len(layers)), dpi=100,
                              squeeze=False)
     T = tokens.shape[1]
+    norm = PowerNorm(0.5, vmin=0, vmax=1)  # square-root scale: weights of a few percent stay visible
     for row, layer in enumerate(layers):
         for col, h in enumerate(shown[layer]):
             ax = axes[row][col]
-            ax.imshow(probs[layer][h].numpy(), cmap="Blues", norm=PowerNorm(0.5, vmin=0, vmax=1))
+            image = ax.imshow(probs[layer][h].numpy(), cmap="Blues", norm=norm)
             ax.set_title(f"layer {layer}, head {h}", fontsize=9)
             ax.set_xticks(range(T), labels, rotation=90, fontsize=6)
             ax.set_yticks(range(T), labels if col == 0 else [], fontsize=6)
+    fig.tight_layout(rect=(0.01, 0.01, 0.92, 0.95))
+    bar = fig.colorbar(image, ax=[a for r in axes for a in r], fraction=0.025, pad=0.02,
+                       ticks=[0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0])
+    bar.set_label("attention probability (square-root colour scale)", fontsize=9)
+    bar.ax.tick_params(labelsize=7)
     fig.supxlabel("key (attended-to token)", fontsize=9)
     fig.supylabel("query (token being predicted from)", fontsize=9)
     fig.suptitle(f"Attention probabilities of {title}: the four sharpest heads of the first and last layer",
                  fontsize=11)
-    fig.tight_layout()
     out = Path(out_dir) / "attention.png"
     fig.savefig(out, pil_kwargs={"optimize": True})
     plt.close(fig)

@@ -1,4 +1,4 @@
-"""Figure: LLaMA's learning-rate schedule (Touvron et al. 2023, section 2.2).
+"""Figure: LLaMA's learning-rate schedule (Touvron et al. 2023, section 2.3).
 
     python docs/figures/make_lr_schedule.py [OUT_DIR]     writes OUT_DIR/lr_schedule.png (default docs/figures/)
 
@@ -39,7 +39,7 @@ def schedule():
             return peak * (step + 1) / WARMUP
         progress = min(1.0, (step - WARMUP) / max(1, total - WARMUP))
         return FINAL_FRACTION * peak + (1 - FINAL_FRACTION) * peak * 0.5 * (1 + math.cos(math.pi * progress))
-    return paper, "the paper's formula (section 2.2)"
+    return paper, "the paper's formula (section 2.3)"
 
 
 def main(out_dir: Path) -> Path:

@@ -3,10 +3,12 @@
     python docs/figures/make_rope.py [OUT_DIR]     writes OUT_DIR/rope.png (default docs/figures/)
 
 Left: the wavelength (tokens per full turn) of each of the D/2 = 64 rotating pairs of a 128-dim head, for
-LLaMA (theta 10,000), Llama 3 (500,000) and Llama 3.1's rescaled frequencies. Middle: one pair of a query
-rotated at positions 0..7. Right: the score q.k of a query and key of ones placed at three absolute positions,
-plotted against their distance: the curves coincide (only the relative position counts) and decay with distance
-(RoFormer section 3.4.3).
+LLaMA (theta 10,000), Llama 3 (500,000) and Llama 3.1's rescaled frequencies. Middle: pair i = 1 of a query in a
+16-dimensional head (head_dim 16, the tiny preset's), rotated at positions 0..7. Right, for a 128-dim head: the
+score q.k of a query and a key of ones placed at three absolute positions, against their distance, divided by
+its value at distance 0 (the three curves coincide: only the relative position counts); and RoFormer's bound
+(section 3.4.3), the mean of |S_j| with S_j = sum over l < j of exp(i d theta_l), also relative to distance 0,
+which decays with the distance d.
 All numbers come from annotated_llama.model.
 """
 
@@ -52,23 +54,29 @@ def main(out_dir: Path) -> Path:
     theta = rope_frequencies(args)[1].item()
     ax_r.add_patch(plt.Circle((0, 0), math.hypot(1, 0.35), fill=False, ls=":", color="grey"))
     ax_r.set(xlim=(-1.35, 1.35), ylim=(-1.35, 1.35), aspect="equal", xlabel="x[2]", ylabel="x[3]",
-             title=f"One pair, turned by m·θ_1 (θ_1 = {theta:.3f} rad)")
+             title=f"Pair i = 1 of a head_dim-{args.head_dim} head, turned by m·θ_1\n(θ_1 = {theta:.3f} rad per position)")
 
-    # q.k depends on the distance n - m only
+    # q.k depends on the distance n - m only, and tends to decay with it
     args = ModelArgs.from_name("llama-7b")
     cos, sin = precompute_rope(args, 2048)
-    qv = kv = torch.ones(args.head_dim)  # RoFormer 3.4.3: with q = k the score decays with distance
+    qv = kv = torch.ones(args.head_dim)
     dist = torch.arange(0, 512)
     for m0, style, lw in ((0, "-", 4), (300, "--", 1.5), (1000, ":", 1.5)):
         m = torch.full_like(dist, m0)
         n = m + dist
         qr = apply_rope(qv.expand(1, len(dist), 1, -1), cos[m][None], sin[m][None])  # (1, N, 1, D)
         kr = apply_rope(kv.expand(1, len(dist), 1, -1), cos[n][None], sin[n][None])
-        ax_s.plot(dist.numpy(), (qr * kr).sum(-1).flatten().numpy(), style, lw=lw,
-                  label=f"query at m={m0}, key at m+distance")
-    ax_s.set(xlabel="distance n - m (tokens)", ylabel="score q·k after rotation",
-             title="Score of q = k = 1 against distance")
-    ax_s.legend(fontsize=8)
+        score = (qr * kr).sum(-1).flatten()
+        ax_s.plot(dist.numpy(), (score / score[0]).numpy(), style, lw=lw, color="#3182ce",
+                  label=f"q·k, q = k = 1, query at m = {m0}")
+    freqs = rope_frequencies(args).double()
+    bound = torch.stack([torch.cumsum(torch.exp(1j * d * freqs), 0).abs().mean() for d in dist.double()])
+    ax_s.plot(dist.numpy(), (bound / bound[0]).numpy(), color="#dd6b20", lw=2,
+              label="RoFormer's bound: mean |S_j| (section 3.4.3)")
+    ax_s.axhline(0, color="grey", lw=0.6)
+    ax_s.set(xlabel="distance n - m (tokens)", ylabel="relative to distance 0",
+             title=f"Scores against distance (head_dim {args.head_dim})")
+    ax_s.legend(fontsize=7.5)
 
     fig.suptitle("Rotary position embeddings in LLaMA (annotated_llama.model)", fontsize=12)
     fig.tight_layout()

@@ -1,6 +1,6 @@
 """Byte-pair encoding from scratch, the way LLaMA's SentencePiece tokenizer does it.
 
-The companion module of docs/annotated/04_tokenizer.md; written for reading, not for speed (pure Python,
+The companion module of docs/paper/03_tokenizer.md; written for reading, not for speed (pure Python,
 quadratic in the length of the text). Nothing here comes from sentencepiece: the chapter checks that
 `encode` with LLaMA's pieces and scores gives exactly the ids sentencepiece gives.
 

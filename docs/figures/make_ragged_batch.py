@@ -1,0 +1,79 @@
+"""Figure: Meta's ragged-batch grid against one prefill and per-row decoding.
+
+    python docs/figures/make_ragged_batch.py [OUT_DIR]     writes OUT_DIR/ragged_batch.png (default docs/figures/)
+
+Four prompts of 4, 6, 9 and 6 tokens and 10 new tokens each (the example of docs/paper/11_meta_code.md).
+Left: Meta's `generate` (llama/generation.py): prompts left-aligned in a (B, total_len) grid of pad_id; the
+first call runs columns 0..3 (the shortest prompt), then one column per call; where a row still has prompt tokens
+the sampled token is discarded ("teacher forcing"). Each column after the first is one forward call: 15 in all.
+Right: the package's path: one prefill call for every prompt (right-padded to the longest; padding never attended
+to), then one decode call per step in which each row writes at its own cache position: 1 + 9 = 10 calls.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from matplotlib.patches import Rectangle  # noqa: E402
+
+from _draw import COLOURS, canvas, out_dir_from_argv, save  # noqa: E402
+
+LENGTHS, NEW = [4, 6, 9, 6], 10
+FED = "#2c5282"  # a prompt token fed one call at a time
+
+
+def grid(ax, x0, y0, rows, cell=0.36):
+    for r, row in enumerate(rows):
+        for c, kind in enumerate(row):
+            colour = {"p": COLOURS["prompt"], "g": COLOURS["gen"], "h": COLOURS["gen"], "f": FED, ".": COLOURS["pad"]}[kind]
+            ax.add_patch(Rectangle((x0 + c * cell, y0 - r * cell), cell, cell, facecolor=colour,
+                                   edgecolor="#a0aec0", lw=0.5, hatch="///" if kind == "h" else None))
+
+
+def main(out_dir: Path) -> Path:
+    fig, ax = canvas(15.6, 5.2)
+    cell = 0.36
+    total = max(LENGTHS) + NEW
+    start = min(LENGTHS)
+    # Meta: columns from `start` on are fed one per call; a prompt token there is teacher-forced (darker blue)
+    meta_rows = [["p" if c < L and c < start else ("f" if c < L else ("g" if c < L + NEW else ".")) for c in range(total)]
+                 for L in LENGTHS]
+    ax.text(0.3, 4.75, "Meta's generate: one grid, one column per call", fontsize=11, weight="bold")
+    grid(ax, 0.5, 3.6, meta_rows, cell)
+    for c in range(start, total):
+        ax.text(0.5 + c * cell + cell / 2, 3.6 + cell + 0.08, str(c - start + 1) if c > start else "1",
+                ha="center", fontsize=6, color="#4a5568")
+    ax.text(0.5, 4.25, "the forward call that fills each column:", fontsize=7, color="#4a5568")
+    ax.add_patch(Rectangle((0.5, 3.6 - 3 * cell), start * cell, 4 * cell, fill=False, lw=2, edgecolor="#2b6cb0"))
+    ax.text(0.5, 1.75, f"first call: columns 0..{start - 1} of every row; then {total - start - 1} calls of one column "
+            f"= {total - start} forward calls", fontsize=8)
+    ax.text(0.5, 1.35, "dark blue: prompt tokens fed one call at a time (the sample at that position is discarded)",
+            fontsize=8)
+    # ours: one prefill + decode
+    x1 = 8.0
+    ax.text(x1 - 0.2, 4.75, "One prefill, then every row at its own position", fontsize=11, weight="bold")
+    width = max(LENGTHS) + NEW
+    ours_rows = [["p" if c < L else ("h" if c < max(LENGTHS) else "g") if c < L + NEW else "." for c in range(width)]
+                 for L in LENGTHS]
+    grid(ax, x1, 3.6, ours_rows, cell)
+    ax.add_patch(Rectangle((x1, 3.6 - 3 * cell), max(LENGTHS) * cell, 4 * cell, fill=False, lw=2, edgecolor="#2b6cb0"))
+    ax.text(x1, 1.75, f"call 1: every prompt, right-padded to {max(LENGTHS)} (padding never attended to);",
+            fontsize=8)
+    ax.text(x1, 1.35, f"calls 2..{NEW}: one new token per row at that row's own slot: {NEW} calls in all",
+            fontsize=8)
+    ax.text(x1, 0.95, "hatched: slots that held padding in the prefill, overwritten by the row's own tokens", fontsize=8)
+    # legend
+    for i, (kind, text) in enumerate([("p", "prompt token"), ("f", "prompt token fed alone"),
+                                      ("g", "generated token"), (".", "padding (pad_id)")]):
+        x = 0.5 + i * 2.8
+        ax.add_patch(Rectangle((x, 0.45), cell, cell, facecolor={"p": COLOURS["prompt"], "f": FED,
+                                                                   "g": COLOURS["gen"], ".": COLOURS["pad"]}[kind],
+                               edgecolor="#a0aec0"))
+        ax.text(x + 0.5, 0.45 + cell / 2, text, fontsize=8, va="center")
+    ax.text(0.5, 0.0, f"prompts of {', '.join(map(str, LENGTHS))} tokens, {NEW} new tokens each", fontsize=8,
+            color="#4a5568")
+    return save(fig, out_dir, "ragged_batch.png")
+
+
+if __name__ == "__main__":
+    print(main(out_dir_from_argv()))
