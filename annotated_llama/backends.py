@@ -16,7 +16,8 @@ the compiled one only changes how the decode step (one new token per row) is exe
 The first token never waits for a cold compile: `CompiledRunner` compiles on a background
 thread (warming it up on a scratch cache) and runs eagerly until the compiled step is ready.
 One graph serves every batch size and cache length (dynamic shapes), so a new shape does not
-recompile. "auto" picks the compiled step on a CPU or GPU when torch.compile can build here.
+recompile. "auto" compiles on a background thread (the first tokens come eagerly); "compiled" compiles first
+(the first call waits; benchmarks and tests want that); "eager" never compiles.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def make_runner(model, backend: str = "auto", max_batch_size: int = 8):
         return model.step  # tensor parallelism: rank 0's step broadcasts (tensor_parallel.lead), eagerly
     if backend == "eager" or (backend == "auto" and not compile_available()):
         return model.step
-    return CompiledRunner(model)
+    return CompiledRunner(model, background=backend == "auto")
 
 
 __all__ = ["make_runner", "CompiledRunner", "StreamingLinear", "stream_linears", "BACKENDS", "compile_available"]

@@ -1,21 +1,32 @@
 """The OpenAI wire format of the server (server.py): request schemas, body parsing, the error object.
 
-A request body is read here, not by FastAPI: at most `limit` bytes (413 beyond), strict UTF-8
-JSON without NaN/Infinity (400), then a pydantic model in strict mode (no "5" -> 5 or true -> 1
-coercions; unknown fields ignored, as OpenAI does). Every failure is an `APIError`, which the app
-turns into OpenAI's error object {"error": {"message", "type", "param", "code"}} with its status.
-Field names and ranges are OpenAI's (REFERENCE section 2); top_k, repetition_penalty,
-ignore_eos and template are extensions.
+Every field of OpenAI's `POST /v1/completions` and `POST /v1/chat/completions` request bodies
+(OpenAI's API reference, as the official `openai` Python client types them in
+`types/completion_create_params.py` and `types/chat/completion_create_params.py`) is declared
+here, so nothing a client sends is dropped unseen. A field is either honoured, or listed in
+`UNSUPPORTED` and refused with HTTP 400 naming it whenever it asks for more than its no-op value
+(`presence_penalty: 0` is honoured, `presence_penalty: 0.5` is refused). A field OpenAI does not
+define is refused as OpenAI refuses it: "Unrecognized request argument supplied: NAME".
+Extensions, as vLLM and llama.cpp's server spell them: `top_k`, `repetition_penalty`,
+`ignore_eos`, and `template` (the chat template).
+
+A body is read here, not by FastAPI: at most `limit` bytes (413 beyond), strict UTF-8 JSON
+without NaN/Infinity, with no lone surrogate ("\\ud800") and no number that overflows a double
+anywhere in it (400, naming where), then a pydantic model in strict mode (no "5" -> 5 or
+true -> 1 coercions). Every failure is an `APIError`, which the app turns into OpenAI's error
+object {"error": {"message", "type", "param", "code"}} with its status.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Literal, Optional, Union
+import math
+from typing import Any, Literal, Optional, Union
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator
+from starlette.requests import ClientDisconnect
 
 
 class APIError(Exception):
@@ -25,48 +36,139 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
 
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
-
-# ---- request schemas (OpenAI's fields; top_k, repetition_penalty, ignore_eos, template as extensions) ----
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: StrictStr
+Str = StrictStr
+TINY = 1e-6  # the least temperature or repetition penalty: beyond it, dividing logits overflows float32
+Int64 = Field(None, ge=0, le=2 ** 64 - 1)  # a seed: what the engine takes (sampling.LIMITS)
+
+
+def _only_null(why: str):
+    """For /openapi.json: a field this server refuses whenever it is set."""
+    def edit(schema: dict) -> None:
+        schema.clear()
+        schema.update({"type": "null", "description": f"Not supported by this server: {why}."})
+    return edit
+
+
+# ---- message content ---------------------------------------------------------------------------
+
+class ContentPart(_Strict):
+    """One part of a message's content. Only text (and an assistant's refusal) can be read by a
+    text-only model; image_url, input_audio and file parts are refused when rendered."""
+    type: Literal["text", "refusal", "image_url", "input_audio", "file"]
+    text: Optional[Str] = None
+    refusal: Optional[Str] = None
+    image_url: Optional[dict] = None
+    input_audio: Optional[dict] = None
+    file: Optional[dict] = None
+    prompt_cache_breakpoint: Optional[dict] = Field(None, json_schema_extra=_only_null("no prompt cache"))
+
+
+class FunctionCall(_Strict):
+    name: Str
+    arguments: Str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: Str
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant"]
-    content: Union[StrictStr, list[TextPart]]
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+    """A message of any role (developer is rendered as system). Which fields a role may carry is
+    checked when the dialog is rendered (server_chat.py), so errors name the exact field."""
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: Union[None, Str, list[ContentPart]] = None
+    name: Optional[Str] = Field(None, json_schema_extra=_only_null("the chat templates have no participant names"))
+    tool_calls: Optional[list[ToolCall]] = None
+    tool_call_id: Optional[Str] = None
+    refusal: Optional[Str] = None
+    audio: Optional[dict] = Field(None, json_schema_extra=_only_null("this server reads text only"))
+    function_call: Optional[dict] = Field(None, json_schema_extra=_only_null("deprecated by OpenAI: use tool_calls"))
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: Optional[StrictBool] = None
+    include_obfuscation: Optional[StrictBool] = None
 
+
+# ---- tools and structured output ---------------------------------------------------------------
+
+class FunctionDefinition(_Strict):
+    name: Str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: Optional[Str] = None
+    parameters: Optional[dict[str, Any]] = None  # a JSON Schema object
+    strict: Optional[StrictBool] = None
+
+
+class Tool(_Strict):
+    type: Literal["function", "custom"]
+    function: Optional[FunctionDefinition] = None
+    custom: Optional[dict] = None
+
+
+class NamedFunction(_Strict):
+    name: Str
+
+
+class ToolChoice(_Strict):
+    type: Literal["function", "custom", "allowed_tools"]
+    function: Optional[NamedFunction] = None
+    custom: Optional[dict] = None
+    allowed_tools: Optional[dict] = None
+
+
+class JSONSchemaFormat(_Strict):
+    name: Str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: Optional[Str] = None
+    schema_: Optional[dict[str, Any]] = Field(None, alias="schema")
+    strict: Optional[StrictBool] = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JSONSchemaFormat] = None
+
+
+# ---- the requests --------------------------------------------------------------------------------
 
 class GenerationRequest(_Strict):
-    model: Optional[StrictStr] = None
-    max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)  # OpenAI's range and default
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0, le=10)
-    n: int = Field(1, ge=1, le=1)  # one choice per request: send several requests instead
-    stop: Union[None, StrictStr, list[StrictStr]] = Field(None, max_length=16)
-    stream: bool = False
+    """Fields both endpoints share (OpenAI's ranges and defaults)."""
+    model: Optional[Str] = None
+    max_tokens: Optional[StrictInt] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0, le=2)  # None: OpenAI's default, 1
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    n: Optional[StrictInt] = Field(None, ge=1, le=128)
+    stop: Union[None, Str, list[Str]] = Field(None, max_length=16)
+    stream: Optional[StrictBool] = None
     stream_options: Optional[StreamOptions] = None
-    seed: Optional[int] = Field(None, ge=-(2 ** 63), le=2 ** 64 - 1)  # what torch.Generator takes
-    ignore_eos: bool = False
-    logprobs: Union[None, bool, int] = None
+    seed: Optional[StrictInt] = Int64
+    user: Optional[Str] = None
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    logit_bias: Optional[dict[str, StrictInt]] = None
+    # extensions (vLLM's and llama.cpp's names)
+    top_k: Optional[StrictInt] = Field(None, ge=0, le=2 ** 31 - 1)
+    repetition_penalty: Optional[float] = Field(None, ge=TINY, le=10)
+    ignore_eos: Optional[StrictBool] = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _not_subnormal(cls, t):
+        if t is not None and 0 < t < TINY:  # logits / 5e-324 is inf in float32, and the softmax is NaN
+            raise ValueError(f"temperature must be 0 (greedy) or at least {TINY}")
+        return t
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -76,14 +178,116 @@ class GenerationRequest(_Strict):
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: Union[StrictStr, list[StrictStr], list[int]]
-    echo: bool = False
+    prompt: Union[Str, list[Str], list[StrictInt], list[list[StrictInt]]]
+    best_of: Optional[StrictInt] = Field(None, ge=1, le=20)
+    echo: Optional[StrictBool] = None
+    logprobs: Optional[StrictInt] = Field(None, ge=0, le=5)
+    suffix: Optional[Str] = None
 
 
 class ChatRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
-    template: Optional[Literal["none", "alpaca", "llama-2", "llama-3"]] = None
+    max_completion_tokens: Optional[StrictInt] = Field(None, ge=1)
+    logprobs: Optional[StrictBool] = None
+    top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=20)
+    response_format: Optional[ResponseFormat] = None
+    tools: Optional[list[Tool]] = Field(None, max_length=128)
+    tool_choice: Union[None, Literal["none", "auto", "required"], ToolChoice] = None
+    parallel_tool_calls: Optional[StrictBool] = None
+    functions: Optional[list[dict]] = None
+    function_call: Union[None, Str, dict] = None
+    audio: Optional[dict] = None
+    modalities: Optional[list[Literal["text", "audio"]]] = None
+    metadata: Optional[dict[str, Str]] = None
+    moderation: Optional[dict] = None
+    prediction: Optional[dict] = None
+    prompt_cache_key: Optional[Str] = None
+    prompt_cache_options: Optional[dict] = None
+    prompt_cache_retention: Optional[Str] = None
+    reasoning_effort: Optional[Str] = None
+    safety_identifier: Optional[Str] = None
+    service_tier: Optional[Str] = None
+    store: Optional[StrictBool] = None
+    verbosity: Optional[Str] = None
+    web_search_options: Optional[dict] = None
+    template: Optional[Literal["none", "alpaca", "llama-2", "llama-3", "model"]] = None  # extension
+
+
+# What is not implemented, and the values that ask for nothing (which are honoured). A value
+# outside them is refused with 400 naming the field. `None` (absent) is always fine.
+_ENGINE = "needs the inference engine's support (planned)"
+UNSUPPORTED: dict[str, tuple[tuple, str]] = {
+    "presence_penalty": ((0, 0.0), _ENGINE),
+    "frequency_penalty": ((0, 0.0), _ENGINE),
+    "logit_bias": (({},), _ENGINE),
+    "logprobs": ((False,), _ENGINE),
+    "top_logprobs": ((0,), _ENGINE),
+    "best_of": ((1,), "needs per-choice log probabilities from the engine (planned)"),
+    "suffix": (("",), "insertion (fill-in-the-middle) is not supported by these models"),
+    "response_format": ((), "structured output needs constrained decoding in the engine (planned)"),
+    "functions": (([],), "deprecated by OpenAI: use tools"),
+    "function_call": (("none",), "deprecated by OpenAI: use tool_choice"),
+    "audio": ((), "this server generates text only"),
+    "modalities": ((["text"],), "this server generates text only"),
+    "metadata": (({},), "this server stores no completions (store: true is refused too)"),
+    "store": ((False,), "this server stores no completions"),
+    "moderation": ((), "this server runs no moderation model"),
+    "prediction": ((), "predicted outputs (speculative drafts from the request) are not supported"),
+    "prompt_cache_options": ((), "this server keeps no prompt cache"),
+    "prompt_cache_retention": ((), "this server keeps no prompt cache"),
+    "reasoning_effort": ((), "these models do not reason in hidden tokens"),
+    "verbosity": ((), "not a setting these models have"),
+    "web_search_options": ((), "this server has no web search"),
+    "service_tier": (("auto", "default"), "this server has one service tier"),
+}
+
+
+def _document_refusals():
+    """/openapi.json tells the truth about UNSUPPORTED: only the no-op values (or null) validate."""
+    def extra(noop, why):
+        def edit(schema: dict) -> None:
+            values = [{"type": "null"}] + [{"const": v} for v in noop]
+            schema.clear()
+            schema.update({"anyOf": values, "description": f"Not supported by this server: {why}."})
+        return edit
+    for model in (CompletionRequest, ChatRequest):
+        for name, (noop, why) in UNSUPPORTED.items():
+            if name in model.model_fields:
+                model.model_fields[name].json_schema_extra = extra(
+                    [{"type": "text"}] if name == "response_format" else noop, why)
+        model.model_rebuild(force=True)
+
+
+_document_refusals()
+
+
+def refuse_unsupported(req: BaseModel) -> None:
+    """400 naming the first field set to something this server does not do."""
+    for name, (noop, why) in UNSUPPORTED.items():
+        value = getattr(req, name, None)
+        if value is None:
+            continue
+        plain = value.model_dump(exclude_none=True) if isinstance(value, BaseModel) else value
+        if name == "response_format" and plain == {"type": "text"}:
+            continue
+        if any(_same(plain, n) for n in noop):
+            continue
+        raise APIError(400, f"{name}={_short(plain)} is not supported: {why}", param=name, code="unsupported_parameter")
+
+
+def _same(value, noop) -> bool:
+    # equal and of the same kind: completions' logprobs=0 (the sampled tokens' logprobs) is not
+    # chat's logprobs=false; 0 and 0.0 are the same penalty
+    if isinstance(value, bool) or isinstance(noop, bool):
+        return value is noop
+    if isinstance(value, (int, float)) and isinstance(noop, (int, float)):
+        return value == noop
+    return type(value) is type(noop) and value == noop
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # ---- reading a request -------------------------------------------------------------------------
@@ -102,10 +306,13 @@ async def read_json(request: Request, limit: int) -> dict:
         raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes",
                        code="request_too_large")
     body = bytearray()
-    async for part in request.stream():  # also bounds bodies sent without a Content-Length
-        body += part
-        if len(body) > limit:
-            raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+    try:
+        async for part in request.stream():  # also bounds bodies sent without a Content-Length
+            body += part
+            if len(body) > limit:
+                raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+    except ClientDisconnect:  # the client hung up (or the body read timed out) mid-body
+        raise APIError(400, "the request body was not received completely") from None
     if not body:
         raise APIError(400, "the request body is empty; expected a JSON object")
     try:
@@ -120,17 +327,53 @@ async def read_json(request: Request, limit: int) -> dict:
         raise APIError(400, f"invalid JSON in the request body: {why}") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    check_values(data)
     return data
+
+
+def check_values(data) -> None:
+    """400 for a string holding a lone surrogate (JSON's "\\ud800" escapes decode to one; no
+    tokenizer can encode it) or a number too large for a double (1e400 parses as inf), with the
+    path to it. Iterative: the JSON may be as deep as json.loads allows."""
+    stack = [((), data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            for k, v in value.items():
+                stack.append((path + (k,), k))  # keys are strings too
+                stack.append((path + (k,), v))
+        elif isinstance(value, list):
+            stack.extend((path + (i,), v) for i, v in enumerate(value))
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise APIError(400, f"{_dotted(path) or 'body'}: the string holds a lone surrogate "
+                                    f"(U+{ord(value[e.start]):04X}), which is not a character",
+                               param=_dotted(path) or None) from None
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise APIError(400, f"{_dotted(path)}: number out of range", param=_dotted(path) or None)
+
+
+def _dotted(path) -> str:  # (a key may itself hold a surrogate: shown escaped)
+    return ".".join(str(p) for p in path).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+_MODEL_NAMES = {"ContentPart", "FunctionCall", "ToolCall", "ChatMessage", "StreamOptions", "FunctionDefinition",
+                "Tool", "NamedFunction", "ToolChoice", "JSONSchemaFormat", "ResponseFormat"}
 
 
 def parse(schema: type[BaseModel], data: dict):
     try:
         return schema.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        # the field's path, without pydantic's union-member tags ("prompt.str" -> "prompt")
+        errors = e.errors()
+        err = max(errors, key=lambda x: len(x["loc"]))  # of a union's members, the one that got furthest
+        # the field's path, without pydantic's union-member tags ("prompt.str", "tool_choice.ToolChoice")
         loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and (
-            p in ("str", "int", "float", "bool") or "[" in p or "-" in p)))
+            p in ("str", "int", "float", "bool", "dict", "list") or p in _MODEL_NAMES or "[" in p)))
+        if err["type"] == "extra_forbidden":  # OpenAI's own words for a field it does not know
+            raise APIError(400, f"Unrecognized request argument supplied: {loc}", param=loc) from None
         raise APIError(400, f"{loc}: {err['msg']}" if loc else err["msg"], param=loc or None) from None
     except RecursionError:
         raise APIError(400, "the request is nested too deeply") from None

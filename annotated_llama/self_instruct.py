@@ -7,6 +7,9 @@ task a text model cannot do such as drawing or reading a file, English, not star
 punctuation) and not a near-duplicate of anything kept (ROUGE-L >= 0.7, Lin 2004, via the
 `rouge-score` package). The prompt's wording is ours; the rules are stanford_alpaca's.
 
+Small contexts: each prompt is fitted to the served model's context where the endpoint reports
+it (fewer example tasks, a shorter head, a smaller max_tokens; self_instruct_prompt.py).
+
 Robustness: requests go through the official `openai` client (so our `serve`, vLLM, llama.cpp's
 server or a hosted API all work), `batch` at a time in threads, each retried with exponential
 back-off on 429, 5xx and connection errors. Kept records are appended to a JSONL file; after each
@@ -29,42 +32,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .self_instruct_prompt import NO_INPUT, context_window, encode_prompt, fit_prompt, token_counter
+
 # stanford_alpaca's blacklist: tasks a language model cannot do from text alone.
 FORBIDDEN = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
              "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram")
 MIN_WORDS, MAX_WORDS = 4, 150  # stanford_alpaca drops instructions of <= 3 or > 150 words
 ROUGE_THRESHOLD = 0.7
-NO_INPUT = "<noinput>"
-
-PROMPT_HEAD = """You are asked to come up with a set of {total} diverse task instructions. These task instructions \
-will be given to a language model, and we will evaluate it on how well it completes them.
-
-Requirements:
-1. Do not repeat a verb across instructions; vary the wording.
-2. Vary the kind of task: open questions, classification, rewriting, counting, arithmetic, \
-short facts, list manipulation, continuing a text, and so on.
-3. Every task must be doable by a language model from text alone: nothing to see, hear, draw or \
-open, and no actions in the world.
-4. Instructions are in English, one or two sentences, imperative or questions.
-5. Where a task needs one, give an input of at most 100 words that is real content, not a \
-placeholder. Otherwise write "{no_input}" as the input.
-6. The output is a correct, complete answer of at most 100 words.
-
-List of {total} tasks:
-"""
-
-
-def format_task(i: int, task: dict) -> str:
-    return (f"###\n{i}. Instruction: {task['instruction']}\n{i}. Input:\n{task.get('input') or NO_INPUT}\n"
-            f"{i}. Output:\n{task['output']}\n")
-
-
-def encode_prompt(examples: list[dict], total: int) -> tuple[str, str]:
-    """(prompt, the text it ends with that the reply continues: the next task's header)."""
-    body = "".join(format_task(i + 1, t) for i, t in enumerate(examples))
-    lead = f"###\n{len(examples) + 1}. Instruction:"
-    return PROMPT_HEAD.format(total=total, no_input=NO_INPUT) + body + lead, lead
-
 
 # ---- parsing the numbered reply ---------------------------------------------------------------
 
@@ -205,19 +179,20 @@ def _client(cfg: Config):
                   max_retries=0, timeout=cfg.timeout)
 
 
-def request(client, cfg: Config, prompt: str, lead: str, stats: Counter) -> tuple[str, str]:
+def request(client, cfg: Config, prompt: str, lead: str, stats: Counter, max_tokens: int | None = None
+            ) -> tuple[str, str]:
     """(reply text including the task header the prompt ended with, finish_reason), with retries."""
     import openai
 
     for attempt in range(cfg.max_retries + 1):
         try:
             if cfg.api == "completions":
-                r = client.completions.create(model=cfg.model, prompt=prompt, max_tokens=cfg.max_tokens,
+                r = client.completions.create(model=cfg.model, prompt=prompt, max_tokens=max_tokens or cfg.max_tokens,
                                               temperature=cfg.temperature, top_p=cfg.top_p)
                 choice = r.choices[0]
                 return lead + (choice.text or ""), choice.finish_reason or "stop"
             r = client.chat.completions.create(model=cfg.model, messages=[{"role": "user", "content": prompt}],
-                                               max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+                                               max_tokens=max_tokens or cfg.max_tokens, temperature=cfg.temperature,
                                                top_p=cfg.top_p)
             choice = r.choices[0]
             text = choice.message.content or ""
@@ -298,19 +273,24 @@ def run(cfg: Config) -> dict:
     discarded = Counter(state["discarded"])
     n_examples = min(cfg.prompt_tasks, cfg.total_tasks - 1)
 
-    def prompt_for(i: int) -> tuple[str, str]:
+    n_ctx = context_window(client, cfg)
+    count = token_counter(cfg) if n_ctx else None
+
+    def prompt_for(i: int) -> tuple[str, str, int]:
         # request i's examples depend only on (seed, i) and what was kept before its round: resumable
         rng = random.Random(f"{cfg.seed}-{i}")
         n_gen = min(len(kept), n_examples // 3)  # mostly human-written seeds, some generated
         examples = rng.sample(seeds, min(len(seeds), n_examples - n_gen)) + rng.sample(kept, n_gen)
-        return encode_prompt(examples, cfg.total_tasks)
+        if n_ctx is None:
+            return (*encode_prompt(examples, cfg.total_tasks), cfg.max_tokens)
+        return fit_prompt(examples, cfg.total_tasks, n_ctx, cfg.max_tokens, count)
 
     with ThreadPoolExecutor(max_workers=cfg.batch) as pool:
         while state["kept"] < cfg.num and state["requests"] < max_requests:
             first = state["requests"]
             ids = range(first, min(first + cfg.batch, max_requests))
             prompts = [prompt_for(i) for i in ids]
-            replies = list(pool.map(lambda p: request(client, cfg, p[0], p[1], stats), prompts))
+            replies = list(pool.map(lambda p: request(client, cfg, p[0], p[1], stats, p[2]), prompts))
             new_lines = []
             for text, finish in replies:
                 tasks, bad = parse_reply(text, finish)

@@ -1,77 +1,141 @@
 """An OpenAI-compatible HTTP server (FastAPI + uvicorn) over one shared batching scheduler.
 
-Routes (the HTTP part of CONTRACT.md; shapes as OpenAI's, see REFERENCE section 2):
+Routes (shapes as in OpenAI's API reference; /tokenize and /detokenize as vLLM's):
     GET  /                       the chat page (annotated_llama/web/)
-    GET  /health, /metrics       liveness plus the scheduler's counters (JSON; Prometheus text)
+    GET  /health                 200 when serving; 503 while the model loads or after the scheduler failed
+    GET  /metrics                Prometheus text (server_metrics.py)
+    GET  /openapi.json           the request and response schemas (openai_schema.py, openai_responses.py)
     GET  /v1/models
-    POST /v1/completions         prompt -> text          (stream: server-sent events, then [DONE])
-    POST /v1/chat/completions    messages -> message     (through a chat template)
+    POST /v1/completions         prompt(s) -> text          (stream: server-sent events, then [DONE])
+    POST /v1/chat/completions    messages -> message        (a chat template; tools in Llama 3.1's format)
+    POST /tokenize, /detokenize  text or messages <-> token ids, exactly as the generation routes see them
 
-Request bodies are read and checked by openai_schema.py (413 over `max_body_bytes`, 400 for
-anything malformed); every failure becomes OpenAI's error object {"error": {"message", "type",
-"param", "code"}}, and the server keeps serving. Generation runs on the scheduler's thread; a handler only waits for its job's events, and a
-client that goes away cancels its job (its cache row is freed before the next decode step).
+Request bodies are read and checked by openai_schema.py (413 over `max_body_bytes`, 400 for anything
+malformed or not supported, naming the field); prompts are built by server_prompts.py; generation
+runs on the scheduler's thread and server_jobs.py turns its events into responses. Every failure
+is OpenAI's error object {"error": {"message", "type", "param", "code"}}, answered on a connection
+that stays open, and the server keeps serving.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
 import logging
 import secrets
+import threading
 import time
-import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .chat_format import TEMPLATE_STOPS, TEMPLATES, encode_dialog, encode_prompt
-from .openai_schema import APIError, ChatRequest, CompletionRequest, GenerationRequest, parse, read_json
-from .scheduler import Event, QueueFull, SamplingParams, Scheduler
+from .chat_format import TEMPLATES, default_template
+from .openai_responses import DetokenizeRequest, TokenizeRequest
+from .openai_schema import APIError, ChatRequest, CompletionRequest, parse, read_json, refuse_unsupported
+from .scheduler import SamplingParams, Scheduler
+from .server_http import HostOriginGuard
+from .server_jobs import JobSpec, Run, collect, new_shape, stream
+from .server_metrics import CONTENT_TYPE, Metrics
+from .server_openapi import install_openapi
+from .server_prompts import chat_prompt, completion_prompts
 
 log = logging.getLogger("annotated_llama.server")
 WEB_DIR = Path(__file__).parent / "web"
+ROUTES = ("/", "/health", "/metrics", "/openapi.json", "/v1/models", "/v1/completions", "/v1/chat/completions",
+          "/tokenize", "/detokenize")
 
 
-# ---- the app -----------------------------------------------------------------------------------
+class Backend:
+    """What the routes need once a model is there; `error` once loading or the scheduler failed."""
 
-def create_app(engine_or_model, tokenizer=None, *, model_name: str = "annotated-llama", template: Optional[str] = None,
-               api_key: Optional[str] = None, max_body_bytes: int = 1 << 20, max_batch_size: int = 8,
-               max_queue: int = 64, kv_budget: Optional[int] = None, step_delay: float = 0.0) -> FastAPI:
+    def __init__(self):
+        self.scheduler: Optional[Scheduler] = None
+        self.template = self.tokenizer = self.n_ctx = None
+        self.load_error: Optional[str] = None
+
+    def attach(self, engine_or_model, tokenizer, template, **scheduler_kw):
+        if isinstance(engine_or_model, Scheduler):
+            scheduler = engine_or_model
+        else:
+            model = getattr(engine_or_model, "model", engine_or_model)
+            tokenizer = tokenizer or getattr(engine_or_model, "tokenizer", None)
+            if tokenizer is None:
+                raise ValueError("create_app needs a tokenizer to serve a bare model")
+            scheduler = Scheduler(model, tokenizer, **scheduler_kw)
+        tok = scheduler.tokenizer
+        template = template or default_template(tok)
+        if template not in TEMPLATES:
+            raise ValueError(f"--template: unknown chat template {template!r}; choose one of {', '.join(TEMPLATES)}")
+        self.template, self.tokenizer, self.n_ctx = template, tok, scheduler.max_seq_len
+        self.scheduler = scheduler  # last: a request that sees it sees the rest
+
+    def ready(self) -> Scheduler:
+        if self.scheduler is None:
+            if self.load_error:
+                raise APIError(503, f"the model failed to load: {self.load_error}", "unavailable_error",
+                               code="model_load_failed")
+            raise APIError(503, "the model is still loading; retry shortly", "unavailable_error",
+                           code="model_loading", headers={"Retry-After": "2"})
+        return self.scheduler.start()
+
+
+def create_app(engine_or_model=None, tokenizer=None, *, loader: Optional[Callable] = None,
+               model_name: str = "annotated-llama", template: Optional[str] = None, api_key: Optional[str] = None,
+               max_body_bytes: int = 1 << 20, max_batch_size: int = 8, max_queue: int = 64,
+               kv_budget: Optional[int] = None, step_delay: float = 0.0, allowed_hosts: Optional[Iterable[str]] = None,
+               allowed_origins: Iterable[str] = (), on_load_error: Optional[Callable[[str], None]] = None) -> FastAPI:
     """The FastAPI app. `engine_or_model`: a `Scheduler`, a `Transformer` (with `tokenizer`), or a
-    `Llama` (its model and tokenizer). `template`: the chat template when a request names none
-    (default: llama-3 for a tiktoken vocabulary, else llama-2). With `api_key`, /v1/* needs
-    `Authorization: Bearer <api_key>`. `app.state.scheduler` is the shared scheduler."""
-    if isinstance(engine_or_model, Scheduler):
-        scheduler = engine_or_model
-    else:
-        model = getattr(engine_or_model, "model", engine_or_model)
-        tokenizer = tokenizer or getattr(engine_or_model, "tokenizer", None)
-        if tokenizer is None:
-            raise ValueError("create_app needs a tokenizer to serve a bare model")
-        scheduler = Scheduler(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
-                              kv_budget=kv_budget, step_delay=step_delay)
-    tok = scheduler.tokenizer
-    if template is None:
-        template = "llama-3" if getattr(tok, "kind", "") == "tiktoken" else "llama-2"
-    if template not in TEMPLATES:
-        raise ValueError(f"--template: unknown chat template {template!r}; choose one of {', '.join(TEMPLATES)}")
-    n_ctx, created = scheduler.max_seq_len, int(time.time())
+    `Llama`; or instead `loader`, a function returning one of those (or a (model, tokenizer)
+    pair), run on a thread at startup while the app already answers (/health: 503 "loading").
+    `template`: the chat template when a request names none (default: the model's own if its
+    tokenizer carries one, else llama-3 for a Llama 3 vocabulary, else llama-2). With `api_key`, /v1/* and /tokenize, /detokenize need
+    `Authorization: Bearer <api_key>`. `allowed_hosts`: None serves any Host header; an iterable
+    (`serve` passes --allow-host) serves IP addresses, localhost names and those. Requests from a
+    browser page of another origin are refused unless it is in `allowed_origins` (then CORS
+    headers are sent for it). `app.state.scheduler` is the shared scheduler once it exists."""
+    scheduler_kw = dict(max_batch_size=max_batch_size, max_queue=max_queue, kv_budget=kv_budget, step_delay=step_delay)
+    backend = Backend()
+    if loader is None:
+        backend.attach(engine_or_model, tokenizer, template, **scheduler_kw)
+    metrics = Metrics(lambda: backend.scheduler.stats() if backend.scheduler is not None else None)
+    created = int(time.time())
+
+    def load():
+        try:
+            loaded = loader()
+            pair = loaded if isinstance(loaded, tuple) else (loaded, None)
+            backend.attach(*pair, template, **scheduler_kw)
+            backend.scheduler.start()
+            app.state.scheduler = backend.scheduler
+            log.info("model loaded: %s", model_name)
+        except Exception as e:  # one line for /health and the log; `serve` stops on it
+            backend.load_error = f"{type(e).__name__}: {e}" if not isinstance(e, (ValueError, OSError)) else str(e)
+            log.error("loading the model failed: %s", backend.load_error)
+            if on_load_error is not None:
+                on_load_error(backend.load_error)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        scheduler.start()
+        if loader is not None:
+            threading.Thread(target=load, name="annotated-llama-loader", daemon=True).start()
+        else:
+            backend.scheduler.start()
         yield
-        scheduler.stop()
+        if backend.scheduler is not None:
+            backend.scheduler.stop()
 
-    app = FastAPI(title="annotated-llama", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.state.scheduler = scheduler
-    app.add_middleware(RequestLog)
+    app = FastAPI(title="annotated-llama", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.scheduler, app.state.backend, app.state.metrics = backend.scheduler, backend, metrics
+    app.add_middleware(RequestLog, metrics=metrics)
+    origins = list(allowed_origins)
+    if origins:
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(HostOriginGuard, allowed_hosts=allowed_hosts, allowed_origins=origins)
     app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
 
     @app.exception_handler(APIError)
@@ -84,19 +148,18 @@ def create_app(engine_or_model, tokenizer=None, *, model_name: str = "annotated-
         return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind,
                         headers=getattr(exc, "headers", None)).response()
 
-    @app.exception_handler(Exception)
-    async def _server_error(request, exc):
-        log.exception("internal error on %s %s", request.method, request.url.path)
-        return APIError(500, f"internal error: {type(exc).__name__}", "server_error").response()
-
     def check_auth(request: Request):
         if api_key is None:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), api_key.encode()):
             raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                            "authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    def check_model(name: Optional[str]):
+        if name is not None and name != model_name:  # vLLM's answer; OpenAI's is the same 404
+            raise APIError(404, f"The model `{name}` does not exist; this server serves `{model_name}` "
+                                "(see /v1/models)", "not_found_error", param="model", code="model_not_found")
 
     @app.get("/", include_in_schema=False)
     async def index():
@@ -104,193 +167,193 @@ def create_app(engine_or_model, tokenizer=None, *, model_name: str = "annotated-
 
     @app.get("/health")
     async def health():
-        stats = scheduler.stats()
+        if backend.scheduler is None:
+            status = "error" if backend.load_error else "loading"
+            return JSONResponse({"status": status, "model": model_name, "error": backend.load_error},
+                                status_code=503)
+        stats = backend.scheduler.stats()
         ok = stats["error"] is None
-        return JSONResponse({"status": "ok" if ok else "error", "model": model_name, "n_ctx": n_ctx,
-                             "template": template, "scheduler": stats}, status_code=200 if ok else 503)
+        return JSONResponse({"status": "ok" if ok else "error", "model": model_name, "n_ctx": backend.n_ctx,
+                             "template": backend.template, "error": stats["error"], "scheduler": stats},
+                            status_code=200 if ok else 503)
 
-    @app.get("/metrics")
-    async def metrics():
-        lines = [f"annotated_llama_{k} {float(v)}" for k, v in scheduler.stats().items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        return PlainTextResponse("\n".join(lines) + "\n")
+    @app.get("/metrics", response_class=Response)
+    async def metrics_text():
+        return Response(metrics.text(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models(request: Request):
         check_auth(request)
+        backend.ready()
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "annotated-llama", "max_model_len": n_ctx}]}
+                                            "owned_by": "annotated-llama", "max_model_len": backend.n_ctx}]}
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        check_auth(request)
-        req = parse(CompletionRequest, await read_json(request, max_body_bytes))
-        if req.echo or req.logprobs:
-            raise APIError(400, "echo and logprobs are not supported", param="echo" if req.echo else "logprobs")
-        if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], int):
-            if any(not 0 <= t < tok.n_words for t in req.prompt):
-                raise APIError(400, f"prompt token ids must be in [0, {tok.n_words})", param="prompt")
-            ids = list(req.prompt)
-        else:
-            texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-            if len(texts) != 1:
-                raise APIError(400, "prompt must be one string (batches: send one request per prompt)", param="prompt")
-            ids = encode_prompt(tok, texts[0], "none")
-        if not ids:
-            raise APIError(400, "prompt is empty", param="prompt")
-        return await run_job(request, req, ids, req.max_tokens or 16, chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        check_auth(request)
-        req = parse(ChatRequest, await read_json(request, max_body_bytes))
-        if req.logprobs:
-            raise APIError(400, "logprobs are not supported", param="logprobs")
-        dialog = [{"role": m.role, "content": m.text()} for m in req.messages]
-        chosen = req.template or template
+    def sampling(req, max_tokens: int, stops=()) -> SamplingParams:
         try:
-            if chosen == "none":  # no template: the messages' text, one after another
-                ids = encode_prompt(tok, "\n".join(m["content"] for m in dialog), "none")
-            else:
-                ids = encode_dialog(tok, dialog, chosen)
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from None
-        limit = req.max_completion_tokens or req.max_tokens
-        # a chat answer also ends where the model starts a new turn by itself ("[INST]", "### Instruction:")
-        return await run_job(request, req, ids, limit or max(n_ctx - len(ids), 1), chat=True,
-                             stops=TEMPLATE_STOPS[chosen])
+            return _sampling(req, max_tokens, stops)
+        except ValueError as e:  # the engine's own range check (sampling.LIMITS): a 400, never a 500
+            raise APIError(400, str(e), param=str(e).split()[0]) from None
 
-    async def run_job(request: Request, req: GenerationRequest, ids: list[int], max_tokens: int, chat: bool, stops=()):
+    def _sampling(req, max_tokens: int, stops=()) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+                              top_p=1.0 if req.top_p is None else req.top_p,
+                              top_k=min(req.top_k, backend.tokenizer.n_words) if req.top_k else 0,
+                              repetition_penalty=req.repetition_penalty or 1.0, seed=req.seed,
+                              stop=tuple(req.stops()) + tuple(stops), ignore_eos=bool(req.ignore_eos))
+
+    def fits(ids: list[int], max_tokens: int, chat: bool):
+        n_ctx = backend.n_ctx
         if len(ids) + max_tokens > n_ctx:
             raise APIError(400, f"This model's maximum context length is {n_ctx} tokens. However, you requested "
                                 f"{len(ids) + max_tokens} tokens ({len(ids)} in the "
                                 f"{'messages' if chat else 'prompt'}, {max_tokens} in the completion). "
                                 "Please reduce the length of the messages or completion.",
                            param="messages" if chat else "prompt", code="context_length_exceeded")
-        params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                top_k=req.top_k, repetition_penalty=req.repetition_penalty, seed=req.seed,
-                                stop=req.stops() + list(stops), ignore_eos=req.ignore_eos)
-        loop, events, leading = asyncio.get_running_loop(), asyncio.Queue(), [chat]
 
-        def emit(ev: Event):  # on the scheduler's thread: hand the event to this request's loop
-            if leading[0] and ev.text:  # a chat answer starts at its first non-space (Meta strips it)
-                ev.text = ev.text.lstrip()
-                leading[0] = not ev.text
-            with contextlib.suppress(RuntimeError):  # the loop is closed: the server is shutting down
-                loop.call_soon_threadsafe(events.put_nowait, ev)
-        try:
-            job = scheduler.start().submit(ids, params, emit)
-        except QueueFull as e:
-            raise APIError(503, f"server busy: {e}; retry later", "unavailable_error", code="queue_full",
-                           headers={"Retry-After": "1"}) from None
-        except RuntimeError as e:
-            raise APIError(503, str(e), "unavailable_error") from None
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        shape = dict(id=rid, created=int(time.time()), model=model_name)
-        request.state.usage = (len(ids), 0)
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream_events(request, job, events, shape, chat, include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        pieces, final, checked, getter = [], None, time.monotonic(), None
-        try:
-            while final is None:
-                getter = getter or asyncio.ensure_future(events.get())  # kept across waits: no event lost
-                done, _ = await asyncio.wait({getter}, timeout=0.5)
-                if done:
-                    ev: Event = getter.result()
-                    getter = None
-                    pieces.append(ev.text)
-                    final = ev if ev.finish_reason is not None else None
-                if final is None and time.monotonic() - checked > 0.5:  # is the client still there?
-                    checked = time.monotonic()
-                    if await request.is_disconnected():
-                        return JSONResponse({}, status_code=499)
-        finally:
-            if getter is not None:
-                getter.cancel()
-            if final is None:  # cancelled (client gone, server stopping): free the row
-                scheduler.cancel(job)
-        if final.finish_reason not in ("stop", "length"):
-            raise APIError(500, f"generation failed: {final.error or final.finish_reason}", "server_error")
-        text = "".join(pieces)
-        request.state.usage = (final.prompt_tokens, final.completion_tokens)
-        choice = {"index": 0, "logprobs": None, "finish_reason": final.finish_reason}
-        choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
-        return {**shape, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
-                "usage": usage(final)}
+    def common(request: Request, req):
+        refuse_unsupported(req)
+        check_model(req.model)
+        if req.stream_options is not None and not req.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+        for field in ("user", "safety_identifier", "prompt_cache_key"):
+            if getattr(req, field, None) is not None:  # accepted as OpenAI does: identifiers, logged
+                request.state.ids = {**getattr(request.state, "ids", {}), field: getattr(req, field)}
+        opts = req.stream_options
+        return dict(include_usage=bool(opts and opts.include_usage), obfuscate=bool(opts and opts.include_obfuscation))
 
-    async def stream_events(request, job, events, shape, chat, include_usage):
-        obj = "chat.completion.chunk" if chat else "text_completion"
+    def seeds(seed: Optional[int], n: int) -> list[Optional[int]]:
+        # choice j of a seeded request draws from seed + j (wrapped into the 64 bits a torch.Generator takes)
+        return [None if seed is None else (seed + j) % 2 ** 64 for j in range(n)]
 
-        def chunk(text, finish=None, delta=None, **extra):
-            body = {"delta": delta or ({"content": text} if text or not finish else {})} if chat else {"text": text}
-            choice = {"index": 0, **body, "logprobs": None, "finish_reason": finish}
-            return "data: " + json.dumps({**shape, "object": obj, "choices": [choice], **extra}) + "\n\n"
-        done = False
-        try:
-            if chat:  # OpenAI's first chunk announces the role
-                yield chunk("", delta={"role": "assistant", "content": ""})
-            while True:
-                ev: Event = await events.get()
-                if ev.finish_reason is None:
-                    if ev.text:  # (a chat answer's leading spaces become empty pieces)
-                        yield chunk(ev.text)
-                    continue
-                done = True
-                request.state.usage = (ev.prompt_tokens, ev.completion_tokens)
-                if ev.finish_reason not in ("stop", "length"):
-                    err = APIError(500, f"generation failed: {ev.error or ev.finish_reason}", "server_error")
-                    yield "data: " + json.dumps({"error": {"message": err.message, "type": err.type,
-                                                           "param": None, "code": None}}) + "\n\n"
-                    break
-                if ev.text:
-                    yield chunk(ev.text)
-                yield chunk("", ev.finish_reason, usage=usage(ev))
-                if include_usage:
-                    yield "data: " + json.dumps({**shape, "object": obj, "choices": [], "usage": usage(ev)}) + "\n\n"
-                break
-            yield "data: [DONE]\n\n"
-        finally:  # the client went away (the task is cancelled) or the stream ended
-            if not done:
-                scheduler.cancel(job)
+    async def respond(request, req, specs, shape):
+        run = Run(backend.scheduler, specs, shape.chat, metrics)
+        request.state.usage = (sum(len(s.ids) for s in specs), 0)
+        return stream(request, run, shape) if req.stream else await collect(request, run, shape)
 
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        check_auth(request)
+        req = parse(CompletionRequest, await read_json(request, max_body_bytes))
+        shape_kw = common(request, req)
+        backend.ready()
+        prompts = completion_prompts(backend.tokenizer, req.prompt)
+        n, max_tokens = req.n or 1, req.max_tokens or 16
+        if req.best_of is not None and req.best_of != n:
+            raise APIError(400, f"best_of={req.best_of} (> n) needs per-choice log probabilities from the engine "
+                                "(planned)", param="best_of", code="unsupported_parameter")
+        texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        specs = []
+        for i, ids in enumerate(prompts):
+            fits(ids, max_tokens, chat=False)
+            echo = "" if not req.echo else texts[i] if isinstance(texts[i], str) else backend.tokenizer.decode(ids)
+            for j, seed in enumerate(seeds(req.seed, n)):
+                params = sampling(req, max_tokens)
+                params.seed = seed
+                specs.append(JobSpec(ids, params, i * n + j, echo))
+        return await respond(request, req, specs, new_shape(False, model_name, **shape_kw))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        check_auth(request)
+        req = parse(ChatRequest, await read_json(request, max_body_bytes))
+        shape_kw = common(request, req)
+        backend.ready()
+        prompt = chat_prompt(backend.tokenizer, req, req.template or backend.template)
+        if req.max_tokens is not None and req.max_completion_tokens is not None \
+                and req.max_tokens != req.max_completion_tokens:
+            raise APIError(400, "max_tokens and max_completion_tokens differ; set one", param="max_tokens")
+        limit = req.max_completion_tokens or req.max_tokens
+        room = min(backend.n_ctx, backend.scheduler.kv_budget) - len(prompt.ids)  # OpenAI: the rest of the context
+        max_tokens = limit or max(room, 1)
+        fits(prompt.ids, max_tokens, chat=True)
+        specs = []
+        for j, seed in enumerate(seeds(req.seed, req.n or 1)):
+            # a chat answer also ends where the model starts a new turn by itself ("[INST]", "### Instruction:")
+            params = sampling(req, max_tokens, prompt.stops)
+            params.seed = seed
+            specs.append(JobSpec(prompt.ids, params, j))
+        shape = new_shape(True, model_name, tool_names=prompt.tool_names,
+                          parallel_tool_calls=prompt.parallel_tool_calls, **shape_kw)
+        return await respond(request, req, specs, shape)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        check_auth(request)
+        req = parse(TokenizeRequest, await read_json(request, max_body_bytes))
+        check_model(req.model)
+        backend.ready()
+        tok = backend.tokenizer
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "send either prompt or messages", param="prompt")
+        if req.prompt is not None:
+            ids = tok.encode(req.prompt, bos=req.add_special_tokens is not False, eos=False)
+        else:
+            for name, wanted in (("add_generation_prompt", True), ("add_special_tokens", False)):
+                if getattr(req, name) not in (None, wanted):  # the templates always work this way
+                    raise APIError(400, f"{name}={not wanted} is not supported with messages: the chat template "
+                                        f"adds {'the generation prompt' if wanted else 'its special tokens'} itself",
+                                   param=name)
+            chat = parse(ChatRequest, {"messages": [m.model_dump(exclude_none=True) for m in req.messages],
+                                       **({"tools": req.tools} if req.tools else {})})
+            ids = chat_prompt(tok, chat, req.template or backend.template).ids
+        strs = [tok.id_to_piece(i) for i in ids] if req.return_token_strs else None
+        return {"count": len(ids), "max_model_len": backend.n_ctx, "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        check_auth(request)
+        req = parse(DetokenizeRequest, await read_json(request, max_body_bytes))
+        check_model(req.model)
+        backend.ready()
+        bad = next((t for t in req.tokens if not 0 <= t < backend.tokenizer.n_words), None)
+        if bad is not None:
+            raise APIError(400, f"tokens: id {bad} is not in [0, {backend.tokenizer.n_words})", param="tokens")
+        return {"prompt": backend.tokenizer.decode(req.tokens)}
+
+    install_openapi(app)
     return app
 
 
-def usage(ev: Event) -> dict:
-    return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
-            "total_tokens": ev.prompt_tokens + ev.completion_tokens}
-
-
 class RequestLog:
-    """ASGI middleware: one log line per request, when its response ends (streams included):
-    method, path, status, prompt and completion tokens, seconds."""
+    """ASGI middleware: one log line per request when its response ends (streams included):
+    method, path, status, prompt and completion tokens, seconds, and the client's identifiers
+    (`user` ...); the request counted in /metrics by route and status. An exception that escapes
+    a handler becomes a 500 error object here, before the response starts, so the connection
+    stays open for the client's next request."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0, status, logged = time.perf_counter(), [0], [False]
         scope.setdefault("state", {})
+        path = scope["path"]
+        route = path if path in ROUTES else "/web" if path.startswith("/web/") else "other"
 
         def line(note=""):
             if not logged[0]:
                 logged[0] = True
                 p, c = scope["state"].get("usage", (0, 0))
-                log.info("%s %s %d prompt_tokens=%d completion_tokens=%d %.3fs%s", scope["method"], scope["path"],
-                         status[0], p, c, time.perf_counter() - t0, note)
+                ids = "".join(f" {k}={v!r}" for k, v in scope["state"].get("ids", {}).items())
+                log.info("%s %s %d prompt_tokens=%d completion_tokens=%d %.3fs%s%s", scope["method"], path,
+                         status[0], p, c, time.perf_counter() - t0, ids, note)
+                self.metrics.requests.labels(route, str(status[0])).inc()
 
         async def logged_send(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-            await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
-                line()
+                line()  # before the last bytes go out: a client that has its answer finds it logged
+            await send(message)
         try:
             await self.app(scope, receive, logged_send)
+        except Exception as e:
+            log.exception("internal error on %s %s", scope["method"], path)
+            if status[0]:  # the response had started (a stream): it cannot be turned into an error now
+                raise
+            await APIError(500, f"internal error: {type(e).__name__}", "server_error").response()(
+                scope, receive, logged_send)
         finally:
             line(" (response not completed)")
-

@@ -1,9 +1,10 @@
 """The chat page in a real headless Chromium (Debian's `chromium`, driven by Playwright; no browser
 is downloaded), against a uvicorn server on 127.0.0.1 with a tiny random model: type, Enter,
 streamed text appears and ends equal to the API's answer for the same seed; Stop ends a long
-answer and frees the server's slot; an over-long message shows the server's error; labelled
-controls; no horizontal scrolling on a narrow window. (The documentation's screenshot, with the trained
-default model, is made by docs/figures/make_chat_page.py; this test's random model must not replace it.)
+answer and frees the server's slot; a conversation longer than the context leaves out its oldest
+turns and says so; an over-long message shows the server's error; labelled controls; no horizontal
+scrolling on a narrow window. (The documentation's screenshot, with the trained default model, is
+made by docs/figures/make_chat_page.py; this test's random model must not replace it.)
 If the browser cannot start, the test fails and says why."""
 
 from __future__ import annotations
@@ -132,6 +133,20 @@ def test_chat_page_in_chromium(server, browser, tmp_path):
     page.keyboard.press("Escape")
     page.wait_for_function("document.body.dataset.state === 'idle'", timeout=10_000)
     assert page.locator(".msg.assistant").last.get_attribute("data-finish") == "stopped"
+
+    # 3c. a conversation that outgrows the context: the oldest turns are left out, and the page says so
+    assert page.locator(".msg.dropped").count() == 0
+    settings(page, max_tokens="100", seed="10")
+    page.fill("#system", "You are a patient storyteller.")
+    page.fill("#prompt", "Continue the story of the lighthouse keeper and the storm at sea " * 4)
+    page.press("#prompt", "Enter")
+    page.wait_for_function("document.body.dataset.state === 'idle'", timeout=60_000)
+    assert page.is_hidden("#error"), page.text_content("#error")
+    assert "Left out the 2 oldest messages" in page.text_content("#status")
+    assert page.locator(".msg.dropped").count() == 2 and page.locator(".msg.user").first.get_attribute(
+        "class").endswith("dropped")
+    assert page.locator(".msg.assistant").last.get_attribute("data-finish") in ("stop", "length")
+    page.fill("#system", "")
 
     # 4. an over-long message: the server's context error appears as readable text
     page.fill("#prompt", "word " * 400)

@@ -1,4 +1,4 @@
-"""The model, generation, fast path, quantization, LoRA and training on the device named by
+"""The model, generation, the engine's backends, quantization, LoRA and training on the device named by
 ANNOTATED_LLAMA_TEST_DEVICE (default cpu, so CI runs every test; `cuda` on a GPU machine, as
 bench/gpu_check.sh does), each checked against a CPU float32 reference computed in the test.
 
@@ -21,12 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from annotated_llama import ModelArgs, Transformer
-from annotated_llama.fast import FastDecoder
 from annotated_llama.quantize import Int4Linear, Int8Linear, quantize_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # Read at collection time too: compiled-step tests exist only where they exercise CUDA graphs
-# (on a CPU, inductor's C++ build takes tens of seconds per model: tests/test_fast.py has one).
+# (on a CPU, inductor's C++ build takes tens of seconds per model).
 ON_CUDA = os.environ.get("ANNOTATED_LLAMA_TEST_DEVICE", "cpu").startswith("cuda")
 
 F32_ABS = 1e-4
@@ -69,7 +68,7 @@ def _worst_deficit(model: Transformer, prompt, out) -> float:
     """How far below the best logit the path's own choices fall, under the CPU float32 model given
     the path's own prefix: max over steps of (max logit - logit of the chosen token) / logit range.
     0 for exact greedy; a rounding-flipped near tie scores below its tie's width. This holds at
-    every step (tests/test_fast.py checks only the first step where two paths part), so a broken
+    every step (not only at the first step where two paths part), so a broken
     path scores high wherever it picks a token the reference does not nearly prefer."""
     if not out:
         return 0.0
@@ -86,7 +85,7 @@ def bible():
     704-wide w2 falls back to int8 there, as quantize_model does on any device)."""
     from annotated_llama.default_model import default_model_dir
     from annotated_llama.weights import load_model
-    model, tok = load_model(default_model_dir())
+    model, tok = load_model(default_model_dir(), dtype=torch.float32)  # the reference: float32 on the CPU
     prompts = ["In the beginning God created", "And Jesus said unto them,", "The LORD is my shepherd",
                "Blessed are the"]
     return model.eval(), tok, [tok.encode(p, bos=True, eos=False) for p in prompts]
@@ -150,20 +149,24 @@ def test_prefill_then_decode_equals_full_forward(device, name):
     assert (incremental.cpu() - ref).abs().max() < F32_ABS
 
 
-def test_left_padded_ragged_batch(device):
+def test_ragged_rows_on_the_paged_cache(device):
+    from annotated_llama.kv_cache import KVCache
     model = _random_model("tiny-gqa", seed=3)
-    a, b = torch.randint(0, 512, (1, 12)), torch.randint(0, 512, (1, 5))
-    batch = torch.cat([a, torch.cat([torch.zeros(1, 7, dtype=torch.long), b], 1)])  # b left-padded by 7
+    a, b = torch.randint(0, 512, (12,)), torch.randint(0, 512, (5,))
+    tokens = torch.zeros(2, 12, dtype=torch.long)
+    tokens[0], tokens[1, :5] = a, b  # b right-padded: its padding writes the scratch block
     with torch.no_grad():
-        alone_a = model(torch.cat([a, torch.tensor([[3]])], 1), cache=False)  # CPU references
-        alone_b = model(torch.cat([b, torch.tensor([[4]])], 1), cache=False)
+        alone_a = model(torch.cat([a, torch.tensor([3])])[None], cache=False)  # CPU references
+        alone_b = model(torch.cat([b, torch.tensor([4])])[None], cache=False)
         dev = _on(model, device)
-        pad_left = torch.tensor([0, 7], device=device)
-        out = dev(batch.to(device), 0, pad_left=pad_left).cpu()
-        nxt = dev(torch.tensor([[3], [4]], device=device), 12, pad_left=pad_left).cpu()
+        cache = KVCache.for_model(dev, max_tokens=64, block_size=4)
+        out = dev.step(tokens.to(device), torch.arange(12, device=device).expand(2, 12),
+                       cache.plan(["a", "b"], [0, 0], [12, 5], 12)).cpu()
+        nxt = dev.step(torch.tensor([[3], [4]], device=device), torch.tensor([[12], [5]], device=device),
+                       cache.plan(["a", "b"], [12, 5], [1, 1], 1)).cpu()
     assert torch.isfinite(out).all()
     assert (out[0] - alone_a[0, :12]).abs().max() < F32_ABS
-    assert (out[1, 7:] - alone_b[0, :5]).abs().max() < F32_ABS
+    assert (out[1, :5] - alone_b[0, :5]).abs().max() < F32_ABS
     assert (nxt[0, 0] - alone_a[0, 12]).abs().max() < F32_ABS
     assert (nxt[1, 0] - alone_b[0, 5]).abs().max() < F32_ABS
 
@@ -190,19 +193,31 @@ def test_llama_greedy_text_completion_equals_cpu(device, bible):
     assert sum(a == b for a, b in zip(got, ref)) >= 3  # float32 near ties are rare: rows agree exactly
 
 
-# ---- the fast path (annotated_llama.fast) ---------------------------------------------------
+# ---- the engine's backends at each precision ---------------------------------------------------
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-gqa", "tiny-llama3"])
-def test_fast_float32_greedy_on_random_models(device, name):
+def test_engine_float32_greedy_on_random_models(device, name):
+    from annotated_llama.engine import Engine
+    from annotated_llama.sampling import SamplingParams
     model = _random_model(name, seed=4)
-    fd = FastDecoder(_on(model, device), "float32")
+    engine = Engine(_on(model, device), _Vocab(model.params.vocab_size), runner=None)
     prompts = [[1, 5, 9, 33, 2], [7, 8], [100] * 9]
-    alone = [fd.generate([p], 20)[0] for p in prompts]
-    batched = fd.generate(prompts, 20)  # ragged: left-padded
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    alone = [engine.run([p], params)[0].output for p in prompts]
+    batched = [s.output for s in engine.run(prompts, params)]  # ragged, continuous
     for p, a, b in zip(prompts, alone, batched):
         assert len(a) == len(b) == 20
         assert _worst_deficit(model, p, a) < F32_TIE, ("alone", p)
         assert _worst_deficit(model, p, b) < F32_TIE, ("batched", p)
+
+
+class _Vocab:
+    # what the engine reads of a tokenizer, for random-weight models with no vocabulary of their own
+    def __init__(self, n):
+        self.n_words, self.stop_ids = n, set()
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
 
 
 # Per-step deficits measured on a CPU (default model, 4 prompts x 32 tokens): bfloat16 0.003,
@@ -210,26 +225,31 @@ def test_fast_float32_greedy_on_random_models(device, name):
 TIE = {"float32": F32_TIE, "bfloat16": 0.02, "int8": 0.02, "int4": 0.08}
 
 
-def _check_fast_greedy(bible, device, mode, compile):
-    model, _, prompts = bible
-    fd = FastDecoder(_on(model, device), mode, compile=compile)
-    alone = [fd.generate([p], 24)[0] for p in prompts]
+def _check_greedy(bible, device, mode, backend):
+    import copy
+
+    from annotated_llama.generation import Llama
+    from annotated_llama.quantize import quantize_model
+    model, tok, prompts = bible
+    dev = copy.deepcopy(_on(model, device))
+    if mode == "bfloat16":
+        dev = dev.to(torch.bfloat16)
+    elif mode in ("int8", "int4"):
+        quantize_model(dev, mode)
+    llama = Llama(dev, tok, backend=backend)
+    alone = [llama.generate([p], 24, temperature=0, ignore_eos=True)[0][0] for p in prompts]
     for p, out in zip(prompts, alone):
         assert len(out) == 24
-        assert _worst_deficit(model, p, out) < TIE[mode], (mode, compile, p, out)
-    if not compile:  # (compiled: batch 1 only, one compile; the batch logic is the eager path's)
-        for p, out in zip(prompts, fd.generate(prompts, 24)):  # a ragged batch
-            assert _worst_deficit(model, p, out) < TIE[mode], (mode, compile, "batched", p, out)
+        assert _worst_deficit(model, p, out) < TIE[mode], (mode, backend, p, out)
+    for p, out in zip(prompts, llama.generate(prompts, 24, temperature=0, ignore_eos=True)[0]):  # a ragged batch
+        assert _worst_deficit(model, p, out) < TIE[mode], (mode, backend, "batched", p, out)
     exact = sum(out == _greedy_reference(model, p, 24) for p, out in zip(prompts, alone))
     assert mode != "float32" or exact >= 3, exact  # float32: the very tokens, bar a rare near tie
-    # stop ids: generation ends at (and includes) the first one
-    stop = alone[0][3]
-    assert fd.generate([prompts[0]], 24, stop_ids=[stop])[0] == alone[0][: alone[0].index(stop) + 1]
 
 
 @pytest.mark.parametrize("mode", ["float32", "bfloat16", "int8", "int4"])
-def test_fast_greedy_on_the_default_model(bible, device, mode):
-    _check_fast_greedy(bible, device, mode, compile=False)
+def test_eager_greedy_on_the_default_model(bible, device, mode):
+    _check_greedy(bible, device, mode, "eager")
 
 
 # ---- quantization ---------------------------------------------------------------------------
@@ -327,13 +347,12 @@ def test_train_steps_match_cpu(device, tmp_path):
     assert abs(mixed["val_loss"] - ref["val_loss"]) < 0.02 * ref["val_loss"]
 
 
-# ---- compiled decode step (CUDA graphs): on CUDA only, last (compiling takes the longest) ----
+# ---- the compiled decode step: last (compiling takes the longest) ----------------------------
 
-if ON_CUDA:  # defined only there, so a CPU run shows no skipped test
-    @pytest.mark.slow
-    @pytest.mark.parametrize("mode", ["bfloat16", "int4"])
-    def test_fast_compiled_greedy_on_cuda(bible, device, mode):
-        _check_fast_greedy(bible, device, mode, compile=True)
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["float32", "bfloat16"] if not ON_CUDA else ["bfloat16", "int8", "int4"])
+def test_compiled_greedy_on_the_default_model(bible, device, mode):
+    _check_greedy(bible, device, mode, "compiled")
 
 
 if not ON_CUDA and not os.environ.get("GPU_CHECK_RUNNING"):  # not from inside the script itself

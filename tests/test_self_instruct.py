@@ -293,7 +293,7 @@ def test_against_our_own_server(tmp_path, tiny_tokenizer_path):  # noqa: F811
             except OSError:
                 assert server.poll() is None and time.monotonic() < deadline, "serve did not start"
                 time.sleep(0.2)
-        report = run(config(tmp_path, f"http://127.0.0.1:{port}/v1", model="tiny", num=3, batch=2, max_requests=4,
+        report = run(config(tmp_path, f"http://127.0.0.1:{port}/v1", model="model", num=3, batch=2, max_requests=4,
                             max_tokens=48))
     finally:
         server.terminate()
@@ -303,3 +303,54 @@ def test_against_our_own_server(tmp_path, tiny_tokenizer_path):  # noqa: F811
     assert report["parsed"] == report["kept"] + sum(v for k, v in report["discarded"].items()
                                                     if k not in ("malformed", "truncated"))
     assert sum(report["discarded"].values()) >= 1
+
+
+def test_fit_prompt_drops_examples_then_shortens_the_head():
+    from annotated_llama.self_instruct import load_seed_tasks
+    from annotated_llama.self_instruct_prompt import MIN_REPLY, encode_prompt, fit_prompt
+
+    seeds = load_seed_tasks(SEEDS)[:3]
+    words = lambda text: len(text.split())  # noqa: E731  (a stand-in token count)
+    full = words(encode_prompt(seeds, 20)[0])
+    assert fit_prompt(seeds, 20, full + 500, 1024, words)[2] == 500  # all fit: max_tokens cut to the room
+    prompt, lead, room = fit_prompt(seeds, 20, full + MIN_REPLY - 1, 1024, words)  # one example too many
+    assert prompt == encode_prompt(seeds[:2], 20)[0] and lead.startswith("###\n3.")
+    short = words(encode_prompt(seeds[:1], 20, short=True)[0])
+    prompt, _, room = fit_prompt(seeds, 20, short + 40, 1024, words)
+    assert prompt == encode_prompt(seeds[:1], 20, short=True)[0] and room == 40
+    with pytest.raises(ValueError, match="context of 30 tokens"):
+        fit_prompt(seeds, 20, 30, 1024, words)
+
+
+@pytest.mark.slow
+def test_against_our_server_on_the_default_model(tmp_path):
+    """The default model's context is 256 tokens, less than the full prompt: the run fits each
+    prompt (no HTTP 400) and every request it makes is answered."""
+    import logging
+
+    from annotated_llama.cli.serve import run_in_thread
+    from annotated_llama.default_model import default_model_dir
+    from annotated_llama.server import create_app
+    from annotated_llama.weights import load_model
+
+    model, tok = load_model(default_model_dir())
+    assert model.params.max_seq_len == 256
+    seen = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+    handler = Collect()
+    logging.getLogger("annotated_llama.server").addHandler(handler)
+    logging.getLogger("annotated_llama.server").setLevel(logging.INFO)
+    try:
+        with run_in_thread(create_app(model.eval(), tok, model_name="default", max_batch_size=2)) as url:
+            report = run(config(tmp_path, url + "/v1", model="default", num=3, batch=2, max_requests=4))
+    finally:
+        logging.getLogger("annotated_llama.server").removeHandler(handler)
+    assert report["requested"] == 4  # every request answered (an HTTP 400 would have raised EndpointError)
+    chats = [line for line in seen if line.startswith("POST /v1/chat/completions")]
+    assert len(chats) == 4 and all(" 200 " in line for line in chats), chats
+    for line in chats:  # prompt + reply within the 256 tokens
+        p, c = (int(line.split(f"{k}=")[1].split()[0]) for k in ("prompt_tokens", "completion_tokens"))
+        assert p + c <= 256 and c > 0

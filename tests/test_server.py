@@ -244,36 +244,45 @@ def test_kv_budget_limits_the_batch(tokenizer):
 
 @pytest.mark.slow  # the first meta-device model build imports torch's prims (seconds on a busy box)
 def test_cli_serve_loads_a_checkpoint_dir(tmp_path, tokenizer, spm_path, monkeypatch):
-    # `serve --model DIR` builds the app from our checkpoint format; uvicorn.run is replaced by a
-    # TestClient so no port is opened.
+    # `serve --model DIR` binds its port, then loads our checkpoint format in the background;
+    # serve_app (uvicorn) is replaced by a TestClient on the same app, so no request is sent over the port.
     import json
     import shutil
 
-    import uvicorn
     from fastapi.testclient import TestClient
     from safetensors.torch import save_file
 
     from annotated_llama.__main__ import main
+    from annotated_llama.cli import serve
     model = tiny_model()
     (tmp_path / "params.json").write_text(json.dumps(model.params.to_params_json()))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
     shutil.copy(spm_path, tmp_path / "tokenizer.model")
     seen = {}
 
-    def fake_run(app, host, port, **kw):
-        seen.update(host=host, port=port)
-        with TestClient(app) as c:
+    def fake_serve(app, sock, args, stop_when=None):
+        seen["bound"] = sock.getsockname()
+        sock.close()
+        with TestClient(app, base_url="http://127.0.0.1") as c:
+            seen["loading"] = c.get("/health").json()["status"]  # at once: still loading, or (rarely) done
+            deadline = time.monotonic() + 60
+            while c.get("/health").status_code != 200:
+                assert time.monotonic() < deadline and not (stop_when and stop_when())
+                time.sleep(0.05)
             seen["models"] = c.get("/v1/models", headers={"Authorization": "Bearer k"}).json()
             seen["noauth"] = c.get("/v1/models").status_code
             seen["text"] = c.post("/v1/completions", headers={"Authorization": "Bearer k"}, json={
                 "prompt": PROMPTS[3], "max_tokens": 5, "temperature": 0}).json()["choices"][0]["text"]
             seen["page"] = c.get("/").text
-    monkeypatch.setattr(uvicorn, "run", fake_run)
-    assert main(["serve", "--model", str(tmp_path), "--api-key", "k", "--port", "8123"]) == 0
-    assert (seen["host"], seen["port"], seen["noauth"]) == ("127.0.0.1", 8123, 401)
+            seen["rebinding"] = c.get("/health", headers={"Host": "attacker.example:8123"}).status_code
+    monkeypatch.setattr(serve, "serve_app", fake_serve)
+    assert main(["serve", "--model", str(tmp_path), "--api-key", "k", "--port", "0"]) == 0
+    assert seen["bound"][0] == "127.0.0.1" and seen["bound"][1] > 0 and seen["noauth"] == 401
+    assert seen["loading"] in ("loading", "ok")
     assert seen["models"]["data"][0]["id"] == tmp_path.name
     assert seen["text"] == greedy_reference(model, tokenizer, PROMPTS[3], 5)
     assert '<label for="prompt">' in seen["page"]
+    assert seen["rebinding"] == 403  # serve allows localhost names and IP addresses only
 
 
 def test_chunked_prefill_and_repetition_penalty_match_references(tokenizer, monkeypatch):

@@ -1,12 +1,18 @@
 """Malformed and hostile requests against a real uvicorn server started with --api-key: each gets
-the right status and OpenAI's error object, and a valid request right after it still succeeds.
+the right status and OpenAI's error object, and a valid request right after it still succeeds, on
+the same keep-alive connection (no error path drops it). The classes: broken JSON and bodies,
+wrong types, lone surrogates anywhere in the body, integers past 64 bits, NaN/Infinity and floats
+that overflow, requests over the context or the KV budget, unknown and unsupported fields, auth.
 Also: a full wait queue answers 503 with Retry-After."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import json
+import socket
 import time
+
+import h11
 
 import httpx
 import pytest
@@ -36,7 +42,8 @@ def tiny_model():
 
 @pytest.fixture(scope="module")
 def url(tokenizer):
-    app = create_app(tiny_model(), tokenizer, api_key=KEY, max_batch_size=4, max_body_bytes=1 << 20)
+    app = create_app(tiny_model(), tokenizer, api_key=KEY, max_batch_size=4, max_body_bytes=1 << 20, kv_budget=64,
+                     model_name="tiny")
     with run_in_thread(app) as base:
         yield base
 
@@ -106,7 +113,7 @@ CASES = [
     ("top-p-above-one", "POST", C, JSON, chat(top_p=1.5), 400, None, "top_p"),
     ("negative-top-k", "POST", C, JSON, chat(top_k=-3), 400, None, "top_k"),
     ("huge-seed", "POST", P, JSON, comp(seed=2 ** 80), 400, None, "seed"),
-    ("n-two", "POST", C, JSON, chat(n=2), 400, None, "n"),
+    ("n-too-many", "POST", C, JSON, chat(n=129), 400, None, "n"),
     ("stream-string", "POST", C, JSON, chat(stream="yes"), 400, None, "stream"),
     ("empty-stop", "POST", P, JSON, comp(stop=[""]), 400, None, "stop"),
     ("too-many-stops", "POST", P, JSON, comp(stop=["a"] * 100), 400, None, "stop"),
@@ -115,14 +122,76 @@ CASES = [
      400, "context_length_exceeded", "messages"),
     ("token-id-out-of-range", "POST", P, JSON, comp(prompt=[1, 99_999_999]), 400, None, "prompt"),
     ("negative-token-id", "POST", P, JSON, comp(prompt=[1, -4]), 400, None, "prompt"),
-    ("prompt-batch", "POST", P, JSON, comp(prompt=["a", "b"]), 400, None, "prompt"),
-    ("logprobs", "POST", P, JSON, comp(logprobs=5), 400, None, "logprobs"),
+    ("token-id-65-bit", "POST", P, JSON, comp(prompt=[[1, 2], [1, 2 ** 64]]), 400, None, "prompt.1"),
+    ("empty-token-list", "POST", P, JSON, comp(prompt=[[1], []]), 400, None, "prompt.1"),
+    ("logprobs", "POST", P, JSON, comp(logprobs=5), 400, "unsupported_parameter", "logprobs"),
+    # lone surrogates: JSON "\ud800" escapes decode to a str no tokenizer can encode
+    ("surrogate-prompt", "POST", P, JSON, b'{"prompt": "hi \\ud800 there", "max_tokens": 2}', 400, None, "prompt"),
+    ("surrogate-prompt-list", "POST", P, JSON, b'{"prompt": ["ok", "\\udfff"], "max_tokens": 2}', 400, None,
+     "prompt.1"),
+    ("surrogate-message", "POST", C, JSON, b'{"messages": [{"role": "user", "content": "\\ud83d"}]}', 400, None,
+     "messages.0.content"),
+    ("surrogate-part", "POST", C, JSON,
+     b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "a\\udc00"}]}]}', 400, None,
+     "messages.0.content.0.text"),
+    ("surrogate-stop", "POST", P, JSON, b'{"prompt": "hi", "stop": ["\\ud800"]}', 400, None, "stop.0"),
+    ("surrogate-key", "POST", P, JSON, b'{"prompt": "hi", "\\ud800": 1}', 400, None, "\\ud800"),
+    ("surrogate-in-tool-schema", "POST", C, JSON, json.dumps({"messages": [{"role": "user", "content": "hi"}],
+                                                              "tools": [{"type": "function", "function": {
+                                                                  "name": "f", "parameters": {"x": "\ud800"}}}]},
+                                                             ensure_ascii=True).encode(), 400, None,
+     "tools.0.function.parameters.x"),
+    # integers past 64 bits (and past the fields' ranges)
+    ("top-k-65-bit", "POST", C, JSON, chat(top_k=2 ** 64 + 1), 400, None, "top_k"),
+    ("seed-65-bit-negative", "POST", P, JSON, comp(seed=-(2 ** 64)), 400, None, "seed"),
+    ("max-tokens-65-bit", "POST", C, JSON, chat(max_tokens=2 ** 65), 400, "context_length_exceeded", "messages"),
+    ("max-completion-tokens-huge", "POST", C, JSON, chat(max_tokens=None, max_completion_tokens=10 ** 40), 400,
+     "context_length_exceeded", "messages"),
+    ("n-65-bit", "POST", P, JSON, comp(n=2 ** 70), 400, None, "n"),
+    ("logit-bias-65-bit", "POST", C, JSON, chat(logit_bias={"5": 2 ** 70}), 400, "unsupported_parameter",
+     "logit_bias"),
+    ("digits-4000", "POST", P, JSON, b'{"prompt": "hi", "seed": ' + b"9" * 4000 + b"}", 400, None, "seed"),
+    ("digits-5000", "POST", P, JSON, b'{"prompt": "hi", "top_k": ' + b"9" * 5000 + b"}", 400, None, None),
+    # NaN and infinities: the literals, and a float that overflows to inf while parsing
+    ("nan-in-logit-bias", "POST", C, JSON, b'{"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"1": NaN}}',
+     400, None, None),
+    ("minus-infinity", "POST", P, JSON, b'{"prompt": "hi", "temperature": -Infinity}', 400, None, None),
+    ("overflow-temperature", "POST", P, JSON, b'{"prompt": "hi", "temperature": 1e999}', 400, None, "temperature"),
+    ("overflow-in-schema", "POST", C, JSON, b'{"messages": [{"role": "user", "content": "hi"}], "response_format": '
+     b'{"type": "json_schema", "json_schema": {"name": "x", "schema": {"maximum": -1e999}}}}', 400, None,
+     "response_format.json_schema.schema.maximum"),
+    # over the KV budget (64 tokens here): it could never be admitted
+    ("over-kv-budget", "POST", P, JSON, comp(max_tokens=110), 400, "context_length_exceeded", "max_tokens"),
+    # fields OpenAI does not have, and fields this server does not implement
+    ("unknown-field", "POST", P, JSON, comp(frobnicate={"x": [1]}), 400, None, "frobnicate"),
+    ("unknown-message-field", "POST", C, JSON, json.dumps({"messages": [{"role": "user", "content": "hi",
+                                                                         "colour": "red"}]}).encode(), 400, None,
+     "messages.0.colour"),
+    ("presence-penalty", "POST", C, JSON, chat(presence_penalty=0.5), 400, "unsupported_parameter",
+     "presence_penalty"),
+    ("response-format", "POST", C, JSON, chat(response_format={"type": "json_object"}), 400, "unsupported_parameter",
+     "response_format"),
+    ("tool-choice-required", "POST", C, JSON, chat(tools=[{"type": "function", "function": {"name": "f"}}],
+                                                   tool_choice="required"), 400, "unsupported_parameter",
+     "tool_choice"),
+    ("wrong-model", "POST", C, JSON, chat(model="gpt-4o"), 404, "model_not_found", "model"),
+    ("stream-options-without-stream", "POST", P, JSON, comp(stream_options={"include_usage": True}), 400, None,
+     "stream_options"),
+    ("image-part", "POST", C, JSON, json.dumps({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}]}]}).encode(), 400, None,
+     "messages.0.content.0.type"),
+    ("tool-message-without-call", "POST", C, JSON, json.dumps({"messages": [
+        {"role": "user", "content": "hi"}, {"role": "tool", "content": "42", "tool_call_id": "call_1"}]}).encode(),
+     400, None, "messages.1.tool_call_id"),
     ("no-auth", "POST", C, {"Content-Type": "application/json"}, chat(), 401, "invalid_api_key", None),
     ("wrong-key", "POST", C, {"Content-Type": "application/json", "Authorization": "Bearer sk-wrong"}, chat(), 401,
      "invalid_api_key", None),
     ("basic-auth", "POST", P, {"Content-Type": "application/json", "Authorization": f"Basic {KEY}"}, comp(), 401,
      "invalid_api_key", None),
     ("models-no-auth", "GET", "/v1/models", {}, None, 401, "invalid_api_key", None),
+    ("tokenize-no-auth", "POST", "/tokenize", {"Content-Type": "application/json"}, b'{"prompt": "hi"}', 401,
+     "invalid_api_key", None),
+    ("detokenize-65-bit", "POST", "/detokenize", JSON, b'{"tokens": [1, 18446744073709551617]}', 400, None, "tokens"),
     ("unknown-route", "POST", "/v1/embeddings", JSON, comp(), 404, None, None),
     ("unknown-get", "GET", "/v1/engines/davinci", AUTH, None, 404, None, None),
     ("path-traversal", "GET", "/web/../server.py", AUTH, None, 404, None, None),
@@ -130,31 +199,102 @@ CASES = [
 ]
 
 
-def test_at_least_thirty_cases():
-    assert len(CASES) >= 30
+class Raw:
+    """One HTTP/1.1 connection driven with h11, so a test sees exactly whether the server keeps it
+    open after a response (h11 refuses a second request on a connection the server has closed)."""
+
+    def __init__(self, base: str):
+        host, port = base.removeprefix("http://").split(":")
+        self.host = f"{host}:{port}"
+        self.sock = socket.create_connection((host, int(port)), timeout=60)
+        self.conn = h11.Connection(h11.CLIENT)
+
+    def request(self, method, path, headers=None, body=None):
+        headers = {"Host": self.host, **(headers or {})}
+        chunks = body() if callable(body) else None
+        if chunks is None:
+            headers["Content-Length"] = str(len(body or b""))
+        else:
+            headers["Transfer-Encoding"] = "chunked"
+        out = self.conn.send(h11.Request(method=method, target=path, headers=list(headers.items())))
+        for part in (chunks if chunks is not None else [body] if body else []):
+            out += self.conn.send(h11.Data(data=part))
+        self.sock.sendall(out + self.conn.send(h11.EndOfMessage()))
+        status, data = None, b""
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                self.conn.receive_data(self.sock.recv(1 << 16))
+            elif isinstance(event, h11.Response):
+                status, reply_headers = event.status_code, dict(event.headers)
+            elif isinstance(event, h11.Data):
+                data += event.data
+            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                break
+        assert reply_headers.get(b"connection") != b"close", "the server closed the connection"
+        self.conn.start_next_cycle()  # raises if either side cannot go on with this connection
+        return status, data
+
+    def close(self):
+        self.sock.close()
+
+
+def test_at_least_eighty_cases():
+    assert len(CASES) >= 80
 
 
 @pytest.mark.parametrize("name,method,path,headers,body,status,code,param", CASES, ids=[c[0] for c in CASES])
-def test_hostile_request_then_valid_one(url, http, name, method, path, headers, body, status, code, param):
-    content = body() if callable(body) else body
-    r = http.request(method, url + path, headers=headers, content=content)
-    assert r.status_code == status, (name, r.text[:300])
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}, err
-    assert isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str)
-    if code is not None:
-        assert err["code"] == code, err
-    if param is not None:
-        assert err["param"] == param, err
-    ok = http.post(url + C, headers=AUTH, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
-    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["role"] == "assistant"
+def test_hostile_request_then_valid_one(url, name, method, path, headers, body, status, code, param):
+    raw = Raw(url)
+    try:
+        got, data = raw.request(method, path, headers, body)
+        assert got == status, (name, data[:300])
+        err = json.loads(data)["error"]
+        assert set(err) == {"message", "type", "param", "code"}, err
+        assert isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str)
+        assert "\n" not in err["message"] and "Traceback" not in err["message"]
+        if code is not None:
+            assert err["code"] == code, err
+        if param is not None:
+            assert err["param"] == param, err
+        # the same connection serves a valid request next
+        ok, data = raw.request("POST", C, JSON, json.dumps({"messages": [{"role": "user", "content": "hi"}],
+                                                           "max_tokens": 2}).encode())
+        assert ok == 200 and json.loads(data)["choices"][0]["message"]["role"] == "assistant"
+    finally:
+        raw.close()
 
 
-def test_unknown_fields_ignored_and_health_open(url, http):
-    r = http.post(url + P, headers=AUTH, json={"prompt": "hi", "max_tokens": 2, "frobnicate": {"x": [1]},
-                                                "user": "me", "presence_penalty": 0})
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+def test_identifiers_accepted_logged_and_health_open(url, http, caplog):
+    import logging
+    caplog.set_level(logging.INFO, logger="annotated_llama.server")
+    r = http.post(url + C, headers=AUTH, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                                               "user": "user-7", "safety_identifier": "h4sh", "presence_penalty": 0,
+                                               "frequency_penalty": 0.0, "logit_bias": {}, "logprobs": False,
+                                               "store": False, "service_tier": "auto", "modalities": ["text"],
+                                               "response_format": {"type": "text"}, "n": 1, "best_of": None})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"  # a completions field, not chat's
+    r = http.post(url + C, headers=AUTH, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                                               "user": "user-7", "safety_identifier": "h4sh", "presence_penalty": 0,
+                                               "frequency_penalty": 0.0, "logit_bias": {}, "logprobs": False,
+                                               "store": False, "service_tier": "auto", "modalities": ["text"],
+                                               "response_format": {"type": "text"}, "n": 1})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1  # the no-op values are honoured
+    lines = [rec.getMessage() for rec in caplog.records if "/v1/chat/completions 200" in rec.getMessage()]
+    assert any("user='user-7'" in line and "safety_identifier='h4sh'" in line for line in lines), lines
     assert http.get(url + "/health").status_code == 200  # no key needed: load balancers poll it
+    assert http.get(url + "/metrics").status_code == 200
+
+
+def test_errors_on_a_kept_alive_connection_in_a_row(url):
+    """Thirty bad requests, one after another on one connection, then a good one."""
+    raw = Raw(url)
+    try:
+        for name, method, path, headers, body, status, *_ in CASES[:30]:
+            assert raw.request(method, path, headers, body)[0] == status, name
+        assert raw.request("POST", P, JSON, comp())[0] == 200
+    finally:
+        raw.close()
 
 
 def test_full_queue_answers_503_with_retry_after(tokenizer):

@@ -33,7 +33,7 @@ def fit_history(tokenizer, dialog, template, max_prompt_tokens):
 
 
 def run(args):
-    llama = build_llama(args)
+    llama = build_llama(args, one_shot=False)
     template = args.template or ("llama-3" if llama.tokenizer.kind == "tiktoken" else "llama-2")
     kwargs = sampling_kwargs(args)
     # room kept for the answer; the rest of the context holds the history

@@ -39,6 +39,10 @@ def add_sampling_arguments(p, max_new_tokens=256):
                    help="HF-style penalty, 1.0 = none")
     p.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
     p.add_argument("--seed", type=argtypes.seed, default=None, help="seed for reproducible sampling")
+    p.add_argument("--backend", choices=["auto", "eager", "compiled"], default="auto",
+                   help="how decode steps run: eagerly, or compiled by torch.compile on a background thread "
+                        "(default auto: compiled for chat; eager for one generate, which ends before a cold "
+                        "compile would; docs/annotated/10_speed.md)")
 
 
 def add_arguments(p):
@@ -50,16 +54,11 @@ def add_arguments(p):
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (text, tokens, counts, speeds) instead of streaming")
-    p.add_argument("--fast", action="store_true",
-                   help="decode through annotated_llama.fast (fused weights, static KV cache; CPU: float16 "
-                        "decode, bfloat16 prefill; same greedy tokens, another random stream when sampling)")
-    p.add_argument("--compile", action="store_true",
-                   help="--fast with the decode step compiled by torch.compile (tens of seconds once, "
-                        "then llama.cpp's speed on a CPU; docs/annotated/10_speed.md)")
 
 
-def build_llama(args):
-    """Llama.build from the common flags, with the argument errors users make named."""
+def build_llama(args, one_shot: bool = True):
+    """Llama.build from the common flags, with the argument errors users make named. one_shot: a
+    single generation, for which "auto" means eager (a compile would finish after it)."""
     import torch
 
     if args.tp is not None and args.tp > 1:
@@ -75,7 +74,8 @@ def build_llama(args):
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     from ..generation import Llama
     llama = Llama.build(args.model, args.tokenizer, max_seq_len=args.max_seq_len, dtype=args.dtype,
-                        device=args.device, seed=1 if args.seed is None else args.seed, lora=args.lora)
+                        device=args.device, seed=1 if args.seed is None else args.seed, lora=args.lora,
+                        backend="eager" if one_shot and args.backend == "auto" else args.backend)
     if args.quantize:
         from ..quantize import quantize_model
         quantize_model(llama.model, args.quantize)
@@ -92,11 +92,6 @@ def run(args):
     prompt = args.prompt
     if prompt is None and sys.stdin.isatty():
         raise ValueError("no PROMPT: give it as an argument or pipe it on stdin")
-    if args.fast or args.compile:  # before loading anything
-        if args.repetition_penalty != 1.0:
-            raise ValueError("--fast/--compile: --repetition-penalty is not supported on the fast path")
-        if args.tp and args.tp > 1:
-            raise ValueError("--fast/--compile: not with --tp (each rank holds a slice of the model)")
     # with --tp this process relaunches itself under torchrun inside build_llama and exits
     # there, so stdin is left for rank 0 to read
     llama = build_llama(args)
@@ -106,10 +101,7 @@ def run(args):
     ids = encode_prompt(llama.tokenizer, prompt, args.template, args.system)
     stops = list(args.stop) + list(TEMPLATE_STOPS[args.template])
 
-    if args.fast or args.compile:
-        stream = fast_stream(llama, ids, stops, args)
-    else:
-        stream = llama.stream_tokens(ids, stop=stops, ignore_eos=args.ignore_eos, **sampling_kwargs(args))
+    stream = llama.stream_tokens(ids, stop=stops, ignore_eos=args.ignore_eos, **sampling_kwargs(args))
     tokens, pieces = [], []
     t0 = time.perf_counter()
     t_first = None
@@ -138,31 +130,3 @@ def run(args):
         sys.stdout.write("\n")
         sys.stdout.flush()
     return 0
-
-
-def fast_stream(llama, ids, stops, args):
-    """(token, piece) pairs as Llama.stream_tokens gives them, decoded by FastDecoder."""
-    import torch
-
-    from ..fast import FastDecoder
-    from ..streaming import TextStream, check_stops
-
-    # the plain path's checks and budget: the same errors, and the same number of new tokens
-    (n,) = llama.check_request([ids], args.max_new_tokens or None, args.temperature, args.top_p, args.top_k,
-                               args.repetition_penalty)
-    # float32 weights stay float32; 16-bit ones get the device's default mode (mixed or bfloat16)
-    mode = args.quantize or ("float32" if llama.model.output.weight.dtype == torch.float32 else None)
-    fast = FastDecoder(llama.model, mode, compile=args.compile)
-    stop_ids = () if args.ignore_eos else sorted(llama.tokenizer.stop_ids)
-    text = TextStream(llama.tokenizer, ids, check_stops(stops))
-    for token in fast.stream(ids, n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                             stop_ids=stop_ids, seed=args.seed):
-        if token in stop_ids:  # as Llama.stream_tokens: the stop id ends the text, unshown
-            break
-        piece = text.push(token)
-        yield token, piece
-        if text.stopped:
-            break
-    tail = text.flush()
-    if tail:
-        yield None, tail

@@ -1,11 +1,16 @@
 // The chat page: talks to our own /v1/chat/completions with stream: true and renders the
 // server-sent events as they arrive. No framework, no build step.
+// A conversation longer than the model's context is not an error here: before each request the
+// page counts the prompt with /tokenize and leaves out the oldest turns until the system prompt,
+// the newest turns and max_tokens fit, and says so (as llama.cpp's and ollama's front ends do).
+// The API itself keeps OpenAI's semantics: an over-long request is a 400 context_length_exceeded.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const log = $("log"), prompt = $("prompt"), errorBox = $("error"), statusText = $("status");
-let history = [];        // the messages sent with the next request: [{role, content}]
+let history = [];        // the conversation: [{role, content, box}] (box: its element on the page)
 let controller = null;   // AbortController of the request in flight (Stop aborts it)
+let contextTokens = null;  // the model's context, from /health
 
 function setState(state) {  // "idle" | "generating"; tests and CSS read body[data-state]
   document.body.dataset.state = state;
@@ -48,9 +53,43 @@ function numberOr(id, parse, fallback) {
   return Number.isFinite(x) ? x : fallback;
 }
 
-function requestBody() {
+function systemMessages() {
+  const text = $("system").value.trim();
+  return text ? [{ role: "system", content: text }] : [];
+}
+
+function apiHeaders() {
+  const headers = { "Content-Type": "application/json" };
+  const key = $("api-key").value.trim();
+  if (key) headers["Authorization"] = "Bearer " + key;
+  return headers;
+}
+
+// The newest turns that fit: drop the oldest user/assistant pair while the prompt (as /tokenize
+// counts it under the chosen template) plus max_tokens exceeds the context. The last user message
+// always stays; if it alone does not fit, the server's error says so.
+async function fitHistory(maxTokens) {
+  let start = 0;
+  for (const m of history) m.box.classList.remove("dropped");
+  if (!contextTokens) return { start, dropped: 0 };
+  for (;;) {
+    const messages = systemMessages().concat(history.slice(start).map(({ role, content }) => ({ role, content })));
+    let count = null;
+    try {
+      const r = await fetch("/tokenize", { method: "POST", headers: apiHeaders(),
+        body: JSON.stringify({ messages, template: $("template").value }) });
+      if (r.ok) count = (await r.json()).count;
+    } catch (e) { /* no count: send as it is */ }
+    if (count === null || count + maxTokens <= contextTokens || history.length - start <= 1) break;
+    start += history[start].role === "user" && history.length - start > 2 ? 2 : 1;
+  }
+  for (const m of history.slice(0, start)) m.box.classList.add("dropped");
+  return { start, dropped: start };
+}
+
+function requestBody(start = 0) {
   const body = {
-    messages: history,
+    messages: systemMessages().concat(history.slice(start).map(({ role, content }) => ({ role, content }))),
     stream: true,
     template: $("template").value,
     temperature: numberOr("temperature", parseFloat, 0.7),
@@ -73,8 +112,8 @@ async function send() {
   const text = prompt.value;
   if (!text.trim() || document.body.dataset.state === "generating") return;
   showError("");
-  history.push({ role: "user", content: text });
   const userBox = addMessage("user", text);
+  history.push({ role: "user", content: text, box: userBox });
   prompt.value = "";
   const answer = addMessage("assistant", "");
   const content = answer.querySelector(".content");
@@ -82,13 +121,13 @@ async function send() {
   controller = new AbortController();
   setState("generating");
   statusText.textContent = "Generating…";
-  const headers = { "Content-Type": "application/json" };
-  const key = $("api-key").value.trim();
-  if (key) headers["Authorization"] = "Bearer " + key;
-  let finish = null;
+  let finish = null, fitted = { start: 0, dropped: 0 };
   try {
+    const body = requestBody();
+    fitted = await fitHistory(body.max_tokens);
     const response = await fetch("/v1/chat/completions", {
-      method: "POST", headers, body: JSON.stringify(requestBody()), signal: controller.signal,
+      method: "POST", headers: apiHeaders(), body: JSON.stringify(requestBody(fitted.start)),
+      signal: controller.signal,
     });
     if (!response.ok) {
       let data = null;
@@ -123,13 +162,19 @@ async function send() {
       }
     }
     answer.dataset.finish = finish || "stop";
-    history.push({ role: "assistant", content: content.textContent });
-    statusText.textContent = finish === "length" ? "Stopped at the token limit." : "";
+    history.push({ role: "assistant", content: content.textContent, box: answer });
+    const parts = [];
+    if (fitted.dropped) {
+      parts.push(`Left out the ${fitted.dropped} oldest message${fitted.dropped > 1 ? "s" : ""} to fit the ` +
+                 `model's context of ${contextTokens} tokens.`);
+    }
+    if (finish === "length") parts.push("Stopped at the token limit.");
+    statusText.textContent = parts.join(" ");
   } catch (err) {
     if (err.name === "AbortError") {  // Stop: keep what arrived; the server frees the slot
       answer.dataset.finish = "stopped";
       note(answer, "(stopped)");
-      history.push({ role: "assistant", content: content.textContent });
+      history.push({ role: "assistant", content: content.textContent, box: answer });
       statusText.textContent = "Stopped.";
     } else {
       answer.dataset.finish = "error";
@@ -188,6 +233,7 @@ $("copy").addEventListener("click", copyConversation);
 fetch("/health").then((r) => r.json()).then((h) => {
   $("model-name").textContent = h.model ? "· " + h.model : "";
   if (h.template) $("template").value = h.template;
+  if (h.n_ctx) contextTokens = h.n_ctx;
 }).catch(() => {});
 setState("idle");
 prompt.focus();

@@ -1,0 +1,99 @@
+"""The compiled backend (annotated_llama/backends.py) against the plain model: same tokens, same
+logits within float rounding, for one row and for continuous batches."""
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from annotated_llama import ModelArgs, Transformer
+from annotated_llama.backends import CompiledRunner, StreamingLinear, make_runner, stream_linears
+from annotated_llama.engine import Engine
+from annotated_llama.model import attend_one
+from annotated_llama.sampling import SamplingParams
+
+
+class Vocab:  # what the engine reads of a tokenizer
+    def __init__(self, n):
+        self.n_words, self.stop_ids = n, set()
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+@pytest.mark.parametrize("H,K", [(8, 8), (8, 2), (8, 1)])
+def test_written_out_attention_equals_sdpa(H, K):
+    B, S, D = 3, 21, 16
+    q, k, v = torch.randn(B, 1, H, D), torch.randn(B, S, K, D), torch.randn(B, S, K, D)
+    lengths = torch.tensor([21, 7, 13])
+    mask = (torch.arange(S) < lengths[:, None])[:, None, None]  # (B, 1, 1, S)
+    want = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                          enable_gqa=True)  # (B, H, 1, D)
+    got = attend_one(q, k, v, mask)  # (B, 1, H*D)
+    torch.testing.assert_close(got, want.transpose(1, 2).reshape(B, 1, H * D), rtol=1e-5, atol=1e-6)
+
+
+def test_streaming_linear_is_a_linear_with_the_same_weights():
+    lin = torch.nn.Linear(32, 48, bias=False)
+    model = torch.nn.Sequential(lin)
+    x = torch.randn(1, 1, 32)
+    before = lin(x)
+    stream_linears(model)
+    assert type(lin) is StreamingLinear and isinstance(lin, torch.nn.Linear)
+    assert list(model.state_dict()) == ["0.weight"] and torch.equal(lin(x), before)  # eager: F.linear itself
+    compiled = torch.compile(lin, fullgraph=True)
+    torch.testing.assert_close(compiled(x), before, rtol=1e-5, atol=1e-5)  # multiply-and-sum, one row
+    x8 = torch.randn(8, 32)
+    torch.testing.assert_close(compiled(x8), F.linear(x8, lin.weight), rtol=1e-5, atol=1e-5)  # F.linear, 8 rows
+
+
+def test_tensor_parallel_and_eager_choices_never_compile():
+    model = Transformer(ModelArgs.from_name("tiny"))
+    assert make_runner(model, "eager") == model.step
+    model.tp_world_size = 2
+    assert make_runner(model, "compiled") == model.step  # rank 0's step broadcasts: not compiled
+    with pytest.raises(ValueError, match="backend"):
+        make_runner(model, "fastest")
+
+
+@pytest.mark.slow  # one torch.compile of a tiny model (tens of seconds on 2 CPU cores)
+def test_compiled_decode_equals_eager_for_one_row_and_continuous_batches():
+    from annotated_llama.lora import apply_lora
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.from_name("tiny-gqa"))
+    with torch.no_grad():
+        model.output.weight.mul_(4)  # spread logits: no near-ties for rounding to flip
+    apply_lora(model, "wq,wv", r=4)  # LoRA layers run inside the compiled graph too
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            with torch.no_grad():
+                p.normal_(0, 0.1)
+    model.eval()
+    vocab = Vocab(model.params.vocab_size)
+    prompts = [[1, 5, 9, 33, 2], [7, 8], [100] * 9, list(range(20, 60))]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    with torch.inference_mode():
+        eager = [s.output for s in Engine(model, vocab, runner=model.step).run(prompts, params)]
+        runner = CompiledRunner(model, background=False)
+        assert runner.error is None and runner.ready.is_set()
+        engine = Engine(model, vocab, runner=runner, max_batch_size=3)  # the 4th prompt joins mid-run
+        compiled = [s.output for s in engine.run(prompts, params)]
+        alone = [engine.run([p], params)[0].output for p in prompts]
+        # logits: the compiled step against the eager one at the same cache state
+        seq = engine.add(prompts[1], params)[0]
+        engine.step()
+        batch = engine.cache.plan([seq.id], [seq.cached], [1], 1)
+        args = (torch.tensor([[seq.next_token]]), torch.tensor([[seq.cached]]), batch, torch.tensor([0]))
+        a, b = model.step(*args), runner(*args)
+    assert compiled == eager == alone
+    assert runner.calls["compiled"] > 50 and runner.calls["eager"] >= 1  # decode compiled, prefill eager
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    # "auto": the first call does not wait for the compile, it runs eagerly
+    background = CompiledRunner(model, background=True)
+    with torch.inference_mode():
+        first = Engine(model, vocab, runner=background).run(prompts[:1], params.replace(max_tokens=3))
+    assert first[0].output == eager[0][:3]
+    background.ready.wait(600)
+    assert background.error is None and not any(t.name == "annotated-llama-compile" and t.is_alive()
+                                                for t in threading.enumerate())

@@ -1,0 +1,206 @@
+"""The engine (annotated_llama/engine.py): per-row sampling settings against independent references
+(HF's logits processors, OpenAI's formula), forks, cancellation, the cache budget, logprobs, and
+the same seeded tokens through every front end."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from annotated_llama import ModelArgs, Tokenizer, Transformer
+from annotated_llama.engine import Engine
+from annotated_llama.sampling import SamplingParams
+
+ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=32, max_seq_len=96)
+
+
+@pytest.fixture(scope="module")
+def tok(spm_path):
+    return Tokenizer(spm_path)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs(**ARGS))
+    with torch.no_grad():  # logits spread enough that argmax has no near-ties
+        m.output.weight.mul_(4)
+    return m.eval()
+
+
+def prompts(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(3, 32000, (n - 1,), generator=g).tolist() for n in lengths]
+
+
+@torch.no_grad()
+def processed_greedy(model, prompt, n, process):
+    """Greedy decoding with no cache, `process(ids (1, L), logits (1, V)) -> logits` before each argmax."""
+    ids = list(prompt)
+    for _ in range(n):
+        logits = model(torch.tensor([ids]), cache=False)[:, -1]
+        ids.append(int(process(torch.tensor([ids]), logits).argmax()))
+    return ids[len(prompt):]
+
+
+def run(engine, ps, params):
+    with torch.inference_mode():
+        return [s.output for s in engine.run(ps, params)]
+
+
+# ---- per-row settings against independent references ------------------------------------------
+
+@pytest.fixture(scope="module")
+def echoing():
+    # a model that likes to repeat what it reads (its output head is its embedding): penalties show
+    torch.manual_seed(1)
+    m = Transformer(ModelArgs(**ARGS))
+    with torch.no_grad():
+        m.output.weight.copy_(m.tok_embeddings.weight * 0.05)
+    return m.eval()
+
+
+def test_penalties_and_logit_bias_match_references_row_by_row(echoing, tok):
+    model = echoing
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor, SequenceBiasLogitsProcessor
+    ps = prompts([7, 12, 5])
+    n = 12
+    rep = RepetitionPenaltyLogitsProcessor(3.0)
+    bias = {ps[1][-1]: -100.0, ps[1][3]: 5.0, 31999: 8.0}  # bans the token it would repeat
+    hf_bias = SequenceBiasLogitsProcessor([[[t], b] for t, b in bias.items()])
+
+    def openai(ids, logits, presence=0.8, frequency=0.6, start=None):
+        # OpenAI's API reference: mu[j] - c[j] * frequency - (c[j] > 0) * presence, c over the output
+        counts = torch.bincount(ids[0, start:], minlength=logits.shape[-1]).float()
+        return logits - counts * frequency - (counts > 0).float() * presence
+
+    greedy = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    settings = [greedy.replace(repetition_penalty=3.0), greedy.replace(logit_bias=bias),
+                greedy.replace(presence_penalty=0.8, frequency_penalty=0.6)]
+    refs = [processed_greedy(model, ps[0], n, rep), processed_greedy(model, ps[1], n, hf_bias),
+            processed_greedy(model, ps[2], n, lambda ids, lg: openai(ids, lg, start=len(ps[2])))]
+    plain = [processed_greedy(model, p, n, lambda ids, lg: lg) for p in ps]
+    assert all(r != p for r, p in zip(refs, plain))  # every setting changes the output: the test can fail
+    engine = Engine(model, tok)
+    assert run(engine, ps, settings) == refs  # one batch, a different setting per row
+    assert [run(engine, [p], s)[0] for p, s in zip(ps, settings)] == refs  # and each alone
+
+
+def test_top_k_one_is_greedy_and_top_p_keeps_the_first_token(model, tok):
+    ps = prompts([9, 4])
+    engine = Engine(model, tok)
+    greedy = run(engine, ps, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    assert run(engine, ps, SamplingParams(temperature=1.0, top_k=1, max_tokens=10, ignore_eos=True, seed=3)) == greedy
+    assert run(engine, ps, SamplingParams(temperature=1.0, top_p=1e-6, max_tokens=10, ignore_eos=True, seed=3)) == greedy
+
+
+# ---- n samples of one prompt -------------------------------------------------------------------
+
+def test_n_samples_share_one_prefill_and_are_reproducible(model, tok):
+    (p,) = prompts([20])
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=12, ignore_eos=True, seed=5)
+    engine = Engine(model, tok)
+    with torch.inference_mode():
+        seqs = engine.add(p, params, n=4)
+        while engine.has_work:
+            engine.step()
+    outs = [s.output for s in seqs]
+    assert engine.prefills == 1 and len({tuple(o) for o in outs}) == 4  # four distinct samples, one prefill
+    assert engine.cache.blocks_used() == 0
+    # sample i is what the prompt gives alone with seed + i: the same four again
+    assert [run(engine, [p], params.replace(seed=5 + i))[0] for i in range(4)] == outs
+
+
+# ---- cancellation, the budget, the stop rule -----------------------------------------------------
+
+def test_cancel_and_finish_give_the_blocks_back(model, tok):
+    engine = Engine(model, tok, max_batch_size=4)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    with torch.inference_mode():
+        a, b, c = (engine.add(p, params)[0] for p in prompts([10, 20, 30]))
+        for _ in range(3):
+            engine.step()
+        held = engine.cache.blocks_used()
+        engine.cancel(b)
+        assert b.finish_reason == "cancelled" and engine.cache.blocks_used() < held
+        assert b.id not in engine.cache.tables
+        while engine.has_work:
+            engine.step()
+    assert a.finish_reason == c.finish_reason == "length" and len(a.output) == 30
+    assert engine.cache.blocks_used() == 0 and engine.cache.tokens_held() == 0
+
+
+def test_the_kv_budget_refuses_what_cannot_fit_and_queues_what_can(model, tok):
+    engine = Engine(model, tok, max_batch_size=4, kv_tokens=64)
+    with pytest.raises(ValueError, match="KV budget of 64"):
+        engine.add(prompts([40])[0], SamplingParams(max_tokens=40))
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    ps = prompts([20, 21, 22])  # each reserves 48 positions: one at a time fits 64
+    with torch.inference_mode():
+        seqs = [engine.add(p, params)[0] for p in ps]
+        most = 0
+        while engine.has_work:
+            engine.step()
+            most = max(most, len(engine.running))
+    assert most == 1 and all(len(s.output) == 20 for s in seqs)
+    assert [s.output for s in seqs] == [run(Engine(model, tok), [p], params)[0] for p in ps]
+
+
+def test_the_stop_rule(model, tok):
+    (p,) = prompts([8])
+    engine = Engine(model, tok)
+    full = run(engine, [p], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0]
+    stop_id = full[6]
+    tok2 = Tokenizer(tok.path)
+    tok2.stop_ids = {stop_id}
+    with torch.inference_mode():
+        (s,) = Engine(model, tok2).run([p], SamplingParams(temperature=0, max_tokens=20))
+    assert s.output == full[:full.index(stop_id)] and s.finish_reason == "stop"  # the stop id is not output
+    with torch.inference_mode():
+        (s,) = Engine(model, tok2).run([p], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    assert s.output == full and s.finish_reason == "length"
+
+
+# ---- log-probabilities -------------------------------------------------------------------------------
+
+def test_logprobs_and_prompt_logprobs_equal_a_full_forward(model, tok):
+    (p,) = prompts([11])
+    engine = Engine(model, tok)
+    with torch.inference_mode():
+        (s,) = engine.run([p], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3,
+                                              prompt_logprobs=True))
+        lp = F.log_softmax(model(torch.tensor([p + s.output]), cache=False)[0], -1)  # (L, V)
+    want = [float(lp[len(p) - 1 + i, t]) for i, t in enumerate(s.output)]
+    assert max(abs(a - b) for a, b in zip(s.logprobs, want)) < 1e-4
+    for i, top in enumerate(s.top_logprobs):
+        assert len(top) == 3 and top[0][0] == s.output[i]  # greedy: the chosen token is the most likely
+        vals, ids = torch.topk(lp[len(p) - 1 + i], 3)
+        assert [t for t, _ in top] == ids.tolist() and max(abs(a - b) for (_, a), b in zip(top, vals.tolist())) < 1e-4
+    assert s.prompt_logprobs[0] is None and len(s.prompt_logprobs) == len(p)
+    want = [float(lp[j - 1, p[j]]) for j in range(1, len(p))]
+    assert max(abs(a - b) for a, b in zip(s.prompt_logprobs[1:], want)) < 1e-4
+
+
+# ---- one seeded sample, three front ends ---------------------------------------------------------
+
+@pytest.mark.slow  # a CLI run and a server on the embedded model
+def test_seeded_sampling_is_the_same_through_llama_cli_and_server(capsys):
+    from fastapi.testclient import TestClient
+
+    from annotated_llama.__main__ import main
+    from annotated_llama.generation import Llama
+    from annotated_llama.server import create_app
+
+    llama = Llama.build(backend="eager")
+    kw = dict(temperature=0.9, top_p=0.95, top_k=40, seed=7)
+    ids = llama.tokenizer.encode("In the beginning", bos=True, eos=False)
+    via_llama = [t for t, _ in llama.stream_tokens(ids, max_gen_len=24, ignore_eos=True, **kw) if t is not None]
+    assert main(["generate", "In the beginning", "--temperature", "0.9", "--top-p", "0.95", "--top-k", "40",
+                 "--seed", "7", "--max-new-tokens", "24", "--ignore-eos", "--json"]) == 0
+    via_cli = json.loads(capsys.readouterr().out)["tokens"]
+    with TestClient(create_app(llama)) as c:
+        r = c.post("/v1/completions", json={"prompt": ids, "max_tokens": 24, "ignore_eos": True, **kw})
+    assert r.status_code == 200, r.text
+    assert via_llama == via_cli and len(via_llama) == 24
+    assert r.json()["choices"][0]["text"] == llama.tokenizer.decode(ids[-1:] + via_llama)[len(llama.tokenizer.decode(ids[-1:])):]
