@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -49,6 +50,24 @@ class ModelArgs:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
+        for name in ("vocab_size", "hidden_dim", "rope_original_context"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ValueError(f"ModelArgs.{name} must be an integer, got {value!r}")
+        for name in ("norm_eps", "rope_theta", "ffn_dim_multiplier", "rope_scale_factor", "rope_low_freq_factor",
+                     "rope_high_freq_factor"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value <= 0):
+                raise ValueError(f"ModelArgs.{name} must be a positive finite number, got {value!r}")
+        # Sizes first, each from the config alone: a layer count of 10**9 must fail here, before
+        # anything (even a shapes-only skeleton on the meta device) is built from it.
+        for name, limit in LIMITS.items():
+            value = getattr(self, name)
+            if value is not None and value > limit:
+                raise ValueError(f"ModelArgs.{name}={value:,} is beyond the limit of {limit:,} (the largest "
+                                 f"released Llama has {LARGEST_LLAMA[name]:,}); this config describes "
+                                 f"{self.size_summary()}")
         if self.dim % self.n_heads:
             raise ValueError(f"ModelArgs: dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -57,8 +76,44 @@ class ModelArgs:
             raise ValueError(f"ModelArgs: head_dim={self.head_dim} must be even for rotary embeddings")
         if self.vocab_size != -1 and self.vocab_size < 1:
             raise ValueError(f"ModelArgs.vocab_size must be positive or -1, got {self.vocab_size}")
-        if self.norm_eps <= 0:
-            raise ValueError(f"ModelArgs.norm_eps must be positive, got {self.norm_eps}")
+        if self.norm_eps >= 1:
+            raise ValueError(f"ModelArgs.norm_eps must be below 1, got {self.norm_eps}")
+        if self.hidden_dim is not None and self.hidden_dim < 1:
+            raise ValueError(f"ModelArgs.hidden_dim must be positive, got {self.hidden_dim}")
+        if self.ffn_hidden_dim > LIMITS["hidden_dim"]:
+            raise ValueError(f"ModelArgs: the FFN width {self.ffn_hidden_dim:,} (from dim and ffn_dim_multiplier) is "
+                             f"beyond the limit of {LIMITS['hidden_dim']:,}")
+        if self.num_params() > MAX_PARAMS or self.max_seq_len * self.head_dim > MAX_ROPE_ENTRIES:
+            raise ValueError(f"ModelArgs: this configuration describes {self.size_summary()}; more than any "
+                             f"machine holds (limits: {MAX_PARAMS:.0e} parameters, max_seq_len * head_dim "
+                             f"{MAX_ROPE_ENTRIES:,})")
+
+    def size_summary(self) -> str:
+        """'6.9M parameters (28 MB in float32, 14 MB in bfloat16)', the memory estimate of errors."""
+        n = self.num_params()
+        return (f"{_count(n)} parameters ({_bytes(4 * n)} in float32, {_bytes(2 * n)} in bfloat16; "
+                f"rotary tables {_bytes(self.rope_table_bytes())})")
+
+    def rope_table_bytes(self) -> int:
+        # model.py keeps cos and sin for 2 * max_seq_len positions, D/2 float32 each
+        return 2 * (2 * self.max_seq_len) * (self.head_dim // 2) * 4
+
+    def check_checkpoint(self, shapes: dict, weights_file, config_file) -> None:
+        """The tensors a loader is about to adopt (name -> shape, Meta's names) against this
+        config, from the names and shapes alone: the layer count and the embedding. A config
+        that describes another (say a far larger) model than the file holds is refused here,
+        with both sizes, before a skeleton of it is built."""
+        layers = {int(k.split(".")[1]) for k in shapes if k.startswith("layers.") and k.split(".")[1].isdigit()}
+        emb = shapes.get("tok_embeddings.weight")
+        stored = sum(math.prod(s) for s in shapes.values())
+        if layers != set(range(self.n_layers)):
+            gaps = "" if len(layers) == max(layers, default=-1) + 1 else ", numbered with gaps"
+            raise ValueError(f"{config_file} describes {self.n_layers} layers ({self.size_summary()}) but "
+                             f"{weights_file} holds {len(layers)} layers{gaps} ({_count(stored)} parameters)")
+        expected = (self.vocab_size, self.dim)
+        if emb is not None and self.vocab_size > 0 and tuple(emb) != expected:
+            raise ValueError(f"{config_file} implies tok_embeddings.weight {expected} ({self.size_summary()}) but "
+                             f"{weights_file} holds {tuple(emb)} ({_count(stored)} parameters)")
 
     @property
     def head_dim(self) -> int:
@@ -98,8 +153,8 @@ class ModelArgs:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no such params.json") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of 5,000 digits
+            raise ValueError(f"{path}: not valid JSON ({str(e)[:200]})") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a JSON object of model parameters")
         fields = {f.name for f in dataclasses.fields(cls)}
@@ -247,6 +302,35 @@ PRESETS: dict[str, dict] = {
     # English Bible with a 4,096-piece tokenizer by scripts/train_default_model.sh (6.9M params).
     "bible-7m": dict(dim=256, n_layers=6, n_heads=8, vocab_size=4096, multiple_of=32, max_seq_len=256),
 }
+
+
+# ---- size limits ------------------------------------------------------------------------
+# Checked from the config alone, before any loader builds or reads anything from it. Far above
+# every released Llama (the largest, Llama 3.1 405B's params.json: dim 16384, 126 layers,
+# 128 heads, FFN 53248, 131072 positions; LLaMA 65B's 64 kv heads; Llama 3's vocabulary 128256), far below
+# sizes whose mere skeleton exhausts memory.
+LIMITS = {"dim": 1 << 16, "n_layers": 1 << 10, "n_heads": 1 << 10, "n_kv_heads": 1 << 10, "multiple_of": 1 << 16,
+          "hidden_dim": 1 << 20, "vocab_size": 1 << 22, "max_seq_len": 1 << 22, "max_batch_size": 1 << 16,
+          "rope_original_context": 1 << 22}
+LARGEST_LLAMA = {"dim": 16384, "n_layers": 126, "n_heads": 128, "n_kv_heads": 64, "multiple_of": 4096,
+                 "hidden_dim": 53248, "vocab_size": 128256, "max_seq_len": 131072, "max_batch_size": 32,
+                 "rope_original_context": 8192}
+MAX_PARAMS = 10 ** 13  # 25x the largest Llama
+MAX_ROPE_ENTRIES = 1 << 30  # max_seq_len * head_dim: 8 GB of rotary tables (a 4M context at D = 128 needs 4 GB)
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} B"
 
 
 def estimate_flops_per_token(args: ModelArgs, seq_len: int) -> float:

@@ -4,8 +4,8 @@ Nothing here trains: this file wires Alpaca data (alpaca.py) and, for LoRA, a mo
 trainable-parameter filter (lora.py) into `train.loop.train`, the same loop pretraining uses.
 Full fine-tuning writes a checkpoint in our dir format; LoRA writes a PEFT-format adapter.
 
-Defaults follow the recipes of REFERENCE b10: stanford_alpaca (weight decay 0, cosine schedule,
-3% warm-up, max length 512) and alpaca-lora for LoRA (r 8, alpha 16, dropout 0.05, q and v).
+Defaults follow the published recipes: stanford_alpaca's train.py and README (weight decay 0,
+cosine schedule, 3% warm-up, max length 512) and alpaca-lora for LoRA (r 8, alpha 16, dropout 0.05, q and v).
 The learning rate has no single right default across sizes: 2e-5 is stanford_alpaca's for full
 7B fine-tuning, 3e-4 alpaca-lora's for LoRA; small models want more.
 """
@@ -18,6 +18,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from .alpaca import Batches, build_dataset, load_records
 from .lora import apply_lora, is_lora_parameter, save_adapter, trainable_fraction
@@ -49,6 +51,22 @@ class FinetuneConfig:
     progress: bool = True
     ckpt_every: int = 0  # 0: a checkpoint (and, with LoRA, an adapter in it) only at the end
     resume: bool = False  # continue from the newest checkpoint in `out` (the loop's exact resume)
+    allow_changed: bool = False  # resume even if run-defining settings changed (they are named otherwise)
+    force: bool = False  # replace a run or model already in `out` (never `model` itself: refused)
+
+
+def run_flags(cfg: FinetuneConfig, max_steps: int, lr: float) -> dict:
+    """What defines a fine-tuning run, as its flags (the loop compares them on --resume): the base
+    model's path, the data's content (sha256), and every setting that changes the updates."""
+    import hashlib
+
+    flags = {"--model": str(Path(cfg.model).resolve()),
+             "--data": hashlib.sha256(Path(cfg.data).read_bytes()).hexdigest(), "--lora": cfg.lora,
+             "--max-steps": max_steps, "--lr": lr}
+    names = ["batch_size", "grad_accum", "warmup_ratio", "weight_decay", "max_len", "seed", "dtype", "template"]
+    if cfg.lora:
+        names += ["lora_r", "lora_alpha", "lora_dropout", "lora_targets"]
+    return {**flags, **{"--" + n.replace("_", "-"): getattr(cfg, n) for n in names}}
 
 
 def own_weights(model):
@@ -71,6 +89,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     out = Path(cfg.out)
     if out.is_file():
         raise NotADirectoryError(f"--out {out}: is a file; the output is a directory")
+    from .cli.outputs import check_output  # the rule of every writer: never the input, never silently
+    check_output(out, force=cfg.force, resume=cfg.resume, inputs=[cfg.model, cfg.data])
     # Check the data before loading the model: a bad record stops the run before any training.
     records = load_records(cfg.data)
     model, tokenizer = load_model(cfg.model)
@@ -84,6 +104,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
     batches = Batches(dataset, cfg.batch_size, cfg.seed, pad_id)
 
     if cfg.lora:
+        # seeded here, right before the adapters are made: lora_A's random init is then a function
+        # of --seed alone, so two runs with one seed write byte-identical adapters
+        torch.manual_seed(cfg.seed)
         apply_lora(model, cfg.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
         trainable = is_lora_parameter
     else:
@@ -99,7 +122,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         warmup_steps=max(1, round(cfg.warmup_ratio * max_steps)), weight_decay=cfg.weight_decay,
         grad_accum=cfg.grad_accum, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed,
         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, keep_checkpoints=1, progress=cfg.progress,
-        resume=cfg.resume)
+        resume=cfg.resume, allow_changed=cfg.allow_changed, overwrite=cfg.force, run=run_flags(cfg, max_steps, lr))
 
     def write_files(d: Path):  # into each checkpoint: an adapter, or what load_model needs
         if cfg.lora:

@@ -237,7 +237,8 @@ def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None 
 
 
 def read_adapter(adapter_dir) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
+    from .weights.hf import read_safetensors
+    from .weights.meta import load_pth
 
     d = Path(adapter_dir)
     cfg_path, w_path = d / CONFIG_NAME, d / WEIGHTS_NAME
@@ -250,9 +251,9 @@ def read_adapter(adapter_dir) -> tuple[dict, dict[str, torch.Tensor]]:
     if not isinstance(config, dict):
         raise ValueError(f"{cfg_path}: expected a JSON object")
     if w_path.is_file():
-        tensors = load_file(str(w_path))
-    elif (d / "adapter_model.bin").is_file():  # older PEFT; a plain tensor dict, never unpickled objects
-        tensors = torch.load(d / "adapter_model.bin", map_location="cpu", weights_only=True)
+        tensors = read_safetensors(w_path)  # a truncated file is a one-line error naming it
+    elif (d / "adapter_model.bin").is_file():  # older PEFT: a plain tensor dict, never unpickled objects
+        tensors = load_pth(d / "adapter_model.bin")
     else:
         raise FileNotFoundError(f"{d}: {WEIGHTS_NAME} not found")
     return config, tensors

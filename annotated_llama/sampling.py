@@ -62,7 +62,8 @@ def check_range(name: str, value) -> None:
     """ValueError naming `name` unless `value` is a finite number within LIMITS[name]."""
     low, high, closed = LIMITS[name]
     integer = isinstance(low, int)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and int(value) != value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            integer and math.isfinite(value) and int(value) != value):  # (int(nan) raises: NaN is refused below)
         raise ValueError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
     if not math.isfinite(value) or not (low <= value if closed else low < value) or value > high:
         raise ValueError(f"{name} must be in {'[' if closed else '('}{low}, {high}], got {value!r}")

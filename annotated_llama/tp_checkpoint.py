@@ -23,6 +23,7 @@ import torch
 from .config import ModelArgs
 from .model import Transformer
 from .tensor_parallel import check_divisible, parallelize
+from .weights.meta import load_pth
 
 # Meta's model-parallel layout (REFERENCE b4; HF convert_llama_weights_to_hf.py): the dim each
 # tensor is split on across consolidated.NN.pth; None = replicated in every shard.
@@ -71,7 +72,7 @@ def inspect_checkpoint(path) -> tuple[ModelArgs, str, int]:
     # Meta's params.json records neither the shard count nor (vocab_size -1) the vocabulary: read
     # both off the shapes in any one shard. mmap: only the pickled header is read, no tensor data.
     try:
-        shard = torch.load(found[0], map_location="cpu", weights_only=True, mmap=True)
+        shard = load_pth(found[0])  # pickled objects: refused in one line, naming the file
         rows, head_rows = shard["layers.0.attention.wq.weight"].shape[0], shard["output.weight"].shape[0]
     except (RuntimeError, KeyError, EOFError, ValueError) as e:
         raise ValueError(f"{found[0]}: not a readable Meta shard ({str(e).splitlines()[0][:120]})") from None
@@ -103,7 +104,7 @@ def _read_meta(path: Path, args: ModelArgs, S: int, N: int, rank: int, convert):
     for s in mine:
         if not paths[s].is_file():
             raise FileNotFoundError(f"{paths[s]}: no such file (rank {rank} of {N} needs it; the checkpoint has {S} shards)")
-        shards[s] = torch.load(paths[s], map_location="cpu", weights_only=True, mmap=True)
+        shards[s] = load_pth(paths[s])
     emb = shards[first]["tok_embeddings.weight"]
     # (V, C/S) for LLaMA 1/2's ParallelEmbedding, (V/S, C) for Llama 3's VocabParallelEmbedding
     embedding_dim = 0 if S > 1 and emb.shape[0] * S == args.vocab_size else 1

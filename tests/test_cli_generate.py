@@ -81,14 +81,17 @@ def test_generate_reads_the_prompt_from_stdin(capsys, model_dir, monkeypatch):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--top-p", "0"], "top_p"),
-    (["--temperature", "-1"], "temperature"),
+    (["--top-p", "0"], "argument --top-p"),  # refused while parsing (cli/argtypes.py)
+    (["--temperature", "-1"], "argument --temperature"),
     (["--tp", "3"], "--tp 3"),  # n_heads 4 is not divisible by 3: refused before any process starts
     (["--template", "llama-3"], "Llama 3 tokenizer"),
     (["--template", "llama-2", "--system", "say [INST]"], "special tags"),
 ])
 def test_generate_errors_are_one_line(capsys, model_dir, extra, message):
-    code, out, err = cli(capsys, "generate", "Hi", "--model", str(model_dir), "--max-new-tokens", "2", *extra)
+    try:
+        code, out, err = cli(capsys, "generate", "Hi", "--model", str(model_dir), "--max-new-tokens", "2", *extra)
+    except SystemExit as e:  # argparse
+        code, err = e.code, capsys.readouterr().err
     assert code == 2 and message in err and err.strip().count("\n") == 0, err
 
 

@@ -36,8 +36,11 @@ class Server:
                 data = server.files[path]
                 match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
                 start = int(match.group(1)) if match and action != "ignore-range" else 0
-                if start >= len(data) and start:
-                    self.send_error(416)
+                if start >= len(data) and start:  # RFC 9110 15.5.17: 416 states the length
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(data)}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                     return
                 body = data[start:]
                 if action == "corrupt":
@@ -176,10 +179,13 @@ def test_meta_layout_with_a_flaky_server(server, tmp_path):
         assert (tmp_path / "llama" / name).read_bytes() == server.files["/" + name]
     assert all(query == "Policy=abc&Signature=xyz" for _, _, query in server.log)
     assert server.requests("/13B/consolidated.01.pth") == [None, "bytes=10000-", None]
-    # Running again fetches nothing but the (unverifiable) checklists: every file is verified in place.
+    # Running again fetches only the checklists (afresh: they verify everything else); every other
+    # file is verified in place by its md5.
     before = len(server.log)
     assert download("--meta-url", url, "--models", "7B,13B", "--dest", tmp_path / "llama") == 0
-    assert len(server.log) == before
+    again = server.log[before:]
+    assert sorted(p for p, _, _ in again) == ["/13B/checklist.chk", "/7B/checklist.chk", "/tokenizer_checklist.chk"]
+    assert all(rng is None for _, rng, _ in again)
 
 
 def test_meta_layout_stops_at_an_expired_link_keeping_verified_files(server, tmp_path, capsys):
@@ -197,11 +203,15 @@ def test_meta_layout_stops_at_an_expired_link_keeping_verified_files(server, tmp
     assert (tmp_path / "13B" / "consolidated.01.pth").read_bytes() == server.files["/13B/consolidated.01.pth"]
 
 
-def test_existing_corrupt_file_is_replaced(server, tmp_path):
+def test_existing_corrupt_file_is_replaced_only_with_force(server, tmp_path, capsys):
     data = payload(40_000)
     server.files["/w.bin"] = data
     (tmp_path / "w.bin").write_bytes(b"x" * 40_000)  # final name, wrong bytes (same size)
-    assert download("--url", f"{server.url}/w.bin", "--dest", tmp_path / "w.bin", "--md5", md5(data)) == 0
+    assert download("--url", f"{server.url}/w.bin", "--dest", tmp_path / "w.bin", "--md5", md5(data)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "w.bin: already exists" in err[0] and "--force" in err[0]
+    assert (tmp_path / "w.bin").read_bytes() == b"x" * 40_000 and server.log == []
+    assert download("--url", f"{server.url}/w.bin", "--dest", tmp_path / "w.bin", "--md5", md5(data), "--force") == 0
     assert (tmp_path / "w.bin").read_bytes() == data
 
 

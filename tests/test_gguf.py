@@ -294,7 +294,7 @@ def test_quantize_and_convert_write_gguf_types_and_protect_files(tmp_path, spm_m
     for argv in (("quantize", out, out, "--mode", "q8_0", "--force"), ("convert", out, out, "--to", "gguf", "--force"),
                  ("quantize", tmp_path / "ours", tmp_path, "--mode", "int8", "--force")):
         r = run(*argv)
-        assert r.returncode == 2 and "is the input" in r.stderr, r.stderr
+        assert r.returncode == 2 and "this command's input" in r.stderr, r.stderr
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
     # from a quantized GGUF: int8 dirs and float layouts read its dequantized values (float32)
     r = run("quantize", out, tmp_path / "q8dir", "--mode", "int8")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 from ..chat_format import TEMPLATE_STOPS, encode_dialog
+from .argtypes import read_stdin
 from .generate import add_sampling_arguments, build_llama, sampling_kwargs
 
 
@@ -43,7 +44,11 @@ def run(args):
         if interactive:
             sys.stdout.write("> ")
             sys.stdout.flush()
-        line = sys.stdin.readline()
+        try:
+            line = read_stdin(line=True)
+        except ValueError as e:  # one line of invalid UTF-8: say so and carry on, as for a template error
+            print(f"annotated-llama chat: error: {e}", file=sys.stderr)
+            continue
         if not line:  # EOF: Ctrl-D, or the end of piped input
             if interactive:
                 sys.stdout.write("\n")

@@ -23,15 +23,6 @@ def add_arguments(p):
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
 
 
-def check_output(src: Path, dst: Path, force: bool) -> None:
-    """DST may be replaced only with --force, and never when that would touch SRC."""
-    s, d = src.resolve(), dst.resolve()
-    if s == d or d in s.parents:
-        raise ValueError(f"{dst}: is the input {src} (or holds it); choose another output path")
-    if dst.exists() and not force and (dst.is_file() or any(dst.iterdir())):
-        raise FileExistsError(f"{dst}: already exists (pass --force to replace it)")
-
-
 def float_load_dtype(src: Path, dtype):
     """The dtype to load SRC in for a float (or our GGUF-quantized) output: as stored, but a
     quantized GGUF in float32 (its dequantized values), never into the int8/int4 kernels."""
@@ -46,13 +37,14 @@ def float_load_dtype(src: Path, dtype):
 
 def run(args):
     from ..weights import load_model, save_model
+    from .outputs import check_output
 
     src, dst = Path(args.src), Path(args.dst)
     if args.dtype in GGUF_DTYPES and args.to != "gguf":
         raise ValueError(f"--dtype {args.dtype}: only GGUF stores {args.dtype.upper()} (use --to gguf)")
     if args.shards < 1 or (args.shards != 1 and args.to != "meta"):
         raise ValueError(f"--shards {args.shards}: a positive count, only for --to meta")
-    check_output(src, dst, args.force)
+    check_output(dst, force=args.force, inputs=[src], flag="DST")  # cli/outputs.py: the rule of every writer
     model, tokenizer = load_model(src, dtype=float_load_dtype(src, args.dtype))
     save_model(model, tokenizer, dst, format=args.to, dtype=args.dtype, shards=args.shards, overwrite=True)
     if not args.quiet:

@@ -6,17 +6,19 @@ and per `task` field, with the share of replies that ended at EOS (a model that 
 
 import json
 
+from . import argtypes
+
 
 def add_arguments(p):
     p.add_argument("--model", help="model to evaluate (default: the embedded default model)")
     p.add_argument("--lora", help="PEFT-format LoRA adapter dir applied to --model")
     p.add_argument("--data", required=True, help="Alpaca records with answers (JSON or JSONL), e.g. "
                    "data/instruct/heldout.jsonl")
-    p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--limit", type=int, help="evaluate only the first N records")
-    p.add_argument("--show", type=int, default=0, help="print N wrong replies")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--max-new-tokens", type=argtypes.positive_int, default=24)
+    p.add_argument("--batch-size", type=argtypes.positive_int, default=16)
+    p.add_argument("--limit", type=argtypes.positive_int, help="evaluate only the first N records")
+    p.add_argument("--show", type=argtypes.nonnegative_int, default=0, help="print N wrong replies")
+    p.add_argument("--device", type=argtypes.device, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 

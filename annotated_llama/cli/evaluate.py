@@ -2,16 +2,18 @@
 
 import json
 
+from . import argtypes
+
 
 def add_arguments(p):
     p.add_argument("--model", help="model dir (params.json, model.safetensors, tokenizer.model); "
                                    "default: the embedded default model")
     p.add_argument("--data", required=True, help="token shard dir (from `pretokenize`) or a UTF-8 text file")
     p.add_argument("--split", default="val", choices=["val", "train"], help="which split of a shard dir")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--max-windows", type=int, default=32,
+    p.add_argument("--seq-len", type=argtypes.positive_int, default=256)
+    p.add_argument("--max-windows", type=argtypes.nonnegative_int, default=32,
                    help="evaluate the first N windows of --seq-len tokens (0: all)")
-    p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--threads", type=argtypes.positive_int, help="torch threads")
 
 
 def run(args):

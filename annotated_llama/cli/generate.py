@@ -15,23 +15,30 @@ from ..chat_format import TEMPLATE_STOPS, TEMPLATES, encode_prompt
 
 
 def add_sampling_arguments(p, max_new_tokens=256):
-    """Flags shared by generate and chat."""
+    """Flags shared by generate and chat (ranges checked by cli/argtypes.py)."""
+    from . import argtypes
+
     p.add_argument("--model", help="checkpoint: Meta dir, HF dir, our dir or .gguf (default: the embedded model)")
     p.add_argument("--tokenizer", help="tokenizer.model or .gguf (default: the one beside the weights)")
     p.add_argument("--lora", help="PEFT-format LoRA adapter dir applied to the model")
-    p.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel ranks (needs torchrun)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--tp", type=argtypes.positive_int, default=1, metavar="N",
+                   help="tensor-parallel ranks (needs torchrun)")
+    p.add_argument("--device", type=argtypes.device, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: as stored)")
     p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization applied after loading")
-    p.add_argument("--max-seq-len", type=int, default=2048, help="context cap (never above the model's)")
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
+    p.add_argument("--max-seq-len", type=argtypes.positive_int, default=2048,
+                   help="context cap (never above the model's)")
+    p.add_argument("--max-new-tokens", type=argtypes.nonnegative_int, default=max_new_tokens, metavar="N",
                    help=f"most tokens to generate (default {max_new_tokens}; 0: up to the end of the context)")
-    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default 0.6)")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="HF-style penalty, 1.0 = none")
+    p.add_argument("--temperature", type=argtypes.temperature, default=0.6,
+                   help="0 = greedy (default 0.6, at most 2)")
+    p.add_argument("--top-p", type=argtypes.top_p, default=0.9, help="nucleus sampling mass (default 0.9)")
+    p.add_argument("--top-k", type=argtypes.top_k, default=None,
+                   help="sample among the k most likely tokens only")
+    p.add_argument("--repetition-penalty", type=argtypes.repetition_penalty, default=1.0,
+                   help="HF-style penalty, 1.0 = none")
     p.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--seed", type=argtypes.seed, default=None, help="seed for reproducible sampling")
     p.add_argument("--backend", choices=["auto", "eager", "compiled"], default="auto",
                    help="how decode steps run: eagerly, or compiled by torch.compile on a background thread "
                         "(default auto: compiled for chat; eager for one generate, which ends before a cold "
@@ -89,7 +96,8 @@ def run(args):
     # there, so stdin is left for rank 0 to read
     llama = build_llama(args)
     if prompt is None:
-        prompt = sys.stdin.read()
+        from .argtypes import read_stdin
+        prompt = read_stdin()  # invalid UTF-8: one line naming stdin
     ids = encode_prompt(llama.tokenizer, prompt, args.template, args.system)
     stops = list(args.stop) + list(TEMPLATE_STOPS[args.template])
 

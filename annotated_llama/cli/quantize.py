@@ -9,11 +9,9 @@ a GGUF file of that llama.cpp type, which llama.cpp runs as is. DST is refused i
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
-from .convert import GGUF_DTYPES, check_output, float_load_dtype
+from .convert import GGUF_DTYPES, float_load_dtype
 
 
 def add_arguments(p):
@@ -28,11 +26,12 @@ def add_arguments(p):
 def run(args) -> int:
     from ..quantize import INT4_GROUP_SIZES, quantize_model, save_quantized
     from ..weights import load_model, save_model
+    from .outputs import check_output, replacing
 
-    src, dst = Path(args.src), Path(args.dst)
+    src = Path(args.src)
+    dst = check_output(args.dst, force=args.force, inputs=[src], flag="DST")  # cli/outputs.py
     if args.mode == "int4" and args.group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"--group-size {args.group_size}: int4 needs one of {INT4_GROUP_SIZES}")
-    check_output(src, dst, args.force)
     if args.mode in GGUF_DTYPES:
         if dst.is_dir():
             raise IsADirectoryError(f"{dst}: is a directory; --mode {args.mode} writes a GGUF file")
@@ -44,17 +43,7 @@ def run(args) -> int:
         raise NotADirectoryError(f"{dst}: is a file; --mode {args.mode} writes a checkpoint directory")
     model, tokenizer = load_model(src, dtype="float32")
     quantize_model(model, args.mode, group_size=args.group_size)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
+    with replacing(dst, directory=True) as tmp:  # the old dir goes only once the new one is complete
         save_quantized(model, tmp, tokenizer_model=tokenizer.model_bytes() if tokenizer is not None else None)
-        if dst.exists():  # --force: the old dir goes only once the new one is complete
-            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {args.mode} checkpoint to {dst}")
     return 0

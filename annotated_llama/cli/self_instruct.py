@@ -26,17 +26,29 @@ def add_arguments(p):
     p.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry (doubles each time)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="start over: replace --out and its state instead of "
+                   "refusing (an --out with its OUT.state.json is otherwise resumed)")
 
 
 def run(args):
     import importlib.util
 
-    from ..self_instruct import Config, run as generate
+    from pathlib import Path
+
+    from ..self_instruct import Config, run as generate, state_path
+    from .outputs import check_output
+
+    # the rule of every writer (cli/outputs.py); an --out with its state file is a run to resume
+    out = Path(args.out)
+    check_output(out, force=args.force, inputs=[args.seed_tasks], resume=state_path(out).is_file() or None)
 
     missing = [m for m in ("openai", "rouge_score") if importlib.util.find_spec(m) is None]
     if missing:
         raise ValueError(f"self-instruct needs the {' and '.join(missing)} package(s): pip install 'annotated-llama[self-instruct]'")
 
+    if args.force:  # start over, only once the checks above have passed
+        state_path(out).unlink(missing_ok=True)
+        out.unlink(missing_ok=True)
     cfg = Config(seed_tasks=args.seed_tasks, out=args.out, num=args.num, endpoint=args.endpoint, model=args.model,
                  api_key=args.api_key, batch=args.batch, temperature=args.temperature, top_p=args.top_p,
                  max_tokens=args.max_tokens, prompt_tasks=args.prompt_tasks, api=args.api,

@@ -1,10 +1,11 @@
 """`annotated-llama tokenize TEXT`: print the ids, separated by spaces."""
 
 from ..tokenizer import Tokenizer
+from . import argtypes
 
 
 def add_arguments(p):
-    p.add_argument("text", help="text to tokenize")
+    p.add_argument("text", type=argtypes.utf8_text, help="text to tokenize")
     p.add_argument("--tokenizer", help="tokenizer.model or .gguf (default: the embedded default model's)")
     p.add_argument("--bos", action="store_true", help="prepend the BOS id")
     p.add_argument("--eos", action="store_true", help="append the EOS id")

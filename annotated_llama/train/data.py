@@ -42,11 +42,20 @@ def read_corpus(paths) -> str:
     for p in map(Path, paths):
         if not p.is_file():
             raise FileNotFoundError(f"{p}: corpus file not found")
-        if p.suffix == ".xz":
-            import lzma
-            text = lzma.open(p, "rt", encoding="utf-8").read()
-        else:
-            text = p.read_text(encoding="utf-8")
+        import lzma
+        try:
+            if p.suffix == ".xz":
+                with lzma.open(p) as f:
+                    data = f.read()
+            else:
+                data = p.read_bytes()
+        except (OSError, EOFError, lzma.LZMAError) as e:  # unreadable, truncated or not xz at all
+            raise ValueError(f"{p}: cannot read the corpus file ({e})") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{p}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start:,}"
+                             f"{' of the decompressed text' if p.suffix == '.xz' else ''})") from None
         if not text.strip():
             raise ValueError(f"{p}: corpus file is empty")
         texts.append(text)

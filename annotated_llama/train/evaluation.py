@@ -14,9 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
-from ..config import ModelArgs
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from .data import check_tokenizer, documents, fixed_windows, open_tokens, read_corpus
@@ -31,13 +29,10 @@ def load_model_dir(path, dtype=torch.float32) -> tuple[Transformer, Tokenizer]:
     for name in ("params.json", "model.safetensors", "tokenizer.model"):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path}: {name} missing (expected params.json, model.safetensors, tokenizer.model)")
-    args = ModelArgs.from_params_json(path / "params.json")
-    tok = Tokenizer(path / "tokenizer.model")
-    if args.vocab_size == -1:
-        args.vocab_size = tok.n_words
-    model = Transformer(args)
-    model.load_state_dict({k: v.to(dtype) for k, v in load_file(path / "model.safetensors").items()})
-    return model.to(dtype).eval(), tok
+    # the loader's checks: the config against the file's tensors before anything is built
+    from ..weights import load_model
+    model, tok = load_model(path, dtype=dtype)
+    return model.eval(), tok
 
 
 @torch.no_grad()

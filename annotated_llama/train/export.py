@@ -18,18 +18,25 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import ModelArgs
-from .checkpoint import latest_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint
 from .evaluation import EVAL_SEQ_LEN, EVAL_WINDOWS, evaluate_model, load_model_dir
 
 FILES = ("params.json", "model.safetensors", "tokenizer.model", "eval.json")
 
 
-def export(src, out_dir, data_dir, dtype: torch.dtype = torch.bfloat16, log_path=None) -> dict:
+def export(src, out_dir, data_dir, dtype: torch.dtype = torch.bfloat16, log_path=None, force: bool = False) -> dict:
+    """Write FILES into `out_dir` (a dir that may hold other files, as the package's default_model
+    does); FILES already there are replaced only with `force`, and never from inside `src`."""
+    from ..cli.outputs import check_output
+
     src = Path(src)
     ckpt = src if (src / "train_state.pt").is_file() else latest_checkpoint(src)
     if ckpt is None:
         raise FileNotFoundError(f"{src}: no checkpoint (ckpt-NNNNNNN with train_state.pt) found")
     out = Path(out_dir)
+    check_output(out, force=True, inputs=[ckpt, data_dir], flag="OUT")  # never the run's or the data's dir
+    for name in FILES:
+        check_output(out / name, force=force, flag="OUT")
     tmp = out.with_name(f".{out.name}.export-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -39,7 +46,7 @@ def export(src, out_dir, data_dir, dtype: torch.dtype = torch.bfloat16, log_path
     shutil.copyfile(ckpt / "params.json", tmp / "params.json")
     shutil.copyfile(ckpt / "tokenizer.model", tmp / "tokenizer.model")
 
-    train_state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=True)
+    _, train_state = load_checkpoint(ckpt)  # a damaged checkpoint: one line naming its file
     model, _ = load_model_dir(tmp)
     metrics = evaluate_model(model, data_dir, seq_len=EVAL_SEQ_LEN, max_windows=EVAL_WINDOWS)
     info = {
@@ -79,10 +86,16 @@ def main(argv=None):
     p.add_argument("--data", required=True, help="token shard dir with val.bin")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--log", help="log.jsonl of the run (default: SRC/log.jsonl)")
+    p.add_argument("--force", action="store_true", help="replace the model files already in OUT")
     a = p.parse_args(argv)
     log = a.log or (Path(a.src) / "log.jsonl")
-    info = export(a.src, a.out, a.data, getattr(torch, a.dtype), log)
+    try:
+        info = export(a.src, a.out, a.data, getattr(torch, a.dtype), log, force=a.force)
+    except (ValueError, OSError) as e:  # as annotated-llama reports a bad input: one line
+        print(f"annotated_llama.train.export: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
     print(json.dumps(info, indent=2))
+    return 0
 
 
 if __name__ == "__main__":

@@ -26,6 +26,11 @@ API (kept stable; other modules call it):
   as exp(val_loss) if missing. `token_loss_eval(batches)` builds one from fixed batches.
 - `write_files(dir)`: writes model-specific files into each checkpoint dir before it is renamed
   into place (params.json and tokenizer.model for pretraining, an adapter for LoRA).
+With `trainable`, a checkpoint holds only the trained tensors and their optimizer state (LoRA: the
+adapters; the frozen base comes from where the caller loaded it). On resume (`cfg.resume`) the
+newest checkpoint that reads back whole is used (damaged newer ones are named on stderr), and
+`cfg.run` (the caller's run-defining flags; else RUN_FIELDS) must equal the checkpoint's unless
+`cfg.allow_changed`. `cfg.overwrite` lets a new run replace another one's checkpoints in out_dir.
 Returns {"step", "loss" (last training loss), "val_loss"?, "tokens", "elapsed_s", "checkpoint"}.
 
 Loss: mean cross-entropy over non-ignored targets per micro-batch, divided by grad_accum.
@@ -45,6 +50,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -60,10 +66,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from tqdm import tqdm
 
 from .. import distributed as dist_utils
-from .checkpoint import latest_checkpoint, load_checkpoint, remove_stale_temporaries, save_checkpoint
+from .checkpoint import list_checkpoints, newest_intact_checkpoint, remove_stale_temporaries, save_checkpoint
 
-# Measured matmul peaks of this machine (../shared/MACHINE.md, 2 threads, 2048^3 square matmul);
-# MFU is reported against these. On CUDA, H100 SXM dense peaks (NVIDIA datasheet).
+# Matmul peaks measured on the 2-core Zen 4 CPU box this project is developed on (a 2048^3 square
+# matmul on 2 threads); MFU is reported against these. On CUDA, H100 SXM dense peaks (NVIDIA datasheet).
 PEAK_FLOPS = {("cpu", "bfloat16"): 410e9, ("cpu", "float32"): 170e9,
               ("cuda", "bfloat16"): 989e12, ("cuda", "float32"): 67e12}
 
@@ -93,6 +99,12 @@ class TrainConfig:
     progress: bool = True  # a tqdm bar on rank 0 when stderr is a terminal
     flops_per_token: Optional[float] = None  # for MFU; None: not reported
     peak_flops: Optional[float] = None  # None: PEAK_FLOPS for (device, dtype)
+    # What defines the run, as {flag: value} (the caller's command-line flags: data, model,
+    # batch size...); saved in each checkpoint and compared on resume. None: the schedule and
+    # optimizer fields below (RUN_FIELDS) are compared instead.
+    run: Optional[dict] = None
+    allow_changed: bool = False  # resume even if `run` differs from the checkpoint's
+    overwrite: bool = False  # start a new run in an out_dir holding another one (its checkpoints go)
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16"):
@@ -102,6 +114,12 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup_steps is None:
             self.warmup_steps = max(1, min(2000, self.max_steps // 20))
+
+
+# Fields that change what a run computes (its schedule, optimizer, data order): a resumed run must
+# keep them, or it silently becomes another run (a changed --lr once diverged on resume).
+RUN_FIELDS = ("max_steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "eps",
+              "grad_clip", "grad_accum", "dtype", "seed")
 
 
 # ---- schedule and optimizer ------------------------------------------------------------------
@@ -188,12 +206,24 @@ def train(model: nn.Module, batches, cfg: TrainConfig, *, trainable=None, evalua
     # -- resume: model, optimizer, schedule position --
     start_step, tokens_seen, elapsed = 0, 0, 0.0
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    ckpt = latest_checkpoint(out) if cfg.resume else None
+    trained = _trainable_names(model)
+    ckpt = None
+    if cfg.resume:
+        ckpt, model_state, state, problems = newest_intact_checkpoint(out)
+        if ckpt is None and problems:
+            raise ValueError(f"--resume: no checkpoint in {out} loads ({problems[0]}); remove them to start over")
+        if rank == 0:
+            for problem in problems:
+                print(f"skipping a damaged checkpoint: {problem}", file=sys.stderr)
     if cfg.resume and ckpt is None and rank == 0:
         _truncate_log(log_path, 0)  # killed before its first checkpoint: start over
     if ckpt is not None:
-        model_state, state = load_checkpoint(ckpt)
-        set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True, strict=True))
+        _check_same_run(ckpt, state, cfg, rank)
+        partial = bool(state.get("trainable_only"))
+        if partial and set(model_state) != trained:
+            raise ValueError(f"{ckpt}: holds {len(model_state)} trained tensors, but this run trains "
+                             f"{len(trained)} (another LoRA configuration?)")
+        set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True, strict=not partial))
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         start_step, tokens_seen, elapsed = state["step"], state["tokens"], state["elapsed_s"]
         if rank == 0:
@@ -227,10 +257,13 @@ def train(model: nn.Module, batches, cfg: TrainConfig, *, trainable=None, evalua
 
     def save(step: int):
         model_state = get_model_state_dict(model, options=full)
+        if trainable is not None:  # LoRA: the adapters; the frozen base is the --model it started from
+            model_state = {k: v for k, v in model_state.items() if k in trained}
         optim_state = get_optimizer_state_dict(model, optimizer, options=full)
         if rank == 0:
             state = {"step": step, "tokens": tokens_seen, "elapsed_s": elapsed + time.perf_counter() - t_start,
-                     "optimizer": optim_state, "config": dataclasses.asdict(cfg), "world_size": world}
+                     "optimizer": optim_state, "config": dataclasses.asdict(cfg), "world_size": world,
+                     "trainable_only": trainable is not None}
             save_checkpoint(out, step, model_state, state, write_files, keep=cfg.keep_checkpoints)
         dist_utils.barrier()
 
@@ -291,13 +324,49 @@ def train(model: nn.Module, batches, cfg: TrainConfig, *, trainable=None, evalua
 # ---- run directory and log -------------------------------------------------------------------
 
 def _claim_out_dir(out: Path, cfg: TrainConfig):
-    """Refuse to train into a dir that holds another run unless resuming it; never overwrite."""
+    """Refuse to train into a dir that holds another run unless resuming it (or, with
+    cfg.overwrite, replacing it: its checkpoints and log are removed); never overwrite."""
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
-    has_run = latest_checkpoint(out) is not None or (out / "log.jsonl").exists()
+    has_run = bool(list_checkpoints(out)) or (out / "log.jsonl").exists()
     if has_run and not cfg.resume:
-        raise FileExistsError(f"{out}: holds another run's checkpoints/log.jsonl; pass --resume to continue it "
-                              "or choose another --out")
+        if not cfg.overwrite:
+            raise FileExistsError(f"{out}: holds another run's checkpoints/log.jsonl; pass --resume to continue it, "
+                                  "--force to replace it, or choose another --out")
+        for _, ckpt in list_checkpoints(out):
+            shutil.rmtree(ckpt)
+        (out / "log.jsonl").unlink(missing_ok=True)
+
+
+def _trainable_names(model: nn.Module) -> set[str]:
+    return {name for name, p in dist_utils.unwrap(model).named_parameters() if p.requires_grad}
+
+
+def _check_same_run(ckpt: Path, state: dict, cfg: TrainConfig, rank: int) -> None:
+    """Refuse a resume whose run-defining flags differ from the checkpoint's, naming them."""
+    config = state.get("config") or {}
+    if cfg.run is not None and config.get("run") is not None:
+        saved, now = config["run"], cfg.run
+        keys = [k for k in now if k in saved]
+    else:  # no flags recorded: the loop's own fields
+        saved, now = config, dataclasses.asdict(cfg)
+        keys = [k for k in RUN_FIELDS if k in saved]
+    changed = [k for k in keys if saved[k] != now[k]]
+    if not changed:
+        return
+
+    def show(values):
+        return " ".join(f"{k} {_short(values[k])}" for k in changed)
+    if not cfg.allow_changed:
+        raise ValueError(f"--resume: {ckpt.name} was trained with {show(saved)}, but this run has {show(now)}; "
+                         "resume with the same flags, or pass --allow-changed-flags to continue with the new ones")
+    if rank == 0:
+        print(f"resuming with changed flags: {show(saved)} -> {show(now)}", file=sys.stderr)
+
+
+def _short(value) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _truncate_log(path: Path, step: int):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -35,6 +36,19 @@ def model_args(preset: str, vocab_size: int, seq_len: int) -> ModelArgs:
     return args
 
 
+def check_fits(args: ModelArgs, device: str, preset: str) -> None:
+    """Refuse, from the config alone, a model whose training state cannot fit: float32 weights,
+    gradients and AdamW's two moments are 16 bytes per parameter (activations come on top)."""
+    need = 16 * args.num_params()
+    if device.startswith("cuda"):
+        have = torch.cuda.get_device_properties(torch.device(device).index or 0).total_memory
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise ValueError(f"--preset {preset}: {args.size_summary()}; training it needs {need / 1e9:,.1f} GB for "
+                         f"weights, gradients and AdamW state alone, but {device} has {have / 1e9:,.1f} GB")
+
+
 def init_weights(model: Transformer, seed: int):
     """GPT-2-style initialisation (Radford et al. 2019): N(0, 0.02) everywhere, the residual
     output projections (wo, w2) scaled by 1/sqrt(2 * n_layers); norm gains 1. Meta did not
@@ -60,8 +74,16 @@ def pretrain(data_dir, tokenizer_path, preset: str, cfg: TrainConfig, *, batch_s
     check_tokenizer(data_dir, tokenizer_path, vocab)
     args = model_args(preset, meta["vocab_size"], seq_len)
 
+    check_fits(args, cfg.device, preset)
     rank, world, device = dist_utils.init_from_env(cfg.device)
-    cfg = dataclasses.replace(cfg, device=device)
+    # what defines this run, as its flags: compared with the checkpoint's on --resume
+    run = {"--data": {k: meta.get(k) for k in ("tokenizer_sha256", "train_tokens", "val_tokens")},
+           "--preset": args.to_params_json(), "--batch-size": batch_size, "--seq-len": seq_len,
+           **{"--" + k.replace("_", "-"): getattr(cfg, k) for k in ("max_steps", "lr", "min_lr_ratio", "warmup_steps",
+                                                                     "weight_decay", "grad_clip", "grad_accum",
+                                                                     "dtype", "seed")},
+           "processes (--nproc-per-node)": world}
+    cfg = dataclasses.replace(cfg, device=device, run=run)
     if cfg.flops_per_token is None:
         cfg.flops_per_token = estimate_flops_per_token(args, seq_len)
     torch.manual_seed(cfg.seed)

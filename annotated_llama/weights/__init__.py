@@ -28,6 +28,7 @@ import torch
 from ..config import ModelArgs
 from ..model import Transformer
 from ..tokenizer import Tokenizer, default_tokenizer_path
+from .checks import check_config_against_file, check_weights
 
 FORMATS = ("hf", "meta", "gguf", "ours")
 DTYPES = {"f32": torch.float32, "float32": torch.float32, "fp32": torch.float32,
@@ -85,7 +86,8 @@ def load_checkpoint(path) -> tuple[ModelArgs, dict[str, torch.Tensor], Tokenizer
     fmt = detect_format(path)
     if fmt == "gguf":
         from .gguf import gguf_tokenizer, load_gguf
-        args, sd = load_gguf(path)
+        args, sd = load_gguf(path)  # (its metadata checked against its tensors' shapes)
+        check_weights(sd, path)
         return args, sd, gguf_tokenizer(path)  # the vocabulary is inside the file
     # A Hub snapshot is read from its HF side only (config.json, safetensors, tokenizer.json);
     # its original/ is used when nothing else is there, and then for weights and tokenizer both.
@@ -110,12 +112,14 @@ def load_checkpoint(path) -> tuple[ModelArgs, dict[str, torch.Tensor], Tokenizer
             emb = sd.get("tok_embeddings.weight")
             args.vocab_size = tokenizer.n_words if tokenizer else (emb.shape[0] if emb is not None else -1)
     config = path / ("config.json" if fmt == "hf" else "params.json")
+    args.check_checkpoint({k: tuple(v.shape) for k, v in sd.items()}, weights, config)  # before any skeleton
     # Meta's files store a tied output as a copy of the embedding (its params.json has no flag)
     resolve_tied_output(sd, args, weights, config, detect=fmt == "meta")
     if fmt == "meta":
         from .meta import llama32_rope_factor
         llama32_rope_factor(args, config)
     check_state_dict(sd, args, weights, config)
+    check_weights(sd, weights)  # floating point and finite (weights/checks.py)
     if tokenizer is not None and tokenizer.n_words > args.vocab_size:
         raise ValueError(f"{tok_path}: the tokenizer has {tokenizer.n_words} ids but the model only "
                          f"{args.vocab_size} embeddings")
@@ -198,6 +202,7 @@ def load_model(path, dtype=None, device="cpu", lora=None):
     elif p.is_dir() and (p / OURS_WEIGHTS).is_file() and _is_quantized(p / OURS_WEIGHTS):
         # written by `annotated-llama quantize`: packed int8/int4 weights, built by quantize.py
         from ..quantize import load_quantized
+        check_config_against_file(p / "params.json", p / OURS_WEIGHTS)  # before it builds anything
         model = load_quantized(p, device=device, dtype=to_dtype(dtype) or torch.float32)
         tok_path = default_tokenizer_path(p)
         tokenizer = Tokenizer(tok_path) if tok_path else None

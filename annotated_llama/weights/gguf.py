@@ -329,14 +329,19 @@ def open_gguf(path: Path):
             raise ValueError(f"{path}: unexpected tensor {name!r} for a llama GGUF") from None
     if "tok_embeddings.weight" not in raw:
         raise ValueError(f"{path}: no token_embd.weight tensor (a vocabulary-only GGUF?)")
-    args = ModelArgs(
-        dim=get("llama.embedding_length"), n_layers=get("llama.block_count"),
-        n_heads=get("llama.attention.head_count"), n_kv_heads=get("llama.attention.head_count_kv", 0) or None,
-        vocab_size=int(raw["tok_embeddings.weight"][1][0]), hidden_dim=get("llama.feed_forward_length"),
-        # float32 in the file: 1e-5 comes back as 9.99999974e-06; 7 significant digits undo that
-        norm_eps=float(f'{get("llama.attention.layer_norm_rms_epsilon"):.7g}'),
-        rope_theta=float(f'{get("llama.rope.freq_base", 10000.0):.7g}'),
-        max_seq_len=get("llama.context_length", 2048), tie_word_embeddings="output.weight" not in raw)
+    try:  # the size limits are checked from the metadata alone (ModelArgs.__post_init__)
+        args = ModelArgs(
+            dim=get("llama.embedding_length"), n_layers=get("llama.block_count"),
+            n_heads=get("llama.attention.head_count"), n_kv_heads=get("llama.attention.head_count_kv", 0) or None,
+            vocab_size=int(raw["tok_embeddings.weight"][1][0]), hidden_dim=get("llama.feed_forward_length"),
+            # float32 in the file: 1e-5 comes back as 9.99999974e-06; 7 significant digits undo that
+            norm_eps=float(f'{get("llama.attention.layer_norm_rms_epsilon"):.7g}'),
+            rope_theta=float(f'{get("llama.rope.freq_base", 10000.0):.7g}'),
+            max_seq_len=get("llama.context_length", 2048), tie_word_embeddings="output.weight" not in raw)
+    except ValueError as e:  # (a missing key already names the file)
+        raise ValueError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
+    # the metadata against the tensors, from their shapes: before anything is built or read
+    args.check_checkpoint({name: tuple(entry[1]) for name, entry in raw.items()}, path, f"{path.name}'s metadata")
     if rope_freqs is not None:
         args.use_scaled_rope = True
         for name in ("scale_factor", "low_freq_factor", "high_freq_factor", "original_context"):
