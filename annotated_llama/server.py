@@ -287,8 +287,8 @@ def create_app(engine_or_model=None, tokenizer=None, *, loader: Optional[Callabl
         params = sampling(req, max_tokens, () if grammar else prompt.stops,
                           logprobs=(req.top_logprobs or 0) if req.logprobs else None,
                           constraint=grammar.constraint if grammar else None)
-        shape = new_shape(True, model_name, tool_names=prompt.tool_names, parallel_tool_calls=prompt.parallel_tool_calls,
-                          logprobs=bool(req.logprobs), **shape_kw)
+        shape = new_shape(True, model_name, tool_names=prompt.tool_names,
+                          parallel_tool_calls=prompt.parallel_tool_calls, logprobs=bool(req.logprobs), **shape_kw)
         return await respond(request, req, [JobSpec(prompt.ids, params, 0, n)], shape)
 
     @app.post("/tokenize")

@@ -236,8 +236,8 @@ def stream(request, run: Run, shape: Shape) -> StreamingResponse:
             logprobs = run.logprobs(k, shape, run.tokens[k][held[k]:])
             held[k] = len(run.tokens[k])
         if shape.chat:
-            return event([{"index": indices[k], "delta": delta if delta is not None else ({"content": text} if text else {}),
-                           "logprobs": logprobs, "finish_reason": finish}])
+            delta = delta if delta is not None else ({"content": text} if text else {})
+            return event([{"index": indices[k], "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
         return event([{"index": indices[k], "text": text, "logprobs": logprobs, "finish_reason": finish}])
 
     def echoed(k):  # completions with echo: the prompt's text first (and its logprobs, when asked)

@@ -213,7 +213,8 @@ def tool_call_grammar(tools: list[dict], name: Optional[str], tokenizer) -> Gram
         fn = t["function"]
         if name is not None and fn["name"] != name:
             continue
-        params = fn.get("parameters") or {"type": "object", "properties": {}}
+        # OpenAI: "omitting parameters defines a function with an empty parameter list"
+        params = fn.get("parameters") or {"type": "object", "properties": {}, "additionalProperties": False}
         if fn.get("strict"):
             check_strict_schema(params, f"tools.{fn['name']}.function.parameters")
         options.append({"type": "object", "properties": {"name": {"const": fn["name"]}, "parameters": params},
