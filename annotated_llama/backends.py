@@ -22,6 +22,7 @@ recompile. "auto" compiles on a background thread (the first tokens come eagerly
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from typing import Optional
@@ -37,24 +38,28 @@ BACKENDS = ("auto", "eager", "compiled")
 
 
 class StreamingLinear(nn.Linear):
-    """An nn.Linear whose one-row product, inside torch.compile, is written as multiply-and-sum:
-    inductor compiles it to a loop that reads each weight once, converts it to float32 in
-    registers and accumulates (a bandwidth-bound matrix-vector product). Eagerly, and with more
-    rows, it is F.linear. Same parameters, same state-dict names: only the class changes."""
+    """An nn.Linear whose one-row product is written as multiply-and-sum: inside torch.compile,
+    inductor turns it into a loop that reads each weight once, converts it to float32 in registers
+    and accumulates (a bandwidth-bound matrix-vector product). With more rows it is F.linear. Only
+    the compiled step's view of the model (`streaming_view`) has these: eagerly, the product would
+    be materialised."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
+        if x.shape[:-1].numel() == 1:
             y = (self.weight.float() * x.reshape(1, -1).float()).sum(-1)  # (N,)
             return y.to(x.dtype).view(*x.shape[:-1], -1)  # (..., N)
         return F.linear(x, self.weight, self.bias)
 
 
-def stream_linears(model: nn.Module) -> nn.Module:
-    """Make every plain nn.Linear of `model` a StreamingLinear, in place (no weight is copied)."""
-    for m in model.modules():
-        if type(m) is nn.Linear:
-            m.__class__ = StreamingLinear
-    return model
+def streaming_view(module: nn.Module) -> nn.Module:
+    """A second module tree over the same parameters and buffers (nothing is copied), with every
+    plain nn.Linear a StreamingLinear: what the compiled step runs, while eager calls keep the
+    original modules (so a compile on another thread never changes what they compute)."""
+    view = copy.copy(module)  # shares the parameter and buffer tensors
+    view._modules = {name: streaming_view(child) for name, child in module._modules.items()}
+    if type(module) is nn.Linear:
+        view.__class__ = StreamingLinear
+    return view
 
 
 class CompiledRunner:
@@ -62,7 +67,8 @@ class CompiledRunner:
     one compiled graph once it is built, everything else (and everything before) eagerly."""
 
     def __init__(self, model, *, background: bool = True):
-        self.model = stream_linears(model)
+        self.model = model
+        self.streaming = streaming_view(model)
         self.ready = threading.Event()
         self.error: Optional[str] = None
         self.calls = {"compiled": 0, "eager": 0}
@@ -76,7 +82,7 @@ class CompiledRunner:
         # the engine's CacheBatch, rebuilt from tensors: its ints would otherwise be constants of the graph
         cache = _Pools(pools_k, pools_v)
         batch = CacheBatch(cache, slots, block_table, None, block_table.shape[1] * pools_k[0].shape[1], False)
-        return self.model.step(tokens, positions, batch, logits_at)
+        return self.streaming.step(tokens, positions, batch, logits_at)
 
     def __call__(self, tokens, positions, batch: Optional[CacheBatch] = None, logits_at=None):
         if tokens.shape[1] == 1 and batch is not None and not batch.fresh and batch.copies is None \
@@ -119,7 +125,8 @@ def _compile_options(model) -> dict:
         return {}
     # store every intermediate vector: inductor would otherwise inline each RMSNorm (and the
     # residual adds) into the matrix-vector loops, redone per weight row (~25% slower here)
-    return {"options": {"realize_opcount_threshold": 1, "realize_acc_reads_threshold": 1}}
+    # cpp_wrapper: the graph's calls in C++, not a Python wrapper (~1 ms a step on a tiny model)
+    return {"options": {"realize_opcount_threshold": 1, "realize_acc_reads_threshold": 1, "cpp_wrapper": True}}
 
 
 def compile_available() -> bool:
@@ -139,4 +146,4 @@ def make_runner(model, backend: str = "auto", max_batch_size: int = 8):
     return CompiledRunner(model, background=backend == "auto")
 
 
-__all__ = ["make_runner", "CompiledRunner", "StreamingLinear", "stream_linears", "BACKENDS", "compile_available"]
+__all__ = ["make_runner", "CompiledRunner", "StreamingLinear", "streaming_view", "BACKENDS", "compile_available"]

@@ -151,7 +151,7 @@ class Scheduler:
         return {**self.engine.stats(), "active": len(self.engine.running), "kv_budget": self.kv_budget,
                 "completed": self.completed, "cancelled": self.cancelled, "rejected": self.rejected,
                 "failures": self.failures, "last_failure": self.last_failure,
-                "running": self.thread is not None and self.thread.is_alive(), "error": self.error}
+                "thread_alive": self.thread is not None and self.thread.is_alive(), "error": self.error}
 
     # ---- the scheduler thread ---------------------------------------------------------------
 

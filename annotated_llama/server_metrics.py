@@ -43,7 +43,7 @@ class _SchedulerCollector:
              ("kv_cache_usage_ratio", "kv_cache_held_tokens / kv_cache_budget_tokens",
               s["kv_tokens_held"] / s["kv_budget"] if s["kv_budget"] else 0.0),
              ("max_batch_size", "cache rows", s["max_batch_size"]),
-             ("scheduler_running", "1 while the scheduler thread runs", int(bool(s["running"])))]
+             ("scheduler_running", "1 while the scheduler thread runs", int(bool(s["thread_alive"])))]
         for name, doc, value in g:
             yield GaugeMetricFamily(P + name, doc, value=value)
         c = [("steps", "decode steps (one forward over every running request)", s["steps"]),

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from annotated_llama import ModelArgs, Transformer
-from annotated_llama.backends import CompiledRunner, StreamingLinear, make_runner, stream_linears
+from annotated_llama.backends import CompiledRunner, StreamingLinear, make_runner, streaming_view
 from annotated_llama.engine import Engine
 from annotated_llama.model import attend_one
 from annotated_llama.sampling import SamplingParams
@@ -34,18 +34,23 @@ def test_written_out_attention_equals_sdpa(H, K):
     torch.testing.assert_close(got, want.transpose(1, 2).reshape(B, 1, H * D), rtol=1e-5, atol=1e-6)
 
 
-def test_streaming_linear_is_a_linear_with_the_same_weights():
-    lin = torch.nn.Linear(32, 48, bias=False)
-    model = torch.nn.Sequential(lin)
-    x = torch.randn(1, 1, 32)
-    before = lin(x)
-    stream_linears(model)
-    assert type(lin) is StreamingLinear and isinstance(lin, torch.nn.Linear)
-    assert list(model.state_dict()) == ["0.weight"] and torch.equal(lin(x), before)  # eager: F.linear itself
-    compiled = torch.compile(lin, fullgraph=True)
-    torch.testing.assert_close(compiled(x), before, rtol=1e-5, atol=1e-5)  # multiply-and-sum, one row
-    x8 = torch.randn(8, 32)
-    torch.testing.assert_close(compiled(x8), F.linear(x8, lin.weight), rtol=1e-5, atol=1e-5)  # F.linear, 8 rows
+def test_the_streaming_view_shares_every_weight_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.from_name("tiny-gqa")).eval()
+    view = streaming_view(model)
+    assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
+    linears = [m for m in view.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is StreamingLinear for m in linears)
+    assert all(a is b for a, b in zip(model.parameters(), view.parameters()))  # the same tensors
+    assert view.output.weight is model.output.weight and view.rope_cos is model.rope_cos
+    x = torch.randint(0, 512, (1, 1))
+    with torch.no_grad():  # eagerly the multiply-and-sum is exact up to summation order
+        torch.testing.assert_close(view(x, cache=False), model(x, cache=False), rtol=1e-5, atol=1e-5)
+        x8 = torch.randn(8, 64)  # more rows: F.linear itself
+        assert torch.equal(view.layers[0].attention.wq(x8), model.layers[0].attention.wq(x8))
+    compiled = torch.compile(view.layers[0].attention.wq, fullgraph=True)
+    x1 = torch.randn(1, 1, 64)
+    torch.testing.assert_close(compiled(x1), model.layers[0].attention.wq(x1), rtol=1e-5, atol=1e-5)
 
 
 def test_tensor_parallel_and_eager_choices_never_compile():

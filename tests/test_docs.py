@@ -396,8 +396,8 @@ def _check_architecture(ns):
         freqs = rope_frequencies(a)
         got = ns["self_attention"](x, attn.wq.weight, attn.wk.weight, attn.wv.weight, attn.wo.weight,
                                    a.n_heads, a.n_kv_heads, freqs, pos)
-        assert torch.allclose(got, attn(x, 0, c[pos][None], s[pos][None], None, False), atol=1e-5), name
-        assert torch.allclose(ns["block"](x, layer, a, freqs, pos), layer(x, 0, c[pos][None], s[pos][None], None, False),
+        assert torch.allclose(got, attn(x, c[pos][None], s[pos][None], None, None), atol=1e-5), name
+        assert torch.allclose(ns["block"](x, layer, a, freqs, pos), layer(x, c[pos][None], s[pos][None], None, None),
                               atol=1e-5), name
 
 

@@ -1,5 +1,7 @@
 """GGUF: what we write is read back by llama.cpp's own `gguf` package with the expected keys,
-shapes and values, and our reader loads it to the same logits."""
+shapes and values, and our reader loads it to the same logits; the header reader against
+GGUFReader; the quantize/convert command lines. (Reading every type into the kernels:
+test_gguf_load.py; agreement with llama.cpp itself: test_gguf_llama_cpp.py.)"""
 
 import numpy as np
 import pytest
@@ -15,7 +17,10 @@ GGUF_NAMES = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "
               "attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v", "attention.wo": "attn_output",
               "feed_forward.w1": "ffn_gate", "feed_forward.w3": "ffn_up", "feed_forward.w2": "ffn_down",
               "attention_norm": "attn_norm", "ffn_norm": "ffn_norm"}
-EXPECTED_TYPE = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0}
+EXPECTED_TYPE = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q5_1": T.Q5_1, "q5_0": T.Q5_0,
+                 "q4_1": T.Q4_1, "q4_0": T.Q4_0}
+BITS = {"q8_0": 8, "q5_1": 5, "q5_0": 5, "q4_1": 4, "q4_0": 4}
+ALL = list(EXPECTED_TYPE)
 
 
 def gguf_name(meta: str) -> str:
@@ -72,7 +77,7 @@ def reference_weights(reader) -> dict[str, np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16", "q8_0"])
+@pytest.mark.parametrize("dtype", ALL)
 def test_written_gguf_reads_back_in_the_gguf_package(spm_model, written, dtype):
     model, tok = spm_model
     args = model.params
@@ -89,7 +94,8 @@ def test_written_gguf_reads_back_in_the_gguf_package(spm_model, written, dtype):
         assert field(reader, key) == value, key
     assert field(reader, "llama.attention.layer_norm_rms_epsilon") == pytest.approx(1e-6)
     assert field(reader, "llama.rope.freq_base") == 10000.0
-    assert field(reader, "general.file_type") == {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7}[dtype]
+    assert field(reader, "general.file_type") == {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q5_1": 9,
+                                                    "q5_0": 8, "q4_1": 3, "q4_0": 2}[dtype]
 
     sp = tok.sp
     assert field(reader, "tokenizer.ggml.tokens") == [sp.id_to_piece(i) for i in range(32000)]
@@ -105,6 +111,8 @@ def test_written_gguf_reads_back_in_the_gguf_package(spm_model, written, dtype):
         t = by_name[gguf_name(name)]
         assert list(t.shape) == list(reversed(w.shape)), name  # GGUF lists dims innermost-first
         expected_type = T.F32 if w.dim() == 1 else EXPECTED_TYPE[dtype]
+        if dtype in BITS and name == "output.weight":
+            expected_type = T.Q8_0  # the head stays 8-bit in 4- and 5-bit files (llama.cpp keeps it at Q6_K)
         assert t.tensor_type == expected_type, name
         got = torch.from_numpy(np.ascontiguousarray(weights[t.name])).reshape(w.shape)
         if expected_type == T.F32:
@@ -113,15 +121,21 @@ def test_written_gguf_reads_back_in_the_gguf_package(spm_model, written, dtype):
             assert torch.equal(got, w.half().float()), name
         elif expected_type == T.BF16:
             assert torch.equal(got, w.bfloat16().float()), name
-        else:  # Q8_0: per block of 32, d = max|w|/127 (stored in fp16), error <= d/2 (+ fp16 rounding of d)
+        elif expected_type == T.Q8_0:  # per block of 32, d = max|w|/127 (in fp16), error <= d/2 (+ fp16's rounding of d)
             blocks = w.reshape(-1, 32)
             d = blocks.abs().amax(1, keepdim=True) / 127
             err = (got.reshape(-1, 32) - blocks).abs()
             assert (err <= d * 0.5 * 1.01 + d * 127 * 2 ** -11 + 1e-12).all(), name
             assert err.max() > 0  # it did quantize
+        else:  # 4/5 bits per block of 32: d = max/-2^(b-1) (_0) or range/(2^b - 1) (_1): error <= max|w| / 2^(b-1)
+            # (reached by _0's clipped far end: -max becomes (2^(b-1) - 1) d), plus fp16's rounding of d (15 d 2^-11)
+            blocks = w.reshape(-1, 32)
+            err = (got.reshape(-1, 32) - blocks).abs()
+            bound = blocks.abs().amax(1, keepdim=True) / 2 ** (BITS[dtype] - 1)
+            assert (err <= bound * (1 + 2 ** -6) + 1e-7).all() and err.max() > 0, name
 
 
-@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16", "q8_0"])
+@pytest.mark.parametrize("dtype", ALL)
 def test_our_reader_gives_the_same_logits(spm_model, written, dtype):
     model, tok = spm_model
     path, _, weights = written(dtype)
@@ -139,7 +153,8 @@ def test_our_reader_gives_the_same_logits(spm_model, written, dtype):
     assert torch.equal(got, expected)
     err = (got - exact).abs().max().item()
     print(f"GGUF {dtype}: max abs logit error vs the float32 model {err:.2e}")
-    assert err < {"f32": 0.0, "f16": 5e-3, "bf16": 5e-2, "q8_0": 5e-2}[dtype] or (dtype == "f32" and err == 0)
+    assert err < {"f32": 0.0, "f16": 5e-3, "bf16": 5e-2, "q8_0": 5e-2, "q5_1": 0.2, "q5_0": 0.2, "q4_1": 0.4,
+                  "q4_0": 0.4}[dtype] or (dtype == "f32" and err == 0)
     for text in ["Hello world", "  spaces and 12345", "ünïcödé 🦙"]:
         assert loaded_tok.encode(text, True, True) == tok.encode(text, True, True)
 
@@ -164,41 +179,40 @@ def test_llama31_rope_scaling_round_trip(tmp_path, spm_path):
         assert torch.equal(loaded(tokens, cache=False), model(tokens, cache=False))
 
 
-def test_q4_0_tensors_are_read(tmp_path):
-    # A file with Q4_0 matrices and a small made-up vocabulary, written by the gguf package
-    # itself: our reader must dequantize exactly as the package does.
-    args = ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=320, multiple_of=32)
-    sd = Transformer(args).state_dict()
-    w = gguf.GGUFWriter(tmp_path / "q4.gguf", "llama")
-    w.add_context_length(256)
-    w.add_embedding_length(64)
-    w.add_block_count(1)
-    w.add_feed_forward_length(args.ffn_hidden_dim)
-    w.add_head_count(4)
-    w.add_head_count_kv(4)
-    w.add_layer_norm_rms_eps(1e-5)
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + [f"▁w{i}" for i in range(61)]
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores([0.0] * 259 + [-float(i) for i in range(61)])
-    w.add_token_types([2, 3, 3] + [6] * 256 + [1] * 61)
-    for name, t in sd.items():
-        data = t.numpy()
-        if data.ndim == 2:
-            w.add_tensor(gguf_name(name), gguf.quants.quantize(data, T.Q4_0), raw_dtype=T.Q4_0)
-        else:
-            w.add_tensor(gguf_name(name), data)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    loaded, tok = load_model(tmp_path / "q4.gguf")
-    assert tok.n_words == 320 and loaded.params.ffn_hidden_dim == args.ffn_hidden_dim
-    weights = reference_weights(gguf.GGUFReader(tmp_path / "q4.gguf"))
-    for name, p in loaded.state_dict().items():
-        assert torch.equal(p, torch.from_numpy(np.ascontiguousarray(weights[gguf_name(name)])).reshape(p.shape))
-        if p.dim() == 2:  # 4-bit: error up to half a step of max|w|/8 per block of 32
-            assert 0 < (p - sd[name]).abs().max() <= sd[name].abs().max() / 8
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
+def test_quantized_files_load_into_the_kernels_by_default(spm_model, written, dtype):
+    from annotated_llama.quantize import Int4Linear, Int8Embedding, Int8Linear
+    model, _ = spm_model
+    path, _, weights = written(dtype)
+    loaded, _ = load_model(path)  # dtype None: the int8/int4 kernels
+    kind = Int4Linear if dtype == "q4_0" else Int8Linear
+    assert all(isinstance(getattr(layer.attention, n), kind) for layer in loaded.layers for n in ("wq", "wo"))
+    assert isinstance(loaded.output, Int8Linear) and isinstance(loaded.tok_embeddings, Int8Embedding)
+    assert loaded.quantization["mode"] == ("int4" if dtype == "q4_0" else "int8")
+    floats, _ = load_model(path, dtype="f32")
+    tokens = torch.randint(0, 32000, (2, 21))
+    with torch.no_grad():
+        ref = floats(tokens, cache=False)
+        err = ((loaded(tokens, cache=False) - ref).abs().max() / ref.abs().max()).item()
+    print(f"{dtype}: kernels vs the package's float values, max |logit error| / max |logit| {err:.4f}")
+    assert err < 0.05
+
+
+def test_header_reader_agrees_with_gguf_reader(written, llama3_gguf_path):
+    import time
+    from annotated_llama.weights.gguf import read_gguf
+    path, reader, _ = written("q4_0")
+    meta, tensors, _ = read_gguf(path, vocabulary=True)
+    for key, f in reader.fields.items():
+        if not key.startswith("GGUF."):
+            assert meta[key] == pytest.approx(f.contents()), key
+    assert {t.name: (t.tensor_type, tuple(reversed(t.shape.tolist()))) for t in reader.tensors} == {
+        k: (v[0], v[1]) for k, v in tensors.items()}
+    assert all(np.array_equal(tensors[t.name][2], t.data.reshape(-1).view(np.uint8)) for t in reader.tensors)
+    start = time.perf_counter()
+    meta, _, _ = read_gguf(llama3_gguf_path, vocabulary=True)  # Llama 3: 128k tokens, 280k merges
+    print(f"Llama 3 vocabulary header: {time.perf_counter() - start:.2f} s")
+    assert len(meta["tokenizer.ggml.merges"]) > 200_000 and len(meta["tokenizer.ggml.tokens"]) == 128256
 
 
 @pytest.mark.slow
@@ -255,3 +269,44 @@ def test_llama_cpp_runs_our_gguf_with_the_same_greedy_tokens(spm_model, written)
         for _ in range(24):
             ours.append(int(model(torch.tensor([ours]), cache=False)[0, -1].argmax()))
     assert theirs == ours[len(prompt):]
+
+
+def test_quantize_and_convert_write_gguf_types_and_protect_files(tmp_path, spm_model):
+    from test_weights import cli as run
+    from annotated_llama.weights.gguf import read_gguf
+
+    model, tok = spm_model
+    save_model(model, tok, tmp_path / "ours", format="ours")
+    out = tmp_path / "m-q4_0.gguf"
+    r = run("quantize", tmp_path / "ours", out, "--mode", "q4_0")
+    assert r.returncode == 0, r.stderr
+    assert {t[0].name for t in read_gguf(out)[1].values()} == {"F32", "Q4_0", "Q8_0"}
+    before = out.read_bytes()
+    # an existing output is refused without --force, and left as it was
+    for argv in (("quantize", tmp_path / "ours", out, "--mode", "q4_1"),
+                 ("convert", tmp_path / "ours", out, "--to", "gguf", "--dtype", "q4_1")):
+        r = run(*argv)
+        assert r.returncode == 2 and "--force" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert out.read_bytes() == before
+    r = run("convert", tmp_path / "ours", out, "--to", "gguf", "--dtype", "q4_1", "--force")
+    assert r.returncode == 0 and {t[0].name for t in read_gguf(out)[1].values()} == {"F32", "Q4_1", "Q8_0"}
+    # never the input, even with --force; no temporary file left behind
+    for argv in (("quantize", out, out, "--mode", "q8_0", "--force"), ("convert", out, out, "--to", "gguf", "--force"),
+                 ("quantize", tmp_path / "ours", tmp_path, "--mode", "int8", "--force")):
+        r = run(*argv)
+        assert r.returncode == 2 and "is the input" in r.stderr, r.stderr
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    # from a quantized GGUF: int8 dirs and float layouts read its dequantized values (float32)
+    r = run("quantize", out, tmp_path / "q8dir", "--mode", "int8")
+    assert r.returncode == 0, r.stderr
+    r = run("convert", out, tmp_path / "hf", "--to", "hf")
+    assert r.returncode == 0, r.stderr
+    hf, _ = load_model(tmp_path / "hf")
+    floats, _ = load_model(out, dtype="f32")
+    assert hf.tok_embeddings.weight.dtype == torch.float32
+    assert torch.equal(hf.layers[0].attention.wv.weight, floats.layers[0].attention.wv.weight)
+    r = run("quantize", tmp_path / "ours", tmp_path / "q8dir", "--mode", "int4", "--force")
+    assert r.returncode == 0, r.stderr
+    assert not [p for p in tmp_path.iterdir() if ".old-" in p.name or ".tmp-" in p.name]
+    r = run("convert", tmp_path / "ours", tmp_path / "x", "--to", "hf", "--dtype", "q4_0")
+    assert r.returncode == 2 and "--dtype q4_0" in r.stderr

@@ -87,8 +87,10 @@ def test_int4_kernel_matches_dequantized_matmul(group_size):
     x = torch.randn(4, 128)
     ref = x @ q.dequantized().T
     assert (q(x) - ref).abs().max() < 0.02 * ref.abs().max()
-    # and the dequantized weight is close to the original: at most half a step per entry
-    assert (q.dequantized() - lin.weight).abs().max() < 0.5 * (lin.weight.abs().max() * 2 / 15) + 1e-6
+    # and the dequantized weight (the bf16 scales and zeros the kernel uses) is close to the original:
+    # half a step per entry, plus bf16's rounding (2^-9 relative) of the scale (times |q - 8| <= 8) and zero
+    step, w_max = lin.weight.abs().max() * 2 / 15, lin.weight.abs().max()
+    assert (q.dequantized() - lin.weight).abs().max() < 0.5 * step + 2 ** -9 * (8 * step + w_max + 8 * step)
 
 
 def test_int4_rejects_shapes_the_kernel_cannot_take():
@@ -186,3 +188,51 @@ def test_cli_quantize(tmp_path, spm_path):
     assert main(["quantize", str(src), str(tmp_path / "dst2"), "--mode", "int8"]) == 2
     assert (tmp_path / "dst2" / "model.safetensors").read_bytes() == b"mine"
     assert main(["quantize", str(tmp_path / "nope"), str(tmp_path / "dst3")]) == 2
+
+
+def test_int4_keeps_no_second_copy_and_its_packed_layout_is_undone():
+    from annotated_llama.quantize import _cpu_layout, _unpack_cpu
+    assert _cpu_layout() is not None  # this build's packing is one of the known layouts
+    for N, K in ((144, 64), (80, 128), (48, 32), (4096 + 16, 64)):  # full blocks and a partial last one
+        q = torch.randint(0, 16, (N, K), dtype=torch.int32)
+        packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+        assert torch.equal(_unpack_cpu(packed, N, K, _cpu_layout()), q.to(torch.uint8))
+    lin = torch.nn.Linear(128, 80, bias=False)
+    m = Int4Linear.from_linear(lin, 32)
+    q, s, mn = quantize_int4(lin.weight.detach(), 32)
+    assert m._nibbles is None  # the portable form is recomputed from the packed bytes, not held
+    assert torch.equal(m.nibbles, pack_nibbles(q))
+    assert torch.equal(m.group_scales, s.bfloat16().float())
+    # filled row block by row block (as the GGUF loader does) it packs the same bytes
+    rows = Int4Linear(128, 80, 32)
+    rows.set_rows(0, q[:64], s[:64], mn[:64])
+    rows.set_rows(64, q[64:], s[64:], mn[64:])
+    assert torch.equal(rows.packed, m.packed) and torch.equal(rows.scales_and_zeros, m.scales_and_zeros)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_tied_model_stays_tied_as_one_int8_matrix(tmp_path, mode):
+    from annotated_llama.quantize import Int8Embedding
+    from safetensors import safe_open
+    args = ModelArgs.from_name("tiny", tie_word_embeddings=True)
+    model = Transformer(args).eval()
+    x = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        ref = model(x, cache=False)
+    q = quantize_model(copy.deepcopy(model), mode, group_size=32)
+    # the head is int8 in either mode, and the embedding gathers rows of that same matrix
+    assert isinstance(q.output, Int8Linear) and isinstance(q.tok_embeddings, Int8Embedding)
+    assert q.tok_embeddings.qweight is q.output.weight and q.tok_embeddings.scales is q.output.scales
+    with torch.no_grad():
+        out = q(x, cache=False)
+        emb = q.tok_embeddings(x)
+    assert torch.allclose(emb, q.output.dequantized()[x], atol=1e-6)  # the lookup reads the head's rows
+    assert (emb - model.tok_embeddings(x)).abs().max() <= model.tok_embeddings.weight.abs().max() / 127
+    assert (out - ref).abs().max() < (0.05 if mode == "int8" else 0.5) * (ref.max() - ref.min())
+    save_quantized(q, tmp_path / "q")
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        assert "tok_embeddings.weight" in f.keys() and not any(k.startswith("output.") for k in f.keys())
+    loaded = load_quantized(tmp_path / "q")
+    assert loaded.output.weight is loaded.tok_embeddings.qweight
+    with torch.no_grad():
+        assert torch.equal(loaded(x, cache=False), out)

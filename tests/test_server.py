@@ -71,7 +71,7 @@ def stats(url):
 def test_models_and_health(served, client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     health = httpx.get(served[0] + "/health").json()
-    assert health["status"] == "ok" and health["n_ctx"] == TINY["max_seq_len"] and health["scheduler"]["running"]
+    assert health["status"] == "ok" and health["n_ctx"] == TINY["max_seq_len"] and health["scheduler"]["thread_alive"]
     assert "annotated_llama_steps" in httpx.get(served[0] + "/metrics").text
 
 

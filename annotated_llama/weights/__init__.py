@@ -188,9 +188,14 @@ def build_model(args: ModelArgs, sd: dict[str, torch.Tensor], dtype=None, device
 
 def load_model(path, dtype=None, device="cpu", lora=None):
     """(model, tokenizer or None) from a Meta/HF/ours dir (a Hub snapshot too) or a .gguf file.
-    dtype None keeps the stored dtype (GGUF quantized tensors: float32)."""
+    dtype None keeps the stored dtype; a quantized GGUF then loads into the int8/int4 kernels
+    (weights/gguf_load.py), tensor by tensor."""
     p = Path(path)
-    if p.is_dir() and (p / OURS_WEIGHTS).is_file() and _is_quantized(p / OURS_WEIGHTS):
+    if p.is_file() and detect_format(p) == "gguf":
+        from .gguf import gguf_tokenizer
+        from .gguf_load import load_gguf_model
+        model, tokenizer = load_gguf_model(p, dtype, device), gguf_tokenizer(p)
+    elif p.is_dir() and (p / OURS_WEIGHTS).is_file() and _is_quantized(p / OURS_WEIGHTS):
         # written by `annotated-llama quantize`: packed int8/int4 weights, built by quantize.py
         from ..quantize import load_quantized
         model = load_quantized(p, device=device, dtype=to_dtype(dtype) or torch.float32)
@@ -234,7 +239,8 @@ def _state_dict_for_saving(model, dtype) -> dict[str, torch.Tensor]:
 
 def save_model(model, tokenizer, path, format="hf", dtype=None, *, shards: int = 1, overwrite: bool = True):
     """Write `model` (and `tokenizer`, may be None except for GGUF) to `path` as format
-    'hf', 'meta', 'gguf' (a file) or 'ours'. dtype: f32/f16/bf16 (GGUF also q8_0).
+    'hf', 'meta', 'gguf' (a file) or 'ours'. dtype: f32/f16/bf16 (GGUF also q8_0, q5_1,
+    q5_0, q4_1, q4_0).
 
     Files are written under a temporary name and renamed into place, so an interrupted save
     never leaves a half-written file under a real name. Files in `path` that this format does

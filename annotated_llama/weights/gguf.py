@@ -1,14 +1,16 @@
-"""GGUF, llama.cpp's single-file format, read and written through llama.cpp's own `gguf` package.
+"""GGUF, llama.cpp's single-file format: the header, the names, and writing.
 
 A GGUF file is a key/value header (architecture hyper-parameters under `llama.*`, the
-vocabulary under `tokenizer.ggml.*`) followed by aligned tensor data. Tensor names are
-llama.cpp's (`blk.N.attn_q.weight`, ...), and their layout is Meta's: llama.cpp's LLaMA uses
-the interleaved rotary pairs, so unlike HF no q/k permutation is needed (REFERENCE section 2,
-"GGUF"). GGUF lists dims innermost-first; the package reverses them for us.
+vocabulary under `tokenizer.ggml.*`) followed by aligned tensor data (the layout: ggml's
+docs/gguf.md). Tensor names are llama.cpp's (`blk.N.attn_q.weight`, ...), and their layout is
+Meta's: llama.cpp's LLaMA uses the interleaved rotary pairs (its convert_hf_to_gguf.py permutes
+HF's q/k rows back to Meta's order), so no permutation is needed here. GGUF lists dims
+innermost-first; the package reverses them for us. A file without `output.weight` ties the head
+to `token_embd.weight` (llama.cpp's llama-model.cpp falls back to it; Llama 3.2 ships that way).
 
-Types written: F32, F16, BF16, Q8_0 (blocks of 32 weights sharing one fp16 scale:
-w ~ d * q with q in int8, d = max|w| / 127; the error is at most d/2 per weight).
-Read back: F32, F16, BF16, Q8_0, Q4_0 (dequantized to float32 by the package).
+Types written (gguf.quants.quantize): F32, F16, BF16 and the 32-weight block types Q8_0, Q5_1,
+Q5_0, Q4_1, Q4_0 (blocks of ggml-common.h: e.g. Q8_0 is w ~ d * q, q int8, one fp16 d per 32
+weights). Reading every type into our kernels, one tensor at a time: gguf_load.py.
 """
 
 from __future__ import annotations
@@ -49,17 +51,25 @@ def _gguf():
 
 
 def file_types():
+    """--dtype name -> (GGML type of the matrices, general.file_type)."""
     g = _gguf()
     T, F = g.GGMLQuantizationType, g.LlamaFileType
     return {"f32": (T.F32, F.ALL_F32), "f16": (T.F16, F.MOSTLY_F16), "bf16": (T.BF16, F.MOSTLY_BF16),
-            "q8_0": (T.Q8_0, F.MOSTLY_Q8_0)}
+            "q8_0": (T.Q8_0, F.MOSTLY_Q8_0), "q5_1": (T.Q5_1, F.MOSTLY_Q5_1), "q5_0": (T.Q5_0, F.MOSTLY_Q5_0),
+            "q4_1": (T.Q4_1, F.MOSTLY_Q4_1), "q4_0": (T.Q4_0, F.MOSTLY_Q4_0)}
+
+
+FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
 # ---- writing ---------------------------------------------------------------------------------
 
-def _encode(t: torch.Tensor, qtype, g) -> tuple[np.ndarray, object]:
+def _encode(t: torch.Tensor, qtype, g, head: bool = False) -> tuple[np.ndarray, object]:
     """(array for GGUFWriter.add_tensor, its GGML type). 1-D tensors (norms, rope factors) stay
-    F32, as llama.cpp's converter keeps them; Q8_0 needs rows divisible by its block of 32."""
+    F32, as llama.cpp's converter keeps them. The head (the output matrix, or a tied embedding)
+    of a 4- or 5-bit file is Q8_0: llama.cpp's quantizer keeps it at 6 bits (Q6_K, which the
+    gguf package cannot write). A row the block size does not divide falls back to F16, as
+    llama.cpp's quantizer does."""
     T = g.GGMLQuantizationType
     if t.dim() == 1 or qtype == T.F32:
         return t.float().numpy(), T.F32
@@ -67,10 +77,11 @@ def _encode(t: torch.Tensor, qtype, g) -> tuple[np.ndarray, object]:
         return t.to(torch.float16).numpy(), T.F16
     if qtype == T.BF16:
         return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), T.BF16
-    block = g.GGML_QUANT_SIZES[T.Q8_0][0]
-    if t.shape[-1] % block:  # llama.cpp's converter falls back to F16 the same way
+    if head:
+        qtype = T.Q8_0
+    if t.shape[-1] % g.GGML_QUANT_SIZES[qtype][0]:
         return t.to(torch.float16).numpy(), T.F16
-    return g.quants.quantize(t.float().numpy(), T.Q8_0), T.Q8_0
+    return g.quants.quantize(t.float().numpy(), qtype), qtype
 
 
 def _add_tokenizer(w, tokenizer, g) -> None:
@@ -116,8 +127,8 @@ def _add_tokenizer(w, tokenizer, g) -> None:
 
 
 def save_gguf(path: Path, args: ModelArgs, sd: dict[str, torch.Tensor], tokenizer, dtype=None) -> None:
-    """Write a GGUF file llama.cpp runs as is. dtype: f32, f16, bf16 or q8_0 (None: the
-    model's own 16-bit type, else f32)."""
+    """Write a GGUF file llama.cpp runs as is. dtype: a key of file_types() (None: the
+    model's own 16-bit type, else f32). A tied model writes no output.weight."""
     g = _gguf()
     if tokenizer is None:
         raise ValueError(f"{path}: GGUF embeds the vocabulary; a tokenizer is needed")
@@ -152,8 +163,12 @@ def save_gguf(path: Path, args: ModelArgs, sd: dict[str, torch.Tensor], tokenize
         tensors[ROPE_FREQS] = base / rope_frequencies(args)
         for name in ("scale_factor", "low_freq_factor", "high_freq_factor", "original_context"):
             w.add_float32(OUR_KEYS + name, float(getattr(args, "rope_" + name)))
+    tied = args.tie_word_embeddings
+    if tied:
+        tensors.pop("output.weight", None)
     for name, t in tensors.items():
-        array, ttype = _encode(t.detach().cpu(), qtype, g)
+        head = name == "output.weight" or (tied and name == "tok_embeddings.weight")
+        array, ttype = _encode(t.detach().cpu(), qtype, g, head)
         w.add_tensor(name if name == ROPE_FREQS else rename(name, META_TO_GGUF), array, raw_dtype=ttype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -162,9 +177,10 @@ def save_gguf(path: Path, args: ModelArgs, sd: dict[str, torch.Tensor], tokenize
 
 
 # ---- reading ---------------------------------------------------------------------------------
-# The gguf package's GGUFReader builds a numpy view per vocabulary entry (seconds for a 32k
-# vocabulary, ~8 s for Llama 3's 280k merges), so the header is walked here directly; tests
-# check the result against GGUFReader. Layout (GGUF v3): "GGUF", u32 version, u64 tensor
+# The gguf package's GGUFReader builds a numpy view per vocabulary entry: 26 s for Llama 3's
+# 128k-token, 280k-merge header on this project's 2-core test machine, against 0.3 s (0.6 s with
+# the vocabulary) for the walk below, so the header is walked here directly; tests check the
+# result against GGUFReader. Layout (ggml's docs/gguf.md, v3): "GGUF", u32 version, u64 tensor
 # count, u64 kv count; kvs (string key, u32 type, value); tensor infos (string name, u32
 # n_dims, u64 dims innermost-first, u32 ggml type, u64 offset); padding to general.alignment;
 # the tensor data. Strings are u64 length + UTF-8; arrays are u32 item type, u64 count, items.
@@ -172,9 +188,10 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 STRING, ARRAY = 8, 9
 
 
-def read_gguf(path: Path) -> tuple[dict, dict[str, tuple[int, tuple[int, ...], np.ndarray]], int]:
-    """(metadata without the tokenizer.* arrays, {name: (ggml type, numpy shape, raw bytes)},
-    the offset where the key/value section ends), the bytes memory-mapped copy-on-write."""
+def read_gguf(path: Path, vocabulary: bool = False) -> tuple[dict, dict[str, tuple], int]:
+    """(metadata, {name: (ggml type, numpy shape, raw bytes)}, the offset where the key/value
+    section ends), the bytes memory-mapped copy-on-write. The tokenizer.* arrays (the
+    vocabulary) are skipped unless `vocabulary`."""
     import mmap
     import struct
 
@@ -182,6 +199,8 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, tuple[int, tuple[int, ...], n
         mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
     if mm[:4] != b"GGUF":
         raise ValueError("not a GGUF file (bad magic)")
+    if len(mm) < 24:
+        raise ValueError("truncated GGUF header")
     version, n_tensors, n_kv = struct.unpack_from("<IQQ", mm, 4)
     if version not in (2, 3):
         raise ValueError(f"unsupported GGUF version {version}")
@@ -197,6 +216,8 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, tuple[int, tuple[int, ...], n
         nonlocal pos
         (n,) = unpack("<Q")
         pos += n
+        if pos > len(mm):
+            raise ValueError("truncated string")
         return mm[pos - n:pos].decode("utf-8") if keep else None
 
     def value(kind, keep):
@@ -205,18 +226,20 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, tuple[int, tuple[int, ...], n
             return string(keep)
         if kind == ARRAY:
             item, count = unpack("<IQ")
-            if item in _SCALARS:  # numbers: skip or read in one go
+            if item in _SCALARS and item != 7:  # numbers: skip or read in one go
                 size = struct.calcsize(_SCALARS[item])
                 pos += size * count
                 return np.frombuffer(mm, _SCALARS[item], count, pos - size * count).tolist() if keep else None
             return [value(item, keep) for _ in range(count)]
+        if kind not in _SCALARS:
+            raise ValueError(f"unknown GGUF value type {kind}")
         return unpack(_SCALARS[kind])[0]
 
     meta = {}
     for _ in range(n_kv):
         key = string()
         (kind,) = unpack("<I")
-        keep = not key.startswith("tokenizer.")  # the vocabulary is the Tokenizer's business
+        keep = vocabulary or not (key.startswith("tokenizer.") and kind == ARRAY)
         v = value(kind, keep)
         if keep:
             meta[key] = v
@@ -228,7 +251,11 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, tuple[int, tuple[int, ...], n
         (n_dims,) = unpack("<I")
         dims = unpack(f"<{n_dims}Q")
         ttype, offset = unpack("<IQ")
-        infos.append((name, g.GGMLQuantizationType(ttype), tuple(reversed(dims)), offset))
+        try:
+            ttype = g.GGMLQuantizationType(ttype)
+        except ValueError:
+            raise ValueError(f"tensor {name}: unknown GGML type {ttype}") from None
+        infos.append((name, ttype, tuple(reversed(dims)), offset))
     align = meta.get("general.alignment", 32)
     start = (pos + align - 1) // align * align
     tensors = {}
@@ -241,21 +268,38 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, tuple[int, tuple[int, ...], n
     return meta, tensors, kv_end
 
 
-def _decode(ttype, shape, raw: np.ndarray, g) -> torch.Tensor:
+def release_pages(raw: np.ndarray, whole_file: bool = False) -> None:
+    """Drop the mapped file pages under `raw` (a view read_gguf made), or under the whole file,
+    from this process's resident memory: they stay in the page cache, and a later read maps them
+    again. Only while loading, when no mapped byte has been written (madvise(MADV_DONTNEED) on a
+    private mapping would discard written pages)."""
+    import mmap
+
+    view = raw
+    while not isinstance(view, memoryview):  # slices of np.frombuffer(mm), itself a view of a memoryview
+        view = view.base
+    mm = view.obj
+    if whole_file:
+        mm.madvise(mmap.MADV_DONTNEED)
+        return
+    start = raw.ctypes.data - np.frombuffer(mm, np.uint8, 1).ctypes.data
+    a = start // mmap.PAGESIZE * mmap.PAGESIZE
+    mm.madvise(mmap.MADV_DONTNEED, a, min(start + raw.nbytes, len(mm)) - a)
+
+
+def float_tensor(ttype, shape, raw: np.ndarray, g) -> torch.Tensor:
+    """An F32/F16/BF16 tensor as a zero-copy view of the mapped bytes."""
     T = g.GGMLQuantizationType
     if ttype == T.F32:
-        return torch.from_numpy(raw.view(np.float32).reshape(shape))  # zero-copy
+        return torch.from_numpy(raw.view(np.float32).reshape(shape))
     if ttype == T.F16:
         return torch.from_numpy(raw.view(np.float16).reshape(shape))
-    if ttype == T.BF16:
-        return torch.from_numpy(raw.view(np.int16).reshape(shape)).view(torch.bfloat16)
-    if ttype in (T.Q8_0, T.Q4_0):
-        byte_shape = g.quants.quant_shape_to_byte_shape(shape, ttype)
-        return torch.from_numpy(g.quants.dequantize(raw.reshape(byte_shape), ttype))  # float32
-    raise ValueError(f"GGML type {ttype.name} is not supported (F32, F16, BF16, Q8_0, Q4_0 are)")
+    return torch.from_numpy(raw.view(np.int16).reshape(shape)).view(torch.bfloat16)
 
 
-def load_gguf(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+def open_gguf(path: Path):
+    """(ModelArgs, {Meta name: (ggml type, shape, raw bytes)}, rope_freqs or None) of a llama
+    GGUF, every bad file a one-line ValueError naming it. A file without output.weight is tied."""
     g = _gguf()
     try:
         meta, tensors, _ = read_gguf(path)
@@ -272,29 +316,27 @@ def load_gguf(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     arch = get("general.architecture")
     if arch != "llama":
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not 'llama'")
-    sd, rope_freqs = {}, None
-    for name, (ttype, shape, raw) in tensors.items():
-        try:
-            t = _decode(ttype, shape, raw, g)
-        except ValueError as e:
-            raise ValueError(f"{path}: tensor {name}: {e}") from None
+    raw, rope_freqs = {}, None
+    for name, entry in tensors.items():
         if name == ROPE_FREQS:
-            rope_freqs = t.float()
+            if entry[0].name not in FLOAT_TYPES:
+                raise ValueError(f"{path}: tensor {name} is {entry[0].name}, not a float type")
+            rope_freqs = float_tensor(*entry, g).float()
             continue
         try:
-            sd[rename(name, GGUF_TO_META)] = t
+            raw[rename(name, GGUF_TO_META)] = entry
         except KeyError:
             raise ValueError(f"{path}: unexpected tensor {name!r} for a llama GGUF") from None
-    if "tok_embeddings.weight" not in sd:
+    if "tok_embeddings.weight" not in raw:
         raise ValueError(f"{path}: no token_embd.weight tensor (a vocabulary-only GGUF?)")
     args = ModelArgs(
         dim=get("llama.embedding_length"), n_layers=get("llama.block_count"),
         n_heads=get("llama.attention.head_count"), n_kv_heads=get("llama.attention.head_count_kv", 0) or None,
-        vocab_size=int(sd["tok_embeddings.weight"].shape[0]), hidden_dim=get("llama.feed_forward_length"),
+        vocab_size=int(raw["tok_embeddings.weight"][1][0]), hidden_dim=get("llama.feed_forward_length"),
         # float32 in the file: 1e-5 comes back as 9.99999974e-06; 7 significant digits undo that
         norm_eps=float(f'{get("llama.attention.layer_norm_rms_epsilon"):.7g}'),
         rope_theta=float(f'{get("llama.rope.freq_base", 10000.0):.7g}'),
-        max_seq_len=get("llama.context_length", 2048))
+        max_seq_len=get("llama.context_length", 2048), tie_word_embeddings="output.weight" not in raw)
     if rope_freqs is not None:
         args.use_scaled_rope = True
         for name in ("scale_factor", "low_freq_factor", "high_freq_factor", "original_context"):
@@ -303,7 +345,25 @@ def load_gguf(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
         base = rope_frequencies(ModelArgs(**{**args.to_params_json(), "use_scaled_rope": False}))
         if not torch.allclose(base / rope_frequencies(args), rope_freqs, rtol=1e-4):
             raise ValueError(f"{path}: rope_freqs does not match Llama 3.1's rope scaling; not supported")
-    return args, sd
+    return args, raw, rope_freqs
+
+
+def load_gguf(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """(args, state dict): float tensors mapped as stored, quantized ones dequantized to
+    float32 (the whole model: load_model reads a quantized file into kernels instead)."""
+    from .gguf_load import check_types, dequantize
+
+    g = _gguf()
+    args, raw, _ = open_gguf(path)
+    check_types(raw, path)
+    sd = {name: float_tensor(*entry, g) if entry[0].name in FLOAT_TYPES else dequantize(*entry)
+          for name, entry in raw.items()}
+    return args, sd  # tied: no output.weight (build_model ties it)
+
+
+def is_quantized(path: Path) -> bool:
+    """Whether a GGUF file holds any quantized (not F32/F16/BF16) tensor."""
+    return any(t[0].name not in FLOAT_TYPES for t in open_gguf(path)[1].values())
 
 
 def gguf_tokenizer(path: Path):

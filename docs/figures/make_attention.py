@@ -49,8 +49,8 @@ def attention_probabilities(model: Transformer, tokens: torch.Tensor) -> list[to
     """Per layer, the (H, T, T) attention probabilities of row 0 of `tokens` (B=1, T)."""
     captured = []
 
-    def grab(module, args):  # Attention.forward(x, start_pos, cos, sin, mask, use_cache)
-        captured.append((module, args[0], args[2], args[3]))
+    def grab(module, args):  # Attention.forward(x, cos, sin, mask, cache)
+        captured.append((module, args[0], args[1], args[2]))
 
     hooks = [layer.attention.register_forward_pre_hook(grab) for layer in model.layers]
     try:

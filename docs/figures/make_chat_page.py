@@ -27,6 +27,7 @@ def main(out_dir: Path) -> Path:
     from annotated_llama import load_model
     from annotated_llama.cli.serve import run_in_thread
     from annotated_llama.default_model import default_model_dir
+    from annotated_llama.scheduler import Scheduler
     from annotated_llama.server import create_app
 
     try:
@@ -36,7 +37,9 @@ def main(out_dir: Path) -> Path:
     if not Path(CHROMIUM).exists():
         raise OSError(f"{CHROMIUM} not found: install Debian's chromium package")
     model, tok = load_model(default_model_dir(), dtype=torch.float32)
-    app = create_app(model, tok, model_name="default (6.9M, World English Bible)", template="none")
+    # eager: a screenshot needs no compiled decode step (and no compiler thread left running at exit)
+    app = create_app(Scheduler(model, tok, backend="eager"), model_name="default (6.9M, World English Bible)",
+                     template="none")
     out = Path(out_dir) / "chat-page.png"
     with run_in_thread(app) as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)

@@ -1,4 +1,4 @@
-"""Figure: Meta's ragged-batch grid against one prefill and per-row decoding.
+"""Figure: Meta's ragged-batch grid against the engine's one prefill and per-row decoding.
 
     python docs/figures/make_ragged_batch.py [OUT_DIR]     writes OUT_DIR/ragged_batch.png (default docs/figures/)
 
@@ -6,8 +6,10 @@ Four prompts of 4, 6, 9 and 6 tokens and 10 new tokens each (the example of docs
 Left: Meta's `generate` (llama/generation.py): prompts left-aligned in a (B, total_len) grid of pad_id; the
 first call runs columns 0..3 (the shortest prompt), then one column per call; where a row still has prompt tokens
 the sampled token is discarded ("teacher forcing"). Each column after the first is one forward call: 15 in all.
-Right: the package's path: one prefill call for every prompt (right-padded to the longest; padding never attended
-to), then one decode call per step in which each row writes at its own cache position: 1 + 9 = 10 calls.
+Right: the engine (annotated_llama/engine.py). Top, the one prefill call: every prompt in a (4, 9) batch, right-
+padded; the padding's keys go to the cache's scratch block, which no sequence reads. Bottom, each row in its own
+positions: the number in a generated token is the forward call whose logits chose it (call 1 is the prefill, calls
+2..10 decode one token for every row, each at its own position): 10 calls in all.
 """
 
 import sys
@@ -25,13 +27,13 @@ FED = "#2c5282"  # a prompt token fed one call at a time
 def grid(ax, x0, y0, rows, cell=0.36):
     for r, row in enumerate(rows):
         for c, kind in enumerate(row):
-            colour = {"p": COLOURS["prompt"], "g": COLOURS["gen"], "h": COLOURS["gen"], "f": FED, ".": COLOURS["pad"]}[kind]
+            colour = {"p": COLOURS["prompt"], "g": COLOURS["gen"], "s": COLOURS["pad"], "f": FED, ".": COLOURS["pad"]}[kind]
             ax.add_patch(Rectangle((x0 + c * cell, y0 - r * cell), cell, cell, facecolor=colour,
-                                   edgecolor="#a0aec0", lw=0.5, hatch="///" if kind == "h" else None))
+                                   edgecolor="#a0aec0", lw=0.5, hatch="///" if kind == "s" else None))
 
 
 def main(out_dir: Path) -> Path:
-    fig, ax = canvas(15.6, 5.2)
+    fig, ax = canvas(16.4, 5.2)
     cell = 0.36
     total = max(LENGTHS) + NEW
     start = min(LENGTHS)
@@ -49,23 +51,31 @@ def main(out_dir: Path) -> Path:
             f"= {total - start} forward calls", fontsize=8)
     ax.text(0.5, 1.35, "dark blue: prompt tokens fed one call at a time (the sample at that position is discarded)",
             fontsize=8)
-    # ours: one prefill + decode
+    # the engine: one ragged prefill, then every row at its own positions
     x1 = 8.0
-    ax.text(x1 - 0.2, 4.75, "One prefill, then every row at its own position", fontsize=11, weight="bold")
-    width = max(LENGTHS) + NEW
-    ours_rows = [["p" if c < L else ("h" if c < max(LENGTHS) else "g") if c < L + NEW else "." for c in range(width)]
-                 for L in LENGTHS]
-    grid(ax, x1, 3.6, ours_rows, cell)
-    ax.add_patch(Rectangle((x1, 3.6 - 3 * cell), max(LENGTHS) * cell, 4 * cell, fill=False, lw=2, edgecolor="#2b6cb0"))
-    ax.text(x1, 1.75, f"call 1: every prompt, right-padded to {max(LENGTHS)} (padding never attended to);",
-            fontsize=8)
-    ax.text(x1, 1.35, f"calls 2..{NEW}: one new token per row at that row's own slot: {NEW} calls in all",
-            fontsize=8)
-    ax.text(x1, 0.95, "hatched: slots that held padding in the prefill, overwritten by the row's own tokens", fontsize=8)
+    ax.text(x1 - 0.2, 4.75, "The engine: one prefill, then every row at its own position", fontsize=11, weight="bold")
+    L_max = max(LENGTHS)
+    prefill_rows = [["p" if c < L else "s" for c in range(L_max)] for L in LENGTHS]
+    ax.text(x1, 4.25, f"call 1, the prefill: a ({len(LENGTHS)}, {L_max}) batch; hatched padding writes the scratch block",
+            fontsize=7, color="#4a5568")
+    grid(ax, x1, 3.6, prefill_rows, cell)
+    ax.add_patch(Rectangle((x1, 3.6 - 3 * cell), L_max * cell, 4 * cell, fill=False, lw=2, edgecolor="#2b6cb0"))
+    y2 = 1.7
+    ax.text(x1, y2 + cell + 0.12, "then each row's own positions (a number: the call whose logits chose the token)",
+            fontsize=7, color="#4a5568")
+    own = [["p" if c < L else ("g" if c < L + NEW else ".") for c in range(max(LENGTHS) + NEW)] for L in LENGTHS]
+    grid(ax, x1, y2, own, cell)
+    for r, L in enumerate(LENGTHS):
+        for i in range(NEW):
+            ax.text(x1 + (L + i) * cell + cell / 2, y2 - r * cell + cell / 2, str(i + 1), ha="center", va="center",
+                    fontsize=5.5)
+    ax.text(x1 + L_max * cell + 0.3, 3.6 - 1.5 * cell + cell / 2,
+            f"1 prefill + {NEW - 1} decode calls\n= {NEW} forward calls;\na row that finishes\nleaves the batch at once",
+            fontsize=8, va="center")
     # legend
     for i, (kind, text) in enumerate([("p", "prompt token"), ("f", "prompt token fed alone"),
-                                      ("g", "generated token"), (".", "padding (pad_id)")]):
-        x = 0.5 + i * 2.8
+                                      ("g", "generated token"), (".", "padding")]):
+        x = (0.5, 2.3, 4.9, 6.7)[i]
         ax.add_patch(Rectangle((x, 0.45), cell, cell, facecolor={"p": COLOURS["prompt"], "f": FED,
                                                                    "g": COLOURS["gen"], ".": COLOURS["pad"]}[kind],
                                edgecolor="#a0aec0"))
