@@ -74,6 +74,7 @@ class Sequence:
         self.counts: Optional[torch.Tensor] = None  # (V,) output token counts, for the penalties
         self.seen: Optional[torch.Tensor] = None  # (V,) prompt and output tokens, repetition penalty
         self.bias: Optional[torch.Tensor] = None  # (V,) logit bias
+        self.constraint = params.constraint() if params.constraint is not None else None  # its own grammar state
         self.added = time.perf_counter()
         self.first_token_at: Optional[float] = None
 
@@ -280,11 +281,11 @@ class Engine:
             logits = self._penalize(seqs, logits)
         if any(p.logit_bias for p in ps):
             logits = apply_logit_bias(logits, torch.stack([self._bias(s) for s in seqs]))
-        constrained = [i for i, p in enumerate(ps) if p.constraint is not None]
-        if constrained:
+        if any(s.constraint is not None for s in seqs):  # each row masked by its own grammar state
             logits = logits.clone()
-            for i in constrained:
-                ps[i].constraint.apply(logits[i])
+            for i, s in enumerate(seqs):
+                if s.constraint is not None:
+                    s.constraint.apply(logits[i])
         if all(p.greedy for p in ps):
             tokens = torch.argmax(logits, dim=-1)
         else:
@@ -343,12 +344,12 @@ class Engine:
         if s.counts is not None:
             s.counts[token] += 1
             s.seen[token] = True
-        if p.constraint is not None:
-            p.constraint.advance(token)
+        if s.constraint is not None:
+            s.constraint.advance(token)
         piece = s.text.push(token)
         s.pieces.append(piece)
         out = Output(s, token, piece, logprob, top)
-        if s.text.stopped or (p.constraint is not None and p.constraint.is_finished()):
+        if s.text.stopped or (s.constraint is not None and s.constraint.is_finished()):
             reason = "stop"
         elif len(s.output) >= s.budget:  # the budget also ends at the context's last position
             reason = "length"

@@ -5,8 +5,9 @@ Every field of OpenAI's `POST /v1/completions` and `POST /v1/chat/completions` r
 `types/completion_create_params.py` and `types/chat/completion_create_params.py`) is declared
 here, so nothing a client sends is dropped unseen. A field is either honoured, or listed in
 `UNSUPPORTED` and refused with HTTP 400 naming it whenever it asks for more than its no-op value
-(`presence_penalty: 0` is honoured, `presence_penalty: 0.5` is refused). A field OpenAI does not
-define is refused as OpenAI refuses it: "Unrecognized request argument supplied: NAME".
+(`store: false` is honoured, `store: true` is refused). A field OpenAI does not define is refused
+as OpenAI refuses it: "Unrecognized request argument supplied: NAME". The ranges of the sampling
+settings are the engine's own (sampling.LIMITS), so the schema and the engine cannot disagree.
 Extensions, as vLLM and llama.cpp's server spell them: `top_k`, `repetition_penalty`,
 `ignore_eos`, and `template` (the chat template).
 
@@ -27,6 +28,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator
 from starlette.requests import ClientDisconnect
+from typing_extensions import Annotated
+
+from .sampling import LIMITS, check_range
 
 
 class APIError(Exception):
@@ -48,8 +52,12 @@ class _Strict(BaseModel):
 
 
 Str = StrictStr
-TINY = 1e-6  # the least temperature or repetition penalty: beyond it, dividing logits overflows float32
-Int64 = Field(None, ge=0, le=2 ** 64 - 1)  # a seed: what the engine takes (sampling.LIMITS)
+
+
+def _limited(name: str, upper: bool = True, default=None):
+    """A Field with the range the engine enforces for `name` (sampling.LIMITS)."""
+    low, high, closed = LIMITS[name]
+    return Field(default, **{"ge" if closed else "gt": low}, **({"le": high} if upper else {}))
 
 
 def _only_null(why: str):
@@ -122,11 +130,22 @@ class NamedFunction(_Strict):
     name: Str
 
 
+class AllowedTool(_Strict):
+    type: Literal["function", "custom"]
+    function: Optional[NamedFunction] = None
+    custom: Optional[dict] = None
+
+
+class AllowedTools(_Strict):
+    mode: Literal["auto", "required"]
+    tools: list[AllowedTool] = Field(min_length=1, max_length=128)
+
+
 class ToolChoice(_Strict):
     type: Literal["function", "custom", "allowed_tools"]
     function: Optional[NamedFunction] = None
     custom: Optional[dict] = None
-    allowed_tools: Optional[dict] = None
+    allowed_tools: Optional[AllowedTools] = None
 
 
 class JSONSchemaFormat(_Strict):
@@ -143,32 +162,35 @@ class ResponseFormat(_Strict):
 
 # ---- the requests --------------------------------------------------------------------------------
 
+Bias = Annotated[float, _limited("logit_bias", default=...)]
+
+
 class GenerationRequest(_Strict):
-    """Fields both endpoints share (OpenAI's ranges and defaults)."""
+    """Fields both endpoints share (OpenAI's defaults; the ranges are the engine's)."""
     model: Optional[Str] = None
-    max_tokens: Optional[StrictInt] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0, le=2)  # None: OpenAI's default, 1
-    top_p: Optional[float] = Field(None, gt=0, le=1)
+    max_tokens: Optional[StrictInt] = _limited("max_tokens", upper=False)  # beyond the context: a 400 that says so
+    temperature: Optional[float] = _limited("temperature")  # None: OpenAI's default, 1
+    top_p: Optional[float] = _limited("top_p")
     n: Optional[StrictInt] = Field(None, ge=1, le=128)
     stop: Union[None, Str, list[Str]] = Field(None, max_length=16)
     stream: Optional[StrictBool] = None
     stream_options: Optional[StreamOptions] = None
-    seed: Optional[StrictInt] = Int64
+    seed: Optional[StrictInt] = _limited("seed")
     user: Optional[Str] = None
-    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    logit_bias: Optional[dict[str, StrictInt]] = None
+    presence_penalty: Optional[float] = _limited("presence_penalty")
+    frequency_penalty: Optional[float] = _limited("frequency_penalty")
+    logit_bias: Optional[dict[str, Bias]] = None  # {token id as a string: bias}
     # extensions (vLLM's and llama.cpp's names)
-    top_k: Optional[StrictInt] = Field(None, ge=0, le=2 ** 31 - 1)
-    repetition_penalty: Optional[float] = Field(None, ge=TINY, le=10)
+    top_k: Optional[StrictInt] = _limited("top_k")
+    repetition_penalty: Optional[float] = _limited("repetition_penalty")
     ignore_eos: Optional[StrictBool] = None
 
-    @field_validator("temperature")
+    @field_validator("temperature", "repetition_penalty")
     @classmethod
-    def _not_subnormal(cls, t):
-        if t is not None and 0 < t < TINY:  # logits / 5e-324 is inf in float32, and the softmax is NaN
-            raise ValueError(f"temperature must be 0 (greedy) or at least {TINY}")
-        return t
+    def _engine_range(cls, value, info):
+        if value is not None:
+            check_range(info.field_name, value)  # also refuses the subnormal divisors (sampling.SMALLEST)
+        return value
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -181,7 +203,7 @@ class CompletionRequest(GenerationRequest):
     prompt: Union[Str, list[Str], list[StrictInt], list[list[StrictInt]]]
     best_of: Optional[StrictInt] = Field(None, ge=1, le=20)
     echo: Optional[StrictBool] = None
-    logprobs: Optional[StrictInt] = Field(None, ge=0, le=5)
+    logprobs: Optional[StrictInt] = _limited("logprobs")  # OpenAI stops at 5; the engine gives up to 20
     suffix: Optional[Str] = None
 
 
@@ -189,7 +211,7 @@ class ChatRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[StrictInt] = Field(None, ge=1)
     logprobs: Optional[StrictBool] = None
-    top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=20)
+    top_logprobs: Optional[StrictInt] = _limited("logprobs")
     response_format: Optional[ResponseFormat] = None
     tools: Optional[list[Tool]] = Field(None, max_length=128)
     tool_choice: Union[None, Literal["none", "auto", "required"], ToolChoice] = None
@@ -215,16 +237,8 @@ class ChatRequest(GenerationRequest):
 
 # What is not implemented, and the values that ask for nothing (which are honoured). A value
 # outside them is refused with 400 naming the field. `None` (absent) is always fine.
-_ENGINE = "needs the inference engine's support (planned)"
 UNSUPPORTED: dict[str, tuple[tuple, str]] = {
-    "presence_penalty": ((0, 0.0), _ENGINE),
-    "frequency_penalty": ((0, 0.0), _ENGINE),
-    "logit_bias": (({},), _ENGINE),
-    "logprobs": ((False,), _ENGINE),
-    "top_logprobs": ((0,), _ENGINE),
-    "best_of": ((1,), "needs per-choice log probabilities from the engine (planned)"),
     "suffix": (("",), "insertion (fill-in-the-middle) is not supported by these models"),
-    "response_format": ((), "structured output needs constrained decoding in the engine (planned)"),
     "functions": (([],), "deprecated by OpenAI: use tools"),
     "function_call": (("none",), "deprecated by OpenAI: use tool_choice"),
     "audio": ((), "this server generates text only"),
@@ -253,8 +267,7 @@ def _document_refusals():
     for model in (CompletionRequest, ChatRequest):
         for name, (noop, why) in UNSUPPORTED.items():
             if name in model.model_fields:
-                model.model_fields[name].json_schema_extra = extra(
-                    [{"type": "text"}] if name == "response_format" else noop, why)
+                model.model_fields[name].json_schema_extra = extra(noop, why)
         model.model_rebuild(force=True)
 
 
@@ -268,8 +281,6 @@ def refuse_unsupported(req: BaseModel) -> None:
         if value is None:
             continue
         plain = value.model_dump(exclude_none=True) if isinstance(value, BaseModel) else value
-        if name == "response_format" and plain == {"type": "text"}:
-            continue
         if any(_same(plain, n) for n in noop):
             continue
         raise APIError(400, f"{name}={_short(plain)} is not supported: {why}", param=name, code="unsupported_parameter")
@@ -360,7 +371,8 @@ def _dotted(path) -> str:  # (a key may itself hold a surrogate: shown escaped)
 
 
 _MODEL_NAMES = {"ContentPart", "FunctionCall", "ToolCall", "ChatMessage", "StreamOptions", "FunctionDefinition",
-                "Tool", "NamedFunction", "ToolChoice", "JSONSchemaFormat", "ResponseFormat"}
+                "Tool", "NamedFunction", "AllowedTool", "AllowedTools", "ToolChoice", "JSONSchemaFormat",
+                "ResponseFormat"}
 
 
 def parse(schema: type[BaseModel], data: dict):
@@ -374,6 +386,7 @@ def parse(schema: type[BaseModel], data: dict):
             p in ("str", "int", "float", "bool", "dict", "list") or p in _MODEL_NAMES or "[" in p)))
         if err["type"] == "extra_forbidden":  # OpenAI's own words for a field it does not know
             raise APIError(400, f"Unrecognized request argument supplied: {loc}", param=loc) from None
-        raise APIError(400, f"{loc}: {err['msg']}" if loc else err["msg"], param=loc or None) from None
+        msg = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]  # check_range's own words
+        raise APIError(400, f"{loc}: {msg}" if loc and not msg.startswith(loc) else msg, param=loc or None) from None
     except RecursionError:
         raise APIError(400, "the request is nested too deeply") from None

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -43,7 +43,8 @@ def make_generator(seed: int, device="cpu") -> torch.Generator:
 
 # ---- the settings of one request -----------------------------------------------------------
 # The one source of truth for their ranges: (low, high, low inclusive). OpenAI's API reference
-# gives temperature [0, 2], penalties [-2, 2], logit_bias [-100, 100]; the rest are ours.
+# gives temperature [0, 2], penalties [-2, 2], logit_bias [-100, 100]; the rest are ours. The
+# server's request schema derives its ranges from these (openai_schema.py).
 LIMITS = {
     "temperature": (0.0, 2.0, True),
     "top_p": (0.0, 1.0, False),
@@ -58,8 +59,15 @@ LIMITS = {
 }
 
 
+# Settings the logits are divided by: a positive value below SMALLEST[name] (5e-324, a subnormal)
+# makes logit / value overflow float32 to inf, and the softmax of inf - inf is NaN. 1e-6 keeps
+# |logit| / value < 1e8 for any logit a model or logit_bias (+-100) can produce.
+SMALLEST = {"temperature": 1e-6, "repetition_penalty": 1e-6}
+
+
 def check_range(name: str, value) -> None:
-    """ValueError naming `name` unless `value` is a finite number within LIMITS[name]."""
+    """ValueError naming `name` unless `value` is a finite number within LIMITS[name] (and, for
+    a divisor of the logits, 0 or at least SMALLEST[name])."""
     low, high, closed = LIMITS[name]
     integer = isinstance(low, int)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (
@@ -67,6 +75,8 @@ def check_range(name: str, value) -> None:
         raise ValueError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
     if not math.isfinite(value) or not (low <= value if closed else low < value) or value > high:
         raise ValueError(f"{name} must be in {'[' if closed else '('}{low}, {high}], got {value!r}")
+    if 0 < value < SMALLEST.get(name, 0):
+        raise ValueError(f"{name} must be {'0 or ' if closed else ''}at least {SMALLEST[name]}, got {value!r}")
 
 
 @dataclass
@@ -91,7 +101,9 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past the tokenizer's stop ids
     logprobs: Optional[int] = None  # report each token's log-probability and this many alternatives
     prompt_logprobs: bool = False  # also the log-probability of every prompt token (echo)
-    constraint: Any = None  # apply(logits_row) / advance(token) / is_finished(): a grammar
+    # a factory: called once per sequence (Engine.add; each of n forks gets its own), it returns a
+    # fresh grammar state with apply(logits_row) / advance(token) / is_finished() (structured_output.py)
+    constraint: Optional[Callable[[], Any]] = None
 
     def __post_init__(self):
         for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
@@ -270,7 +282,7 @@ def sample(logits: torch.Tensor, temperature: Setting = 0.6, top_p: Setting = 0.
     return torch.where(t.to(logits.device) == 0, greedy(logits), drawn)  # mixed greedy/sampled rows
 
 
-__all__ = ["SamplingParams", "LIMITS", "check_range", "make_generator", "check_sampling_args",
+__all__ = ["SamplingParams", "LIMITS", "SMALLEST", "check_range", "make_generator", "check_sampling_args",
            "apply_openai_penalties", "apply_logit_bias", "token_presence", "apply_repetition_penalty",
            "apply_temperature", "apply_top_k", "top_p_mask", "sample_top_p", "greedy", "logits_to_probs", "distribution",
            "sample"]

@@ -117,10 +117,11 @@ class Scheduler:
             raise RuntimeError(f"the scheduler stopped: {self.error}")
         self.engine.check(list(prompt_tokens), params)  # ValueError: can never run
         job = Job(prompt_tokens, params, emit, n)
-        with self.lock:
-            if len(self.live) >= self.max_queue + self.max_batch_size:
+        with self.lock:  # counted in sequences: a job of n completions takes n rows
+            held = sum(j.n for j in self.live)
+            if held + n > self.max_queue + self.max_batch_size:
                 self.rejected += 1
-                raise QueueFull(f"{len(self.live) - self.max_batch_size} requests are already waiting")
+                raise QueueFull(f"{max(held - self.max_batch_size, 0)} sequences are already waiting")
             self.live.add(job)
         self.inbox.put(job)
         self.wake.set()
@@ -192,7 +193,13 @@ class Scheduler:
                 for i in range(job.n):
                     self._end(job, i, "cancelled")
                 continue
-            job.seqs = self.engine.add(job.prompt_tokens, job.params, job.n)
+            try:  # a sequence's grammar state is built here (the params' constraint factory)
+                job.seqs = self.engine.add(job.prompt_tokens, job.params, job.n)
+            except Exception as e:  # fail this request alone, not the scheduler
+                log.exception("adding a request failed")
+                for i in range(job.n):
+                    self._end(job, i, "error", f"{type(e).__name__}: {e}")
+                continue
             for i, seq in enumerate(job.seqs):
                 self.jobs[seq.id] = (job, i)
 

@@ -31,6 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .chat_format import TEMPLATES, default_template
@@ -42,6 +43,7 @@ from .server_jobs import JobSpec, Run, collect, new_shape, stream
 from .server_metrics import CONTENT_TYPE, Metrics
 from .server_openapi import install_openapi
 from .server_prompts import chat_prompt, completion_prompts
+from .structured_output import Grammar, response_format_grammar, tool_call_grammar
 
 log = logging.getLogger("annotated_llama.server")
 WEB_DIR = Path(__file__).parent / "web"
@@ -188,18 +190,23 @@ def create_app(engine_or_model=None, tokenizer=None, *, loader: Optional[Callabl
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "annotated-llama", "max_model_len": backend.n_ctx}]}
 
-    def sampling(req, max_tokens: int, stops=()) -> SamplingParams:
+    def sampling(req, max_tokens: int, stops=(), **extra) -> SamplingParams:
+        bias = {}
+        for key, value in (req.logit_bias or {}).items():  # OpenAI's keys: token ids, as strings
+            if not (key.isascii() and key.isdigit()) or int(key) >= backend.tokenizer.n_words:
+                raise APIError(400, f"logit_bias: {key!r} is not a token id in [0, {backend.tokenizer.n_words})",
+                               param="logit_bias")
+            bias[int(key)] = value
         try:
-            return _sampling(req, max_tokens, stops)
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p,
+                top_k=min(req.top_k, backend.tokenizer.n_words) if req.top_k else 0,
+                repetition_penalty=req.repetition_penalty or 1.0, presence_penalty=req.presence_penalty or 0.0,
+                frequency_penalty=req.frequency_penalty or 0.0, logit_bias=bias, seed=req.seed,
+                stop=tuple(req.stops()) + tuple(stops), ignore_eos=bool(req.ignore_eos), **extra)
         except ValueError as e:  # the engine's own range check (sampling.LIMITS): a 400, never a 500
             raise APIError(400, str(e), param=str(e).split()[0]) from None
-
-    def _sampling(req, max_tokens: int, stops=()) -> SamplingParams:
-        return SamplingParams(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
-                              top_p=1.0 if req.top_p is None else req.top_p,
-                              top_k=min(req.top_k, backend.tokenizer.n_words) if req.top_k else 0,
-                              repetition_penalty=req.repetition_penalty or 1.0, seed=req.seed,
-                              stop=tuple(req.stops()) + tuple(stops), ignore_eos=bool(req.ignore_eos))
 
     def fits(ids: list[int], max_tokens: int, chat: bool):
         n_ctx = backend.n_ctx
@@ -210,20 +217,20 @@ def create_app(engine_or_model=None, tokenizer=None, *, loader: Optional[Callabl
                                 "Please reduce the length of the messages or completion.",
                            param="messages" if chat else "prompt", code="context_length_exceeded")
 
-    def common(request: Request, req):
+    def common(request: Request, req, n: int):
         refuse_unsupported(req)
         check_model(req.model)
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+        if req.seed is not None and req.seed + n - 1 >= 2 ** 64:  # choice i draws from seed + i (Engine.add)
+            raise APIError(400, f"seed: with {n} completions the seeds seed .. seed + {n - 1} must stay below 2**64",
+                           param="seed")
         for field in ("user", "safety_identifier", "prompt_cache_key"):
             if getattr(req, field, None) is not None:  # accepted as OpenAI does: identifiers, logged
                 request.state.ids = {**getattr(request.state, "ids", {}), field: getattr(req, field)}
         opts = req.stream_options
-        return dict(include_usage=bool(opts and opts.include_usage), obfuscate=bool(opts and opts.include_obfuscation))
-
-    def seeds(seed: Optional[int], n: int) -> list[Optional[int]]:
-        # choice j of a seeded request draws from seed + j (wrapped into the 64 bits a torch.Generator takes)
-        return [None if seed is None else (seed + j) % 2 ** 64 for j in range(n)]
+        return dict(include_usage=bool(opts and opts.include_usage), obfuscate=bool(opts and opts.include_obfuscation),
+                    tokenizer=backend.tokenizer)
 
     async def respond(request, req, specs, shape):
         run = Run(backend.scheduler, specs, shape.chat, metrics)
@@ -234,30 +241,38 @@ def create_app(engine_or_model=None, tokenizer=None, *, loader: Optional[Callabl
     async def completions(request: Request):
         check_auth(request)
         req = parse(CompletionRequest, await read_json(request, max_body_bytes))
-        shape_kw = common(request, req)
+        n = req.n or 1
+        best_of = n if req.best_of is None else req.best_of
+        shape_kw = common(request, req, best_of)
         backend.ready()
+        if best_of < n:
+            raise APIError(400, f"best_of ({best_of}) must be at least n ({n})", param="best_of")
+        if best_of > n and req.stream:  # as OpenAI: the best are known only at the end
+            raise APIError(400, "best_of > n cannot be streamed", param="best_of")
         prompts = completion_prompts(backend.tokenizer, req.prompt)
-        n, max_tokens = req.n or 1, req.max_tokens or 16
-        if req.best_of is not None and req.best_of != n:
-            raise APIError(400, f"best_of={req.best_of} (> n) needs per-choice log probabilities from the engine "
-                                "(planned)", param="best_of", code="unsupported_parameter")
+        max_tokens = req.max_tokens or 16
         texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        for ids in prompts:
+            fits(ids, max_tokens, chat=False)
+        # best_of ranks by the logprobs even when they are not asked for; echo + logprobs: the prompt's too
+        params = sampling(req, max_tokens, logprobs=req.logprobs if req.logprobs is not None else
+                          (0 if best_of > n else None), prompt_logprobs=bool(req.echo) and req.logprobs is not None)
         specs = []
         for i, ids in enumerate(prompts):
-            fits(ids, max_tokens, chat=False)
             echo = "" if not req.echo else texts[i] if isinstance(texts[i], str) else backend.tokenizer.decode(ids)
-            for j, seed in enumerate(seeds(req.seed, n)):
-                params = sampling(req, max_tokens)
-                params.seed = seed
-                specs.append(JobSpec(ids, params, i * n + j, echo))
-        return await respond(request, req, specs, new_shape(False, model_name, **shape_kw))
+            specs.append(JobSpec(ids, params, i * n, best_of, echo, keep=n if best_of > n else None))
+        shape = new_shape(False, model_name, logprobs=req.logprobs is not None, **shape_kw)
+        return await respond(request, req, specs, shape)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         check_auth(request)
         req = parse(ChatRequest, await read_json(request, max_body_bytes))
-        shape_kw = common(request, req)
+        n = req.n or 1
+        shape_kw = common(request, req, n)
         backend.ready()
+        if req.top_logprobs and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         prompt = chat_prompt(backend.tokenizer, req, req.template or backend.template)
         if req.max_tokens is not None and req.max_completion_tokens is not None \
                 and req.max_tokens != req.max_completion_tokens:
@@ -266,15 +281,15 @@ def create_app(engine_or_model=None, tokenizer=None, *, loader: Optional[Callabl
         room = min(backend.n_ctx, backend.scheduler.kv_budget) - len(prompt.ids)  # OpenAI: the rest of the context
         max_tokens = limit or max(room, 1)
         fits(prompt.ids, max_tokens, chat=True)
-        specs = []
-        for j, seed in enumerate(seeds(req.seed, req.n or 1)):
-            # a chat answer also ends where the model starts a new turn by itself ("[INST]", "### Instruction:")
-            params = sampling(req, max_tokens, prompt.stops)
-            params.seed = seed
-            specs.append(JobSpec(prompt.ids, params, j))
+        grammar = await run_in_threadpool(reply_grammar, req, prompt, backend.tokenizer)
+        # a chat answer also ends where the model starts a new turn by itself ("[INST]", "### Instruction:"),
+        # unless a grammar decides where it ends (a JSON string may hold those words)
+        params = sampling(req, max_tokens, () if grammar else prompt.stops,
+                          logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+                          constraint=grammar.constraint if grammar else None)
         shape = new_shape(True, model_name, tool_names=prompt.tool_names,
-                          parallel_tool_calls=prompt.parallel_tool_calls, **shape_kw)
-        return await respond(request, req, specs, shape)
+                          parallel_tool_calls=prompt.parallel_tool_calls, logprobs=bool(req.logprobs), **shape_kw)
+        return await respond(request, req, [JobSpec(prompt.ids, params, 0, n)], shape)
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
@@ -312,6 +327,21 @@ def create_app(engine_or_model=None, tokenizer=None, *, loader: Optional[Callabl
 
     install_openapi(app)
     return app
+
+
+def reply_grammar(req: ChatRequest, prompt, tokenizer) -> Optional[Grammar]:
+    """The grammar a chat reply must follow: a forced tool call (its arguments following the
+    function's parameter schema), else the response_format's JSON, else none. 400 naming the
+    field for a schema that cannot be enforced."""
+    try:
+        if prompt.forced is not None:
+            return tool_call_grammar(*prompt.forced, tokenizer)
+        if req.response_format is not None:
+            return response_format_grammar(req.response_format.model_dump(by_alias=True, exclude_none=True), tokenizer)
+    except ValueError as e:
+        param = "tools" if prompt.forced is not None else "response_format"
+        raise APIError(400, f"{param}: {e}" if not str(e).startswith(param) else str(e), param=param) from None
+    return None
 
 
 class RequestLog:

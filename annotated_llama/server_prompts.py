@@ -1,6 +1,7 @@
 """From a request to prompt token ids: completion prompts (a string, a list of strings, token ids,
 lists of token ids) and chat messages (every OpenAI role and field checked, then rendered through
-the chat template, or through Llama 3.1's tool format when tools are in play; tools.py).
+the chat template, or through Llama 3.1's tool format when tools are in play; tools.py), with the
+tools a forced `tool_choice` constrains the reply to (structured_output.tool_call_grammar).
 
 Each refusal is an APIError whose `param` is the exact field ("messages.2.tool_calls.0.function.
 arguments"), as OpenAI reports it.
@@ -16,9 +17,6 @@ from .chat_format import encode_dialog, encode_prompt, template_stops
 from .openai_schema import APIError, ChatMessage, ChatRequest
 from .tools import encode_tool_dialog
 
-FORCED = "forced tool calls need constrained decoding in the engine (planned); use tool_choice 'auto'"
-
-
 @dataclass
 class ChatPrompt:
     ids: list[int]
@@ -26,6 +24,7 @@ class ChatPrompt:
     tool_names: Optional[set] = None  # the tools offered: the reply is parsed for calls of these
     parallel_tool_calls: bool = True
     dialog: list = field(default_factory=list)
+    forced: Optional[tuple] = None  # (tools, name or None): the reply must be a call of one of them
 
 
 def completion_prompts(tokenizer, prompt) -> list[list[int]]:
@@ -129,33 +128,56 @@ def normalize_messages(messages: list[ChatMessage]) -> list[dict]:
     return dialog
 
 
-def offered_tools(req: ChatRequest) -> Optional[list[dict]]:
-    """The tool definitions to put in the prompt (None: none), or 400 for what is not done yet."""
+def offered_tools(req: ChatRequest) -> tuple[Optional[list[dict]], Optional[tuple]]:
+    """(the tool definitions to put in the prompt or None, the forced call or None). tool_choice:
+    "none" offers none; "auto" lets the model choose; "required" forces a call of any tool, a
+    named function a call of that one; allowed_tools offers only the listed tools, its mode
+    "required" forcing a call of one of them."""
     choice = req.tool_choice
     if not req.tools:
         if choice not in (None, "none"):
             raise APIError(400, "tool_choice needs tools", param="tool_choice")
-        return None
+        return None, None
     for i, t in enumerate(req.tools):
         if t.type != "function" or t.function is None:
             raise APIError(400, f"tools.{i}: only function tools are supported" if t.type != "function" else
                                 f"tools.{i}.function is required", param=f"tools.{i}.type" if t.type != "function"
                            else f"tools.{i}.function")
-    names = [t.function.name for t in req.tools]
+    tools = [t.model_dump(exclude_none=True) for t in req.tools]
+    names = [t["function"]["name"] for t in tools]
     if len(set(names)) != len(names):
         raise APIError(400, "tools: two tools have the same name", param="tools")
+    if choice is None or choice == "auto":
+        return tools, None
     if choice == "none":
-        return None
-    if choice is not None and choice != "auto":  # "required", a named function, allowed_tools
-        raise APIError(400, f"tool_choice={json.dumps(choice if isinstance(choice, str) else choice.model_dump(exclude_none=True))}"
-                            f" is not supported yet: {FORCED}", param="tool_choice", code="unsupported_parameter")
-    return [t.model_dump(exclude_none=True) for t in req.tools]
+        return None, None
+    if choice == "required":
+        return tools, (tools, None)
+    if choice.type == "function":
+        if choice.function is None:
+            raise APIError(400, "tool_choice.function is required with type 'function'", param="tool_choice.function")
+        if choice.function.name not in names:
+            raise APIError(400, f"tool_choice.function.name {choice.function.name!r} is not one of the tools",
+                           param="tool_choice.function.name")
+        return tools, (tools, choice.function.name)
+    if choice.type == "custom" or choice.allowed_tools is None:
+        raise APIError(400, "tool_choice: only function tools are supported" if choice.type == "custom" else
+                            "tool_choice.allowed_tools is required with type 'allowed_tools'",
+                       param="tool_choice.type" if choice.type == "custom" else "tool_choice.allowed_tools")
+    allowed = []
+    for i, t in enumerate(choice.allowed_tools.tools):
+        at = f"tool_choice.allowed_tools.tools.{i}"
+        if t.type != "function" or t.function is None or t.function.name not in names:
+            raise APIError(400, f"{at}: not a function of the tools" if t.type == "function" else
+                                f"{at}: only function tools are supported", param=at)
+        allowed.append(tools[names.index(t.function.name)])
+    return allowed, ((allowed, None) if choice.allowed_tools.mode == "required" else None)
 
 
 def chat_prompt(tokenizer, req: ChatRequest, template: str) -> ChatPrompt:
     """The prompt ids of a chat request under `template`, with what the reply needs to be read."""
     dialog = normalize_messages(req.messages)
-    tools = offered_tools(req)
+    tools, forced = offered_tools(req)
     uses_tools = tools is not None or any(m["role"] == "tool" or m.get("tool_calls") for m in dialog)
     try:
         if template == "model":  # the model's own Jinja template renders tools and calls its own way
@@ -172,7 +194,8 @@ def chat_prompt(tokenizer, req: ChatRequest, template: str) -> ChatPrompt:
     except ValueError as e:
         raise APIError(400, str(e), param="messages") from None
     names = {t["function"]["name"] for t in tools} if tools else None
-    return ChatPrompt(ids, template_stops(tokenizer, template), names, req.parallel_tool_calls is not False, dialog)
+    return ChatPrompt(ids, template_stops(tokenizer, template), names, req.parallel_tool_calls is not False, dialog,
+                      forced)
 
 
 def _hf_message(m: dict) -> dict:

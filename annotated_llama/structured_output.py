@@ -28,6 +28,7 @@ the value: SentencePiece models start a reply with a "▁"-prefixed piece.
 
 Public API:
     vocabulary(tokenizer)                  the library's view of our Tokenizer (built once, cached)
+    token_bytes(tokenizer)                 each id's bytes (specials marked), for all three backends
     response_format_grammar(fmt, tokenizer) -> Grammar | None   fmt: the request's dict
     tool_call_grammar(tools, name, tokenizer) -> Grammar        name None: any of `tools`
     check_strict_schema(schema, where)     ValueError unless OpenAI's strict rules hold
@@ -45,12 +46,21 @@ import torch
 
 OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_lock = threading.Lock()
+_bytes_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_lock = threading.RLock()  # vocabulary() reads token_bytes() while holding it
 
 
-def _token_bytes(tokenizer) -> list[bytes]:
-    """Each id's bytes; special and control tokens get llguidance's 0xFF marker, so that no
-    grammar text can ever match them."""
+def token_bytes(tokenizer) -> list[bytes]:
+    """Each id's bytes (built once per tokenizer object); special and control tokens get
+    llguidance's 0xFF marker before their name, so that no grammar text can ever match them.
+    (The server's logprobs read the same table: openai_logprobs.py.)"""
+    with _lock:
+        if tokenizer not in _bytes_cache:
+            _bytes_cache[tokenizer] = _read_token_bytes(tokenizer)
+        return _bytes_cache[tokenizer]
+
+
+def _read_token_bytes(tokenizer) -> list[bytes]:
     out = []
     if tokenizer.sp is not None:
         sp = tokenizer.sp
@@ -64,8 +74,23 @@ def _token_bytes(tokenizer) -> list[bytes]:
                 out.append(piece.replace("\u2581", " ").encode())
         return out
     specials = {i: name for name, i in tokenizer.special_tokens.items()}
+    if tokenizer.tt is not None:
+        return [b"\xff" + specials[i].encode() if i in specials else tokenizer.tt.decode_single_token_bytes(i)
+                for i in range(tokenizer.n_words)]
+    # an HF tokenizer.json: GPT-2's byte-level pieces (bytes spelled as printable characters), or
+    # SentencePiece-style pieces ("\u2581" for a space, "<0xNN>" byte fallback)
+    from .tokenizer_formats import _gpt2_bytes_to_unicode
+    to_byte = {c: b for b, c in _gpt2_bytes_to_unicode().items()}
     for i in range(tokenizer.n_words):
-        out.append(b"\xff" + specials[i].encode() if i in specials else tokenizer.tt.decode_single_token_bytes(i))
+        piece = tokenizer.hf.id_to_token(i)
+        if i in specials or piece is None:
+            out.append(b"\xff" + (specials.get(i) or f"<unused{i}>").encode())
+        elif tokenizer._byte_level:
+            out.append(bytes(to_byte[c] for c in piece) if all(c in to_byte for c in piece) else piece.encode())
+        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            out.append(bytes([int(piece[3:5], 16)]))
+        else:
+            out.append(piece.replace("\u2581", " ").encode())
     return out
 
 
@@ -73,12 +98,13 @@ class _Wrapper:
     """What llguidance.TokenizerWrapper reads: the token bytes, EOS/BOS and a tokenize callback."""
 
     def __init__(self, tokenizer):
-        self.tokenizer, self.tokens = tokenizer, _token_bytes(tokenizer)
+        self.tokenizer, self.tokens = tokenizer, token_bytes(tokenizer)
         self.eos_token_id, self.bos_token_id = tokenizer.eos_id, tokenizer.bos_id
         self.special_token_ids = [i for i, b in enumerate(self.tokens) if b[:1] == b"\xff"]
         # SentencePiece prepends "▁" to what it encodes; llguidance tokenizes text in the middle
         # of a reply, so encode after a newline and drop the newline's pieces
-        self.lead = tokenizer.encode("\n", bos=False, eos=False) if tokenizer.sp is not None else []
+        spm_like = tokenizer.sp is not None or (tokenizer.hf is not None and not tokenizer._byte_level)
+        self.lead = tokenizer.encode("\n", bos=False, eos=False) if spm_like else []
 
     def __call__(self, text: str) -> list[int]:
         if not self.lead:
@@ -88,8 +114,8 @@ class _Wrapper:
 
 
 def vocabulary(tokenizer):
-    """llguidance's LLTokenizer for our Tokenizer (SentencePiece, tiktoken or GGUF), once per
-    tokenizer object: ~0.1 s for 32k pieces, ~1 s for Llama 3's 128k."""
+    """llguidance's LLTokenizer for our Tokenizer (SentencePiece, tiktoken, GGUF or tokenizer.json),
+    once per tokenizer object: ~0.1 s for 32k pieces, ~1 s for Llama 3's 128k."""
     import llguidance
 
     with _lock:
@@ -103,8 +129,8 @@ def vocabulary(tokenizer):
 class Constraint:
     """One row's grammar state (see the module docstring for the protocol)."""
 
-    def __init__(self, matcher, n_words: int):
-        self.matcher, self.n_words = matcher, n_words
+    def __init__(self, matcher, n_words: int, stop_ids=()):
+        self.matcher, self.n_words, self.stop_ids = matcher, n_words, set(stop_ids)
         self._shifts: dict = {}
 
     def apply(self, logits_row: torch.Tensor) -> None:
@@ -114,6 +140,8 @@ class Constraint:
             shifts = self._shifts[logits_row.device] = torch.arange(32, dtype=torch.int32, device=logits_row.device)
         bits = bits.to(logits_row.device)
         allowed = ((bits.unsqueeze(1) >> shifts) & 1).flatten()[:self.n_words].bool()  # (n_words,)
+        if not allowed.any():  # a dead end (never expected): allow the stop ids, so the row ends
+            allowed[list(self.stop_ids)] = True
         V = logits_row.shape[-1]
         if V > self.n_words:  # a padded embedding: ids no tokenizer can decode are never allowed
             logits_row[self.n_words:] = float("-inf")
@@ -145,7 +173,7 @@ class Grammar:
         matcher = llguidance.LLMatcher(self.vocab, self.text, log_level=0)
         if matcher.is_error():
             raise ValueError(matcher.get_error().strip().splitlines()[0])
-        return Constraint(matcher, self.tokenizer.n_words)
+        return Constraint(matcher, self.tokenizer.n_words, self.tokenizer.stop_ids)
 
 
 def _json_grammar(schema: dict, tokenizer) -> Grammar:
@@ -185,7 +213,8 @@ def tool_call_grammar(tools: list[dict], name: Optional[str], tokenizer) -> Gram
         fn = t["function"]
         if name is not None and fn["name"] != name:
             continue
-        params = fn.get("parameters") or {"type": "object", "properties": {}}
+        # OpenAI: "omitting parameters defines a function with an empty parameter list"
+        params = fn.get("parameters") or {"type": "object", "properties": {}, "additionalProperties": False}
         if fn.get("strict"):
             check_strict_schema(params, f"tools.{fn['name']}.function.parameters")
         options.append({"type": "object", "properties": {"name": {"const": fn["name"]}, "parameters": params},

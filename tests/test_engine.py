@@ -204,3 +204,59 @@ def test_seeded_sampling_is_the_same_through_llama_cli_and_server(capsys):
     assert r.status_code == 200, r.text
     assert via_llama == via_cli and len(via_llama) == 24
     assert r.json()["choices"][0]["text"] == llama.tokenizer.decode(ids[-1:] + via_llama)[len(llama.tokenizer.decode(ids[-1:])):]
+
+
+# ---- constraints (a grammar per sequence) and the range checks -------------------------------------
+
+CHOICE = {"type": "object", "properties": {"c": {"enum": ["red", "green"]}, "n": {"type": "integer", "minimum": 0,
+                                                                                  "maximum": 99}},
+          "required": ["c", "n"], "additionalProperties": False}
+
+
+def test_each_fork_gets_its_own_constraint_and_neighbours_are_untouched(model, tok):
+    import jsonschema
+
+    from annotated_llama.structured_output import response_format_grammar
+    grammar = response_format_grammar({"type": "json_schema", "json_schema": {"name": "c", "schema": CHOICE}}, tok)
+    made = []
+
+    def factory():  # SamplingParams.constraint: called once per sequence
+        made.append(grammar.constraint())
+        return made[-1]
+    ps = prompts([9, 14, 6])
+    free = [SamplingParams(temperature=1.0, top_p=1.0, max_tokens=24, ignore_eos=True, seed=s) for s in (1, 2)]
+    alone = Engine(model, tok, max_batch_size=8)
+    with torch.inference_mode():
+        want = [s.output for s in alone.run(ps[:2], free)]
+        engine = Engine(model, tok, max_batch_size=8)
+        rows = [engine.add(p, sp)[0] for p, sp in zip(ps[:2], free)]
+        forks = engine.add(ps[2], SamplingParams(temperature=1.0, top_p=1.0, max_tokens=24, seed=3,
+                                                 constraint=factory), n=4)
+        while engine.has_work:
+            engine.step()
+    assert len(made) == 4 and len({id(c) for c in made}) == 4 and [f.constraint for f in forks] == made
+    assert [r.output for r in rows] == want  # the unconstrained rows' tokens: the same with a grammar beside them
+    assert (engine.steps, engine.forward_calls) == (alone.steps, alone.forward_calls)  # and no extra step
+    values = [json.loads(tok.decode(f.output)) for f in forks]
+    for f, v in zip(forks, values):
+        assert f.finish_reason == "stop" and len(f.output) < 24
+        jsonschema.validate(v, CHOICE)
+    assert len({json.dumps(v) for v in values}) > 1  # the forks sample apart
+
+
+@pytest.mark.parametrize("name,value,ok", [
+    ("temperature", 0.0, True), ("temperature", 1e-6, True), ("temperature", 5e-324, False),
+    ("temperature", 1e-7, False), ("repetition_penalty", 1e-300, False), ("repetition_penalty", 1e-6, True),
+    ("repetition_penalty", 0.0, False), ("top_p", 5e-324, True), ("presence_penalty", -2.0, True),
+])
+def test_the_divisors_of_the_logits_refuse_subnormals(model, tok, name, value, ok):
+    from annotated_llama.sampling import check_range
+    if not ok:
+        with pytest.raises(ValueError, match=name):
+            SamplingParams(**{name: value})
+        return
+    check_range(name, value)
+    params = SamplingParams(**{"temperature": 1.0, "max_tokens": 4, "ignore_eos": True, "seed": 0, name: value})
+    with torch.inference_mode():  # and what is allowed samples real tokens (no NaN reaches the draw)
+        (s,) = Engine(model, tok).run(prompts([5]), params)
+    assert len(s.output) == 4

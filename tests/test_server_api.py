@@ -5,6 +5,7 @@ naming the field. Responses are validated against the models /openapi.json publi
 
 from __future__ import annotations
 
+import json
 import typing
 
 import httpx
@@ -97,7 +98,6 @@ def test_n_with_a_seed_gives_distinct_samples_and_the_same_on_a_rerun(client):
 
 
 def test_stream_usage_exactly_once(url, client):
-    import json
     kw = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0)
     full = client.chat.completions.create(**kw)
     chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
@@ -169,16 +169,13 @@ def test_user_and_identifiers_are_accepted(client):
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 REFUSED_CHAT = {
-    "presence_penalty": 0.5, "frequency_penalty": -1.0, "logit_bias": {"5": 10}, "logprobs": True, "top_logprobs": 3,
-    "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
     "functions": [{"name": "f"}], "function_call": "auto", "audio": {"voice": "alloy", "format": "wav"},
     "modalities": ["text", "audio"], "metadata": {"k": "v"}, "store": True, "moderation": {"model": "m"},
     "prediction": {"type": "content", "content": "x"}, "prompt_cache_options": {"mode": "explicit"},
     "prompt_cache_retention": "24h", "reasoning_effort": "low", "verbosity": "low",
     "web_search_options": {}, "service_tier": "flex",
 }
-REFUSED_COMPLETIONS = {"presence_penalty": 1.0, "frequency_penalty": 0.1, "logit_bias": {"5": -100}, "logprobs": 0,
-                       "best_of": 3, "suffix": "the end"}
+REFUSED_COMPLETIONS = {"suffix": "the end"}
 
 
 @pytest.mark.parametrize("field", sorted(REFUSED_CHAT))
@@ -198,6 +195,55 @@ def test_unimplemented_completion_fields_are_refused_by_name(client, field):
 
 def test_refused_set_covers_the_unimplemented_fields():
     assert set(REFUSED_CHAT) | set(REFUSED_COMPLETIONS) == set(UNSUPPORTED)
+
+
+# every other field of the client's request types is implemented (the tests that show it: this
+# file, test_server_sampling.py, test_server_structured.py, test_server_tools.py)
+IMPLEMENTED_CHAT = {"messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop",
+                    "stream", "stream_options", "seed", "user", "safety_identifier", "prompt_cache_key",
+                    "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs",
+                    "response_format", "tools", "tool_choice", "parallel_tool_calls"}
+IMPLEMENTED_COMPLETIONS = {"prompt", "model", "max_tokens", "temperature", "top_p", "n", "best_of", "stop", "stream",
+                           "stream_options", "seed", "user", "presence_penalty", "frequency_penalty", "logit_bias",
+                           "logprobs", "echo"}
+
+
+def test_every_client_field_is_implemented_or_refused():
+    for theirs, implemented, refused in (
+            (chat_create_params.CompletionCreateParamsNonStreaming, IMPLEMENTED_CHAT, REFUSED_CHAT),
+            (completion_create_params.CompletionCreateParamsNonStreaming, IMPLEMENTED_COMPLETIONS, REFUSED_COMPLETIONS)):
+        fields = set(typing.get_type_hints(theirs))
+        assert implemented | set(refused) == fields and not implemented & set(refused), fields ^ (implemented | set(refused))
+
+
+def test_every_implemented_field_in_one_request(client, url):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    kw = dict(model="tiny", messages=[{"role": "system", "content": "Answer in JSON."},
+                                      {"role": "user", "content": "Is the sea blue?"}],
+              max_completion_tokens=40, temperature=0.8, top_p=0.9, n=2, stop=["\n\n"], seed=4, user="u",
+              safety_identifier="s", prompt_cache_key="k", presence_penalty=0.3, frequency_penalty=0.2,
+              logit_bias={"29871": -5}, logprobs=True, top_logprobs=2, parallel_tool_calls=True,
+              response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": True}})
+    r = client.chat.completions.create(**kw)
+    ChatCompletion.model_validate(r.model_dump())
+    assert [c.index for c in r.choices] == [0, 1]
+    for c in r.choices:
+        assert c.finish_reason == "stop" and isinstance(json.loads(c.message.content)["ok"], bool)
+        assert len(c.logprobs.content) >= 4 and all(len(e.top_logprobs) == 2 for e in c.logprobs.content)
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    for c in chunks:
+        ChatCompletionChunk.model_validate(c.model_dump())
+    for i in (0, 1):  # each choice streamed is the whole one
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+        assert text == r.choices[i].message.content
+    assert chunks[-1].usage.model_dump() == r.usage.model_dump()
+    c = client.completions.create(model="tiny", prompt=["Once upon", "The sea"], max_tokens=5, temperature=0.7,
+                                  top_p=0.95, n=2, best_of=3, stop=["."], seed=8, user="u", presence_penalty=0.5,
+                                  frequency_penalty=0.5, logit_bias={"13": -100}, logprobs=1, echo=True)
+    Completion.model_validate(c.model_dump())
+    assert [x.index for x in c.choices] == [0, 1, 2, 3] and c.choices[2].text.startswith("The sea")
+    assert all(x.logprobs.token_logprobs[0] is None for x in c.choices)
 
 
 def test_unknown_fields_are_refused_as_openai_does(client):

@@ -280,8 +280,15 @@ def test_openapi_has_the_real_models(plain):
     assert set(schemas["CompletionRequest"]["properties"]) == set(CompletionRequest.model_fields)
     body = spec["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body == {"$ref": "#/components/schemas/ChatRequest"}
-    refused = schemas["ChatRequest"]["properties"]["presence_penalty"]  # the no-op values only, and why
-    assert refused["anyOf"] == [{"type": "null"}, {"const": 0}, {"const": 0.0}] and "Not supported" in refused["description"]
+    refused = schemas["ChatRequest"]["properties"]["store"]  # the no-op values only, and why
+    assert refused["anyOf"] == [{"type": "null"}, {"const": False}] and "Not supported" in refused["description"]
+    from annotated_llama.sampling import LIMITS  # the ranges published are the engine's own
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "top_k"):
+        low, high, closed = LIMITS[name]
+        number = next(a for a in schemas["ChatRequest"]["properties"][name]["anyOf"] if a.get("type") != "null")
+        assert number[("minimum" if closed else "exclusiveMinimum")] == low and number["maximum"] == high, name
+    bias = schemas["ChatRequest"]["properties"]["logit_bias"]["anyOf"][0]["additionalProperties"]
+    assert (bias["minimum"], bias["maximum"]) == LIMITS["logit_bias"][:2]
 
 
 def test_an_exception_in_a_handler_is_a_500_on_a_kept_connection(tokenizer):

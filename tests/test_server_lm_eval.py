@@ -3,9 +3,9 @@ local loglikelihood task (tests/data/lm_eval: which ending completes a King Jame
 must give, item by item, the loglikelihoods that lm-eval's own `hf` model computes with
 transformers on our HF export of the same weights (within 1e-4).
 
-`local-completions` scores a continuation by sending the prompt with echo=True, logprobs=1 and
-max_tokens=1 and summing the prompt tokens' `token_logprobs`: that needs prompt log
-probabilities from the engine, which the server refuses for now (400, param logprobs)."""
+`local-completions` scores a continuation by sending context + continuation as token ids with
+echo=True, logprobs=1 and max_tokens=1, and summing the continuation's `token_logprobs` (the
+engine's prompt logprobs, from the same forward pass that prefills the cache)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 
 import pytest
-import requests
 import torch
 
 from annotated_llama import ModelArgs, Tokenizer, Transformer
@@ -58,12 +57,16 @@ def test_task_file_is_well_formed():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="needs prompt logprobs (phase 2)", raises=requests.exceptions.HTTPError)
 def test_local_completions_equals_hf_loglikelihoods(setup):
     url, hf_dir, tasks = setup
+    # lm-eval's API models add no BOS unless told (OpenAI's tokenizers have none); a Llama wants it,
+    # and both models must score the same token ids
     ours = loglikelihoods("local-completions", f"model=tiny,base_url={url}/v1/completions,num_concurrent=1,"
-                                               f"max_retries=1,tokenizer_backend=huggingface,tokenizer={hf_dir}", tasks)
-    ref = loglikelihoods("hf", f"pretrained={hf_dir},dtype=float32,device=cpu", tasks)
+                                               f"max_retries=1,tokenizer_backend=huggingface,tokenizer={hf_dir},"
+                                               "add_bos_token=True", tasks)
+    ref = loglikelihoods("hf", f"pretrained={hf_dir},dtype=float32,device=cpu,add_bos_token=True", tasks)
     assert len(ours) == len(ref) >= 10
+    worst = max(abs(g - w) for got, want in zip(ours, ref) for g, w in zip(got, want))
+    print(f"lm-eval: {sum(map(len, ours))} loglikelihoods, largest difference from hf {worst:.2e}")
     for got, want in zip(ours, ref):
         assert got == pytest.approx(want, abs=1e-4)

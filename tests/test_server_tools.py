@@ -210,8 +210,15 @@ def test_tool_choice_none_offers_no_tools(served, client, llama3_tokenizer):
 
 
 @pytest.mark.parametrize("body,param", [
-    ({"tool_choice": "required"}, "tool_choice"),
-    ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice.function.name"),
+    ({"tool_choice": {"type": "function"}}, "tool_choice.function"),
+    ({"tool_choice": {"type": "custom", "custom": {"name": "x"}}}, "tool_choice.type"),
+    ({"tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [
+        {"type": "function", "function": {"name": "nope"}}]}}}, "tool_choice.allowed_tools.tools.0"),
+    ({"tool_choice": {"type": "allowed_tools"}}, "tool_choice.allowed_tools"),
+    ({"tool_choice": "required", "tools": [{"type": "function", "function": {"name": "f", "strict": True,
+                                                                             "parameters": {"type": "object"}}}]},
+     "tools"),  # strict needs additionalProperties: false
     ({"tools": [{"type": "custom", "custom": {"name": "x"}}]}, "tools.0.type"),
     ({"tools": [WEATHER, WEATHER]}, "tools"),
     ({"template": "llama-2"}, "tools"),

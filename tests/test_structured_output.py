@@ -14,7 +14,7 @@ import torch
 
 from annotated_llama import ModelArgs, Tokenizer, Transformer
 from annotated_llama.structured_output import (Constraint, check_strict_schema, response_format_grammar,
-                                               tool_call_grammar, vocabulary)
+                                               token_bytes, tool_call_grammar, vocabulary)
 
 ROWS = 100
 
@@ -143,18 +143,27 @@ def test_forced_tool_call_arguments_validate(model, spm):
         tool_call_grammar(tools, "nope", spm)
 
 
-@pytest.mark.parametrize("backend", ["sentencepiece", "gguf-sentencepiece", "gguf-tiktoken"])
-def test_vocabulary_for_each_backend(backend, spm, llama3_tokenizer):
+BACKENDS = ["sentencepiece", "gguf-sentencepiece", "gguf-tiktoken", "json-byte-level", "json-sentencepiece"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vocabulary_for_each_backend(backend, spm, llama3_tokenizer, request):
     from pathlib import Path
-    tok = {"sentencepiece": spm, "gguf-sentencepiece": Tokenizer(Path(__file__).parent / "data" / "llama-spm.gguf"),
-           "gguf-tiktoken": llama3_tokenizer}[backend]
+    tok = {"sentencepiece": lambda: spm, "gguf-tiktoken": lambda: llama3_tokenizer,
+           "gguf-sentencepiece": lambda: Tokenizer(Path(__file__).parent / "data" / "llama-spm.gguf"),
+           "json-byte-level": lambda: Tokenizer(request.getfixturevalue("llama3_tokenizer_json")),
+           "json-sentencepiece": lambda: Tokenizer(request.getfixturevalue("llama2_tokenizer_json"))}[backend]()
     vocab = vocabulary(tok)
     assert vocabulary(tok) is vocab and vocab.vocab_size == tok.n_words  # built once
     assert set(vocab.eos_tokens) == tok.stop_ids
     text = 'Hello, world! {"x": 1}\n  tabs\tand ünïcödé'
     assert vocab.decode_str(vocab.tokenize_str(text)) == text  # the tokenize callback adds no "▁"
-    if tok.tt is not None:
+    if tok.sp is None and (tok.tt is not None or tok._byte_level):
         assert vocab.tokenize_str(text) == tok.encode(text, bos=False, eos=False)
+    raw = token_bytes(tok)  # each id's bytes, against the tokenizer's own decoding of a run of ids
+    ids = tok.encode(text, bos=False, eos=False)
+    joined = b"".join(raw[i] for i in ids).decode()
+    assert joined == text or (tok.sp is not None or not tok._byte_level) and joined == " " + text
     schema = obj({"n": {"type": "integer", "minimum": 0, "maximum": 9}, "w": {"enum": ["yes", "no"]}})
     grammar = response_format_grammar({"type": "json_schema", "json_schema": {"name": "t", "schema": schema}}, tok)
     gen = torch.Generator().manual_seed(3)
