@@ -63,15 +63,16 @@ def main(out_dir: Path) -> Path:
         colour = next(c for k, c in colours.items() if name.startswith(k))
         bytes_tok = bw / e["ceiling_tok_s"]  # the benchmark's ceiling is bandwidth / weight bytes per token
         ax_c.loglog(flops_tok / bytes_tok, e["decode_tok_s"] * flops_tok, "o", color=colour, ms=7)
+        ours = not name.startswith("llama.cpp")  # labelled below right; llama.cpp's above left: no overlaps
         ax_c.annotate(f"{name} decode", (flops_tok / bytes_tok, e["decode_tok_s"] * flops_tok), fontsize=6.5,
-                      textcoords="offset points", xytext=(5, -3 if "ours" in name else 4))
+                      textcoords="offset points", xytext=(6, -10) if ours else (-6, 4), ha="left" if ours else "right")
         ax_c.loglog(512 * flops_tok / bytes_tok, e["prefill_tok_s"] * flops_tok, "^", color=colour, ms=7)
     batched = cpu["engines"]["ours-bf16-compiled"].get("batched_tok_s") or {}
     bytes_bf16 = bw / cpu["engines"]["ours-bf16-compiled"]["ceiling_tok_s"]
     for b, tok_s in sorted(batched.items(), key=lambda kv: int(kv[0])):
         ax_c.loglog(int(b) * flops_tok / bytes_bf16, tok_s * flops_tok, "s", color="#805ad5", ms=6)
         ax_c.annotate(f"batch {b}", (int(b) * flops_tok / bytes_bf16, tok_s * flops_tok), fontsize=6.5,
-                      textcoords="offset points", xytext=(5, -8))
+                      textcoords="offset points", xytext=(6, 3))
     ax_c.plot([], [], "o", color="#4a5568", label="batch-1 decode (circles)")
     ax_c.plot([], [], "^", color="#4a5568", label="512-token prefill (triangles)")
     ax_c.plot([], [], "s", color="#805ad5", label="ours-bf16-compiled, batched decode")
