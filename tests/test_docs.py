@@ -10,7 +10,8 @@ One parametrized case per chapter (select one with `pytest tests/test_docs.py -k
   relative link points at a file that exists.
 Also: the index lists the chapters written, the figure scripts make real PNGs, the model chapter's
 parameter counts equal the presets' counted on the meta device, and the minimal implementations that
-Part I writes (MINIMAL_CHECKS) equal the package's code on random inputs other than the chapters' own.
+the chapters write (MINIMAL_CHECKS) equal the package's code, or an independent computation, on random
+inputs other than the chapters' own.
 Failures name the chapter file and line; tracebacks show the chapter's own lines.
 """
 
@@ -136,7 +137,8 @@ def run_chapter_once(path: Path, workdir: Path):
 
 
 # Chapters measured at over ~10 s on the shared 2-core box (tens of seconds each): marked slow, still run in CI.
-SLOW_CHAPTERS = {"06_training", "05_generator", "07_weights", "09_instruction"}
+# (10_speed: the first use of the decode kernel builds matvec.cpp, ~30 s; later runs load the cached build.)
+SLOW_CHAPTERS = {"06_training", "05_generator", "07_weights", "09_instruction", "10_speed"}
 RUN_CASES = [pytest.param(p, id=p.stem, marks=[pytest.mark.slow] if p.stem in SLOW_CHAPTERS else [])
              for p in CHAPTERS]
 
@@ -469,7 +471,51 @@ def _check_meta_code(ns):
             assert torch.equal(ns["top_p_sample"](probs, p, g1), sample_top_p(probs, p, g2)), p
 
 
-MINIMAL_CHECKS = {"04_architecture": _check_architecture, "05_model": _check_model, "06_training": _check_training,
+def _check_introduction(ns):
+    # The closed-form compute-optimal split against a numerical minimum of the same loss at fixed compute
+    # (C = 6 N D): a dense grid over log N, refined once.
+    import math
+    for C in (3e20, 5e22, 2e25):
+        n_opt, d_opt = ns["optimal"](C)
+        assert math.isclose(6 * n_opt * d_opt, C, rel_tol=1e-9)
+        lo, hi = math.log(1e6), math.log(1e14)
+        for _ in range(2):
+            grid = [lo + (hi - lo) * i / 4000 for i in range(4001)]
+            best = min(grid, key=lambda ln: ns["loss"](math.exp(ln), C / (6 * math.exp(ln))))
+            step = (hi - lo) / 4000
+            lo, hi = best - 2 * step, best + 2 * step
+        assert math.isclose(math.exp(best), n_opt, rel_tol=1e-3), (C, math.exp(best), n_opt)
+
+
+def _check_tokenizer(ns):
+    # BPE from scratch against SentencePiece on LLaMA's vocabulary, on texts the chapter never saw: random
+    # strings over letters, digits, punctuation, whitespace runs, accents, CJK, Cyrillic and emoji.
+    import random
+    sp, vocab, encode = ns["sp"], ns["llama_vocab"], ns["bpe_scratch"].encode
+    rng = random.Random(2024)
+    alphabet = (list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?'\"()-\n\t")
+                + list("éüñßçøåœ漢字かなабвгд") + ["🦙", "😁", "\u200b", "  ", "   ", " the", "ing", "tion"])
+    for _ in range(200):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60)))
+        assert encode(text, vocab) == sp.encode(text), repr(text)
+
+
+def _check_speed(ns):
+    # The decode kernel's loop order, written in Python, on shapes other than the chapter's, against F.linear
+    # (and the kernel itself where it is built, which tests/test_backends.py requires).
+    import torch.nn.functional as F
+    from annotated_llama import matvec
+    g = torch.Generator().manual_seed(4)
+    for N, K, M, rows, chunk in ((7, 33, 2, 4, 16), (64, 1000, 5, 4, 256), (130, 300, 16, 3, 64)):
+        w, x = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g)
+        want = F.linear(x, w)
+        assert torch.allclose(ns["matvec_loop_order"](x, w, rows=rows, chunk=chunk), want, atol=1e-4), (N, K, M)
+        if matvec.load():
+            assert torch.allclose(matvec.matvec(x, w), want, atol=1e-4), (N, K, M)
+
+
+MINIMAL_CHECKS = {"01_introduction": _check_introduction, "03_tokenizer": _check_tokenizer,
+                  "10_speed": _check_speed, "04_architecture": _check_architecture, "05_model": _check_model, "06_training": _check_training,
                   "07_efficiency": _check_efficiency, "09_instruction": _check_instruction,
                   "11_meta_code": _check_meta_code}
 
