@@ -46,7 +46,7 @@ def test_the_decode_view_shares_every_weight_and_leaves_the_model_alone(kernel):
     linears = [m for m in view.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(type(m) is DecodeLinear and m.kernel == kernel for m in linears)
     assert all(a is b for a, b in zip(model.parameters(), view.parameters()))  # the same tensors
-    assert view.output.weight is model.output.weight and view.rope_cos is model.rope_cos
+    assert view.output.weight is model.output.weight and view.rope_freqs is model.rope_freqs
     with torch.no_grad():
         for rows in (1, 3, 16, 17):  # the kernel's sizes and a prefill-sized product
             x = torch.randn(rows, 1, 64)
