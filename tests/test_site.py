@@ -3,9 +3,9 @@
 - The site (mkdocs with the Material theme, mkdocs.yml) builds with --strict: every link resolves (repository
   files outside docs/ included, through docs/site_hooks.py), every chapter is in the navigation, every formula
   became MathML.
-- Every chapter converts to a notebook whose code cells are exactly the blocks the docs tests run, and one
-  notebook (the architecture chapter) is executed by a real Jupyter kernel (nbclient, ipykernel), its outputs
-  compared with the chapter's ```text blocks.
+- Every chapter converts to a notebook whose code cells are exactly the blocks the docs tests run, and two
+  notebooks (the architecture chapter of Part I, the speed chapter of Part II) are executed by a real Jupyter
+  kernel (nbclient, ipykernel), their outputs compared with the chapters' ```text blocks.
 """
 
 from __future__ import annotations
@@ -122,12 +122,17 @@ def _normalize(out: str) -> list[str]:
     return lines
 
 
-def test_architecture_notebook_executes(tmp_path):
-    """The architecture chapter, as a notebook, in a real Jupyter kernel: every cell runs, and each cell's
-    printed output equals the chapter's expected output."""
+# (chapter, the fewest cells whose output is compared): one chapter of each part
+EXECUTED = [("paper/04_architecture.md", 8), ("annotated/10_speed.md", 5)]
+
+
+@pytest.mark.parametrize("chapter, at_least", EXECUTED, ids=[Path(c).stem for c, _ in EXECUTED])
+def test_notebook_executes(chapter, at_least, tmp_path):
+    """A chapter, as a notebook, in a real Jupyter kernel: every cell runs, and each cell's printed output
+    equals the chapter's expected output."""
     from nbclient import NotebookClient
 
-    nb = build.notebook(DOCS / "paper" / "04_architecture.md")
+    nb = build.notebook(DOCS / chapter)
     NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     checked = 0
     for cell in (c for c in nb.cells if c.cell_type == "code"):
@@ -138,4 +143,4 @@ def test_architecture_notebook_executes(tmp_path):
             got = "".join(o.text for o in cell.outputs if o.output_type == "stream" and o.name == "stdout")
             assert _normalize(got) == _normalize(want), f"cell {cell.source[:60]!r} printed something else"
             checked += 1
-    assert checked >= 8
+    assert checked >= at_least, f"only {checked} cells of {chapter} had their output compared"
