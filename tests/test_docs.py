@@ -284,6 +284,7 @@ FIGURE_SCRIPTS = {
     "make_ragged_batch.py": ["ragged_batch.png"],
     "make_gqa.py": ["gqa.png"],
     "make_megatron.py": ["megatron.png"],
+    "make_decode_kernel.py": ["decode_kernel.png"],
     "make_alpaca_masking.py": ["alpaca_masking.png"],
     "make_chinchilla.py": ["chinchilla.png"],  # from docs/data/chinchilla.csv
     "make_results.py": ["results.png"],  # from docs/data/llama_paper_tables.json
