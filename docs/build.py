@@ -4,9 +4,11 @@
     python docs/build.py FILE...   only these chapters;  --index: only the index
     python docs/build.py --check   change nothing; exit 1 and list stale or broken excerpts (CI);
                                    an out-of-date index is only noted
-    python docs/build.py --notebook CHAPTER [--out FILE.ipynb]
+    python docs/build.py --notebook CHAPTER [--out FILE.ipynb] [--execute] [--force]
                                    the chapter as a Jupyter notebook (jupytext reads the Markdown;
-                                   only the blocks the tests run become code cells)
+                                   only the blocks the tests run become code cells); --execute runs
+                                   it in a Jupyter kernel first and saves the outputs; an existing
+                                   FILE.ipynb is refused without --force
 
 Chapters are docs/paper/NN_*.md (Part I, the annotated paper) and docs/annotated/NN_*.md
 (Part II, running LLaMA).
@@ -259,10 +261,15 @@ def main(argv=None) -> int:
     ap.add_argument("--index", action="store_true", help="refresh only index.md's chapter list")
     ap.add_argument("--notebook", type=Path, metavar="CHAPTER", help="write CHAPTER as a Jupyter notebook")
     ap.add_argument("--out", type=Path, help="with --notebook: the .ipynb to write (default: beside the chapter)")
+    ap.add_argument("--execute", action="store_true",
+                    help="with --notebook: run it in a Jupyter kernel (nbclient) and save its outputs")
+    ap.add_argument("--force", action="store_true", help="with --notebook: overwrite an existing .ipynb")
     ap.add_argument("files", nargs="*", type=Path, help="chapters to process (default: every chapter)")
     args = ap.parse_args(argv)
     if args.notebook is not None:
-        return write_notebook(args.notebook, args.out)
+        return write_notebook(args.notebook, args.out, execute=args.execute, force=args.force)
+    if args.execute or args.force or args.out:
+        ap.error("--out, --execute and --force go with --notebook")
     files = [] if args.index else (args.files or chapters())
     stale, problems = [], []
     for path in files:
@@ -301,11 +308,14 @@ def main(argv=None) -> int:
     return 1 if problems or (args.check and stale) else 0
 
 
-def write_notebook(chapter: Path, out: Path | None) -> int:
+def write_notebook(chapter: Path, out: Path | None, execute: bool = False, force: bool = False) -> int:
     if not chapter.is_file():
         print(f"error: {chapter}: no such chapter", file=sys.stderr)
         return 2
     out = out or chapter.with_suffix(".ipynb")
+    if out.exists() and not force:
+        print(f"error: {out}: already exists (--force overwrites it)", file=sys.stderr)
+        return 2
     try:
         import nbformat
         nb = notebook(chapter)
@@ -315,9 +325,44 @@ def write_notebook(chapter: Path, out: Path | None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if execute:
+        summary = execute_notebook(nb, out.resolve().parent)
+        if summary.startswith("error: "):
+            print(f"{summary} (nothing written)", file=sys.stderr)
+            return 1
+        print(f"{_display(chapter)}: {summary}")
     _write(out, nbformat.writes(nb))
     print(f"wrote {_display(out)}")
     return 0
+
+
+def execute_notebook(nb, workdir: Path) -> str:
+    """Run `nb` in a python3 Jupyter kernel with `workdir` as its working directory, keeping the outputs.
+    Returns a one-line summary, starting with "error: " when a cell raised or nbclient is missing."""
+    try:
+        from nbclient import NotebookClient
+        from nbclient.exceptions import CellExecutionError
+    except ImportError as e:
+        return f"error: --execute needs nbclient and ipykernel (pip install -e .[docs]): {e}"
+    try:
+        NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}).execute()
+    except CellExecutionError as e:
+        return f"error: a cell raised {e.ename}: {e.evalue}"
+    cells = [c for c in nb.cells if c.cell_type == "code"]
+    compared = [c for c in cells if c.metadata.get("expected_output") is not None]
+    same = sum(_stdout(c) == _lines(c.metadata["expected_output"]) for c in compared)
+    return f"{len(cells)} cells ran; {same} of {len(compared)} printed what the chapter shows"
+
+
+def _stdout(cell) -> list[str]:
+    return _lines("".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream" and o.name == "stdout"))
+
+
+def _lines(text: str) -> list[str]:
+    lines = [ln.rstrip() for ln in text.split("\n")]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
 
 
 def _display(path: Path) -> str:

@@ -115,6 +115,28 @@ def test_build_writes_a_notebook_and_refuses_a_missing_chapter(tmp_path):
     assert bad.returncode == 2 and "nope.md: no such chapter" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_build_executes_a_notebook_and_reports_a_failing_cell(tmp_path):
+    # `--execute`: the reader's way to run a chapter as a notebook without Jupyter's front end.
+    out = tmp_path / "intro.ipynb"
+    run = [sys.executable, str(DOCS / "build.py"), "--notebook", str(DOCS / "paper" / "01_introduction.md"),
+           "--out", str(out), "--execute"]
+    ok = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    n = sum(b.runs for b in build.parse_blocks((DOCS / "paper" / "01_introduction.md").read_text()))
+    assert f"{n} cells ran; " in ok.stdout and re.search(r"; (\d+) of \1 printed what the chapter shows", ok.stdout)
+    import nbformat
+    nb = nbformat.read(out, as_version=4)
+    assert all(c.outputs for c in nb.cells if c.cell_type == "code" and c.metadata.get("expected_output"))
+    again = subprocess.run(run, capture_output=True, text=True, timeout=120)  # an existing notebook is kept
+    assert again.returncode == 2 and "already exists (--force overwrites it)" in again.stderr
+    bad = tmp_path / "99_bad.md"
+    bad.write_text("# t\n\n```python\nprint(1)\n```\n\n```python\n1 / 0\n```\n")
+    fail = subprocess.run([sys.executable, str(DOCS / "build.py"), "--notebook", str(bad), "--execute"],
+                          capture_output=True, text=True, timeout=300)
+    assert fail.returncode == 1 and "a cell raised ZeroDivisionError: division by zero" in fail.stderr
+    assert "Traceback" not in fail.stderr and not bad.with_suffix(".ipynb").exists()
+
+
 def _normalize(out: str) -> list[str]:
     lines = [ln.rstrip() for ln in out.split("\n")]
     while lines and not lines[-1]:
