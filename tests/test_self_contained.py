@@ -106,7 +106,7 @@ def test_every_docs_file_is_in_an_area():
 
 
 # Areas of the source still being cleaned by their owners (listed in the docs helper's report).
-KNOWN_UNCLEAN = {"annotated_llama", "tests", "bench", "scripts"}
+KNOWN_UNCLEAN = {"annotated_llama", "tests", "scripts"}
 
 
 @pytest.mark.parametrize("area", [pytest.param(a, marks=[pytest.mark.xfail(strict=True, reason="internal references "
