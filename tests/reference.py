@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from annotated_llama.sampling import sample, token_presence
+from annotated_llama.core.sampling import sample, token_presence
 
 
 @torch.inference_mode()

@@ -199,7 +199,7 @@ def test_index_links_resolve():
 def test_build_check_cli(tmp_path):
     # The command line CI and authors use; staleness of each chapter is test_chapter_excerpts' job.
     chapter = tmp_path / "01_x.md"
-    chapter.write_text("# x\n\n<!-- source: annotated_llama/config.py::ModelArgs.head_dim -->\n```python source\n```\n")
+    chapter.write_text("# x\n\n<!-- source: annotated_llama/core/config.py::ModelArgs.head_dim -->\n```python source\n```\n")
     check = subprocess.run([sys.executable, str(DOCS / "build.py"), "--check", str(chapter)], capture_output=True,
                            text=True, timeout=120)
     assert check.returncode == 1 and "stale" in check.stderr, check.stdout + check.stderr
@@ -347,7 +347,7 @@ def test_every_figure_is_made_by_a_script():
 
 def _check_architecture(ns):
     from annotated_llama import ModelArgs
-    from annotated_llama.model import (Attention, FeedForward, RMSNorm, TransformerBlock, apply_rope,
+    from annotated_llama.core.model import (Attention, FeedForward, RMSNorm, TransformerBlock, apply_rope,
                                        precompute_rope, rope_frequencies, scale_rope_frequencies)
     import torch.nn.functional as F
     g = torch.Generator().manual_seed(123)
@@ -367,7 +367,7 @@ def _check_architecture(ns):
     ffn = FeedForward(24, 40)
     x = torch.randn(3, 24, generator=g)
     assert torch.allclose(ns["swiglu"](x, ffn.w1.weight, ffn.w2.weight, ffn.w3.weight), ffn(x), atol=1e-5)
-    from annotated_llama.config import PRESETS
+    from annotated_llama.core.config import PRESETS
     for name in PRESETS:
         a = ModelArgs.from_name(name)
         if a.hidden_dim is None:
@@ -452,7 +452,7 @@ def _check_efficiency(ns):
 
 
 def _check_instruction(ns):
-    from annotated_llama.alpaca import encode_record, render_prompt
+    from annotated_llama.data.alpaca import encode_record, render_prompt
     tok = ns["tok"]
     for record in ({"instruction": "Name the first book.", "input": "", "output": "Genesis"},
                    {"instruction": "Count the words.", "input": "In the beginning", "output": "3"}):
@@ -461,7 +461,7 @@ def _check_instruction(ns):
 
 
 def _check_meta_code(ns):
-    from annotated_llama.sampling import sample_top_p
+    from annotated_llama.core.sampling import sample_top_p
     probs = torch.softmax(torch.randn(4, 50, generator=torch.Generator().manual_seed(2)) * 2, dim=-1)
     for p in (0.05, 0.5, 0.9, 1.0):
         g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)

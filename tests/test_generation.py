@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from annotated_llama import ModelArgs, Tokenizer, Transformer
-from annotated_llama.generation import Llama
-from annotated_llama.streaming import IncrementalDecoder, StopStringHolder, decode_continuation
+from annotated_llama.inference.generation import Llama
+from annotated_llama.inference.streaming import IncrementalDecoder, StopStringHolder, decode_continuation
 
 from reference import meta_generate
 

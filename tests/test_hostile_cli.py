@@ -95,7 +95,7 @@ def test_every_numeric_flag_is_range_checked(capsys):
 
 def test_sampling_flags_take_the_engines_ranges():
     # one source of truth: the flags' types are built from sampling.LIMITS, which the engine checks too
-    from annotated_llama.sampling import LIMITS, check_sampling_args
+    from annotated_llama.core.sampling import LIMITS, check_sampling_args
 
     for name in ("temperature", "top_p", "top_k", "repetition_penalty"):
         t, (low, high, closed) = getattr(argtypes, name), LIMITS[name]
@@ -253,9 +253,9 @@ def test_pretokenize_and_train_tokenizer(capsys, corpus, tokenizer_path, tmp_pat
 
 
 def test_merge_lora_and_export(capsys, model_dir, corpus, tokenizer_path, tmp_path):  # noqa: F811
-    from annotated_llama.lora import apply_lora, save_adapter
+    from annotated_llama.transforms.lora import apply_lora, save_adapter
     from annotated_llama.train.checkpoint import save_checkpoint
-    from annotated_llama.train.data import pretokenize
+    from annotated_llama.data.pretokenize import pretokenize
     from annotated_llama.weights import load_model
 
     model, _ = load_model(model_dir)
@@ -313,7 +313,7 @@ def test_self_instruct_out(capsys, tmp_path):
 
 
 def test_the_output_rule_sees_through_links(tmp_path):
-    from annotated_llama.cli.outputs import check_output
+    from annotated_llama.core.outputs import check_output
 
     model = tmp_path / "model"
     model.mkdir()

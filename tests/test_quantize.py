@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from annotated_llama import ModelArgs, Transformer
-from annotated_llama.quantize import (Int4Linear, Int8Linear, load_quantized, pack_nibbles, quantize_int4,
+from annotated_llama.transforms.quantize import (Int4Linear, Int8Linear, load_quantized, pack_nibbles, quantize_int4,
                                       quantize_int8, quantize_model, read_quantization, save_quantized,
                                       unpack_nibbles)
 
@@ -24,7 +24,7 @@ def trained():
     Quantization error only shows on a model that learned something (random weights give
     perplexity ~ vocab whatever their precision)."""
     torch.manual_seed(0)
-    data = torch.tensor(list((ROOT / "annotated_llama" / "model.py").read_bytes()), dtype=torch.long)
+    data = torch.tensor(list((ROOT / "annotated_llama" / "core" / "model.py").read_bytes()), dtype=torch.long)
     split = int(len(data) * 0.9)
     train, val = data[:split], data[split:]
     model = Transformer(ModelArgs.from_name("tiny", vocab_size=256))
@@ -191,7 +191,7 @@ def test_cli_quantize(tmp_path, spm_path):
 
 
 def test_int4_keeps_no_second_copy_and_its_packed_layout_is_undone():
-    from annotated_llama.quantize import _cpu_layout, _unpack_cpu
+    from annotated_llama.transforms.quantize import _cpu_layout, _unpack_cpu
     assert _cpu_layout() is not None  # this build's packing is one of the known layouts
     for N, K in ((144, 64), (80, 128), (48, 32), (4096 + 16, 64)):  # full blocks and a partial last one
         q = torch.randint(0, 16, (N, K), dtype=torch.int32)
@@ -212,7 +212,7 @@ def test_int4_keeps_no_second_copy_and_its_packed_layout_is_undone():
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_a_tied_model_stays_tied_as_one_int8_matrix(tmp_path, mode):
-    from annotated_llama.quantize import Int8Embedding
+    from annotated_llama.transforms.quantize import Int8Embedding
     from safetensors import safe_open
     args = ModelArgs.from_name("tiny", tie_word_embeddings=True)
     model = Transformer(args).eval()

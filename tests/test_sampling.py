@@ -4,7 +4,7 @@ logits processors, and hand-made distributions."""
 import pytest
 import torch
 
-from annotated_llama.sampling import (apply_repetition_penalty, apply_top_k, check_sampling_args, greedy,
+from annotated_llama.core.sampling import (apply_repetition_penalty, apply_top_k, check_sampling_args, greedy,
                                       logits_to_probs, make_generator, sample, sample_top_p, token_presence,
                                       top_p_mask)
 

@@ -20,7 +20,7 @@ import torch
 
 from annotated_llama import ModelArgs, Tokenizer, Transformer
 from annotated_llama.cli.serve import run_in_thread
-from annotated_llama.server import create_app
+from annotated_llama.serving.server import create_app
 
 KEY = "sk-test-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}

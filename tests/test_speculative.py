@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from annotated_llama import ModelArgs, Transformer
-from annotated_llama.speculative import speculative_generate
+from annotated_llama.inference.speculative import speculative_generate
 
 from reference import greedy_reference as greedy_generate
 

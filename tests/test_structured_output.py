@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from annotated_llama import ModelArgs, Tokenizer, Transformer
-from annotated_llama.structured_output import (Constraint, check_strict_schema, response_format_grammar,
+from annotated_llama.inference.structured_output import (Constraint, check_strict_schema, response_format_grammar,
                                                token_bytes, tool_call_grammar, vocabulary)
 
 ROWS = 100

@@ -127,7 +127,7 @@ def test_gguf_metadata_reader_agrees_with_gguf_package():
     import numpy as np
     from gguf import GGUFReader
 
-    from annotated_llama.tokenizer import read_gguf_metadata
+    from annotated_llama.core.tokenizer import read_gguf_metadata
 
     path = DATA / "llama-spm.gguf"
     ours = read_gguf_metadata(path.read_bytes())

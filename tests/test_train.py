@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from sentencepiece import sentencepiece_model_pb2 as pb
 
 from annotated_llama import ModelArgs, Tokenizer, Transformer
-from annotated_llama.train import data as tdata
+from annotated_llama.data import pretokenize as tdata
 from annotated_llama.train.loop import TrainConfig, lr_at, param_groups, token_loss_eval, train
 
 REPO = Path(__file__).resolve().parents[1]

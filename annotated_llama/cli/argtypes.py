@@ -13,7 +13,7 @@ import argparse
 import math
 import re
 
-from ..sampling import LIMITS
+from ..core.sampling import LIMITS
 
 INT64_MAX = (1 << 63) - 1
 

@@ -46,8 +46,8 @@ def add_arguments(p):
 
 
 def run(args):
-    from ..finetune import FinetuneConfig, finetune
-    from ..lora import parse_targets
+    from ..train.finetune import FinetuneConfig, finetune
+    from ..transforms.lora import parse_targets
 
     if args.lora:
         parse_targets(args.lora_targets)  # a bad --lora-targets fails before anything loads

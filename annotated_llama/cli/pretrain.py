@@ -53,9 +53,9 @@ def run(args):
 
     from pathlib import Path
 
+    from ..core.outputs import check_output
     from ..train.loop import TrainConfig
     from ..train.pretrain import pretrain
-    from .outputs import check_output
 
     if args.resume and args.force:
         raise ValueError("--resume and --force: choose one (continue the run in --out, or replace it)")

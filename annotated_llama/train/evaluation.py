@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model import Transformer
-from ..tokenizer import Tokenizer
-from .data import check_tokenizer, documents, fixed_windows, open_tokens, read_corpus
+from ..core.model import Transformer
+from ..core.tokenizer import Tokenizer
+from ..data.pretokenize import check_tokenizer, documents, fixed_windows, open_tokens, read_corpus
 
 EVAL_SEQ_LEN = 256
 EVAL_WINDOWS = 32  # 8,192 tokens: a fast, fixed slice (the test reproduces it within 1%)

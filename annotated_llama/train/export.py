@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..config import ModelArgs
+from ..core.config import ModelArgs
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .evaluation import EVAL_SEQ_LEN, EVAL_WINDOWS, evaluate_model, load_model_dir
 
@@ -27,7 +27,7 @@ FILES = ("params.json", "model.safetensors", "tokenizer.model", "eval.json")
 def export(src, out_dir, data_dir, dtype: torch.dtype = torch.bfloat16, log_path=None, force: bool = False) -> dict:
     """Write FILES into `out_dir` (a dir that may hold other files, as the package's default_model
     does); FILES already there are replaced only with `force`, and never from inside `src`."""
-    from ..cli.outputs import check_output
+    from ..core.outputs import check_output
 
     src = Path(src)
     ckpt = src if (src / "train_state.pt").is_file() else latest_checkpoint(src)

@@ -51,7 +51,7 @@ def safetensors_shapes(path) -> dict[str, tuple[int, ...]]:
 def check_config_against_file(config_file, weights_file) -> None:
     """params.json against the tensors a safetensors file holds (ModelArgs.check_checkpoint), for
     loaders that build the model from the config before they read the tensors (quantized dirs)."""
-    from ..config import ModelArgs
+    from ..core.config import ModelArgs
 
     ModelArgs.from_params_json(config_file).check_checkpoint(safetensors_shapes(weights_file), weights_file,
                                                              config_file)

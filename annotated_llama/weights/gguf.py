@@ -20,26 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ModelArgs
-from ..model import rope_frequencies
-from .hf import rename
+from ..core.config import ModelArgs
+from ..core.layout import GGUF_TO_META, META_TO_GGUF, rename
+from ..core.model import rope_frequencies
 
 # Meta name -> GGUF name, "{}" the layer index (llama.cpp's tensor map for LLM_ARCH_LLAMA).
-META_TO_GGUF = {
-    "tok_embeddings.weight": "token_embd.weight",
-    "norm.weight": "output_norm.weight",
-    "output.weight": "output.weight",
-    "layers.{}.attention.wq.weight": "blk.{}.attn_q.weight",
-    "layers.{}.attention.wk.weight": "blk.{}.attn_k.weight",
-    "layers.{}.attention.wv.weight": "blk.{}.attn_v.weight",
-    "layers.{}.attention.wo.weight": "blk.{}.attn_output.weight",
-    "layers.{}.feed_forward.w1.weight": "blk.{}.ffn_gate.weight",
-    "layers.{}.feed_forward.w3.weight": "blk.{}.ffn_up.weight",
-    "layers.{}.feed_forward.w2.weight": "blk.{}.ffn_down.weight",
-    "layers.{}.attention_norm.weight": "blk.{}.attn_norm.weight",
-    "layers.{}.ffn_norm.weight": "blk.{}.ffn_norm.weight",
-}
-GGUF_TO_META = {v: k for k, v in META_TO_GGUF.items()}
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1's per-frequency divisors, as llama.cpp's converter writes them
 OUR_KEYS = "annotated_llama.rope."  # the 3.1 scaling parameters themselves (llama.cpp ignores these keys)
 
@@ -85,7 +70,7 @@ def _encode(t: torch.Tensor, qtype, g, head: bool = False) -> tuple[np.ndarray, 
 
 
 def _add_tokenizer(w, tokenizer, g) -> None:
-    from ..tokenizer import GGUF_BYTE, GGUF_CONTROL, GGUF_NORMAL, GGUF_UNKNOWN, GGUF_UNUSED
+    from ..core.tokenizer import GGUF_BYTE, GGUF_CONTROL, GGUF_NORMAL, GGUF_UNKNOWN, GGUF_UNUSED
 
     if tokenizer.kind == "sentencepiece":
         sp = tokenizer.sp
@@ -105,7 +90,7 @@ def _add_tokenizer(w, tokenizer, g) -> None:
         w.add_unk_token_id(sp.unk_id())
         w.add_add_space_prefix(proto.normalizer_spec.add_dummy_prefix)
     else:
-        from ..tokenizer import _gpt2_bytes_to_unicode
+        from ..core.tokenizer import _gpt2_bytes_to_unicode
         from .hf import tiktoken_merges
 
         byte_char = _gpt2_bytes_to_unicode()
@@ -378,7 +363,7 @@ def gguf_tokenizer(path: Path):
     import struct
     import tempfile
 
-    from ..tokenizer import Tokenizer
+    from ..core.tokenizer import Tokenizer
 
     _, _, kv_end = read_gguf(path)
     with open(path, "rb") as f:

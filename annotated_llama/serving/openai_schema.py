@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from starlette.requests import ClientDisconnect
 from typing_extensions import Annotated
 
-from .sampling import LIMITS, check_range
+from ..core.sampling import LIMITS, check_range
 
 
 class APIError(Exception):

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .chat_format import encode_dialog, encode_prompt, template_stops
+from ..core.chat_format import encode_dialog, encode_prompt, template_stops
 from .openai_schema import APIError, ChatMessage, ChatRequest
 from .tools import encode_tool_dialog
 

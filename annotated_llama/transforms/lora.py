@@ -32,16 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .weights.hf import permute_to_hf, permute_to_meta
+from ..core.layout import LINEARS, permute_to_hf, permute_to_meta
+from ..core.tensor_files import load_pth, read_safetensors
 
-# Our projection names -> HF's module names (the names PEFT's target_modules use).
-TARGET_TO_HF = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
-                "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+# Our projection names -> HF's module names (the names PEFT's target_modules use) and the parent
+# modules that hold them, from the one layout table (core/layout.py).
+TARGET_TO_HF = {t: hf for t, (_, _, hf) in LINEARS.items()}
 HF_TO_TARGET = {v: k for k, v in TARGET_TO_HF.items()}
-HF_PARENT = {"wq": "self_attn", "wk": "self_attn", "wv": "self_attn", "wo": "self_attn",
-             "w1": "mlp", "w2": "mlp", "w3": "mlp"}
-OUR_PARENT = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
-              "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward"}
+HF_PARENT = {t: hf_parent for t, (_, hf_parent, _) in LINEARS.items()}
+OUR_PARENT = {t: ours for t, (ours, _, _) in LINEARS.items()}
 OUTPUT_TARGET, OUTPUT_HF = "output", "lm_head"  # the head: not in a layer, not part of "all"
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 
@@ -237,9 +236,6 @@ def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None 
 
 
 def read_adapter(adapter_dir) -> tuple[dict, dict[str, torch.Tensor]]:
-    from .weights.hf import read_safetensors
-    from .weights.meta import load_pth
-
     d = Path(adapter_dir)
     cfg_path, w_path = d / CONFIG_NAME, d / WEIGHTS_NAME
     if not cfg_path.is_file():

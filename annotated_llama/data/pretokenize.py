@@ -124,7 +124,7 @@ def pretokenize(corpora, tokenizer_path, out_dir, val_every: int = 40, progress:
     """Encode `corpora` with the tokenizer at `tokenizer_path` into OUT/{train,val}.bin + meta.json."""
     from tqdm import tqdm
 
-    from ..tokenizer import Tokenizer
+    from ..core.tokenizer import Tokenizer
 
     tok = Tokenizer(tokenizer_path)
     docs = documents(read_corpus(corpora))

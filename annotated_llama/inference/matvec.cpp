@@ -1,5 +1,5 @@
 // y = x @ w^T for a few rows of x (decoding: one to a few dozen tokens per step), reading each
-// weight once. Written for annotated_llama/matvec.py; see there for why.
+// weight once. Written for annotated_llama/inference/matvec.py; see there for why.
 //
 // Shapes: x (M, K) activations, w (N, K) weights in float32, bfloat16 or float16, row-major as
 // stored (no repacking, no copy). y (M, N) in x's dtype. Each thread takes a range of weight rows

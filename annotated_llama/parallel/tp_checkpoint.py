@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelArgs
-from .model import Transformer
+from ..core.config import ModelArgs
+from ..core.layout import META_TO_HF, permute_to_meta, rename
+from ..core.model import Transformer
+from ..core.tensor_files import load_pth
 from .tensor_parallel import check_divisible, parallelize
-from .weights.meta import load_pth
 
 # Meta's model-parallel layout (REFERENCE b4; HF convert_llama_weights_to_hf.py): the dim each
 # tensor is split on across consolidated.NN.pth; None = replicated in every shard.
@@ -134,7 +135,6 @@ def _read_meta(path: Path, args: ModelArgs, S: int, N: int, rank: int, convert):
 def _read_safetensors(path: Path, args: ModelArgs, N: int, rank: int, convert, hf: bool):
     from safetensors import safe_open
 
-    from .weights.hf import META_TO_HF, permute_to_meta, rename
 
     index = path / "model.safetensors.index.json"
     if index.is_file():

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .chat_format import format_alpaca
+from ..core.chat_format import format_alpaca
 
 IGNORE_INDEX = -100  # stanford_alpaca's IGNORE_INDEX; F.cross_entropy's default ignore_index
 FIELDS = ("instruction", "input", "output")

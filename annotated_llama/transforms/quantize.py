@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelArgs
-from .model import Transformer
+from ..core.config import ModelArgs
+from ..core.model import Transformer
 
 MODES = ("int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the packed int4 kernels accept

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.kv_cache import CacheBatch, KVCache
 from . import matvec
-from .kv_cache import CacheBatch, KVCache
 
 log = logging.getLogger("annotated_llama.backends")
 BACKENDS = ("auto", "eager", "compiled")

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from .streaming import IncrementalDecoder
-from .structured_output import token_bytes
+from ..inference.streaming import IncrementalDecoder
+from ..inference.structured_output import token_bytes
 
 Triple = tuple  # (token id, logprob, [(token id, logprob)] most likely first)
 

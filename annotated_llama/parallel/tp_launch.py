@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .model import Transformer
+from ..core.model import Transformer, set_context_length
 from .tensor_parallel import check_divisible, follow, lead, stop_followers
 from .tp_checkpoint import build_rank_model, inspect_checkpoint
 
@@ -83,7 +83,6 @@ def start(model_path, tp: int, *, device="cpu", dtype=None, max_seq_len=None, ti
             raise ValueError(f"--tp {tp} does not match the {world} processes torchrun started (WORLD_SIZE={world})")
         model = build_rank_model(model_path, world, rank, dtype=dtype, device=device)
         if max_seq_len is not None and max_seq_len < model.params.max_seq_len:
-            from .generation import set_context_length
             set_context_length(model, max_seq_len)  # on every rank: the same checks, the same cache
     except Exception as e:  # any failure: every rank must hear of it, or the others would wait
         message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
@@ -123,10 +122,10 @@ def build_llama(args):
     follow rank 0 and exit when it does; outside torchrun this relaunches the command under it."""
     import atexit
 
-    from .generation import Llama
+    from ..inference.generation import Llama
 
     if args.model is None:
-        from .default_model import default_model_dir
+        from ..default_model import default_model_dir
         args.model = str(default_model_dir())
     if getattr(args, "lora", None):
         raise ValueError(f"--lora {args.lora}: not supported with --tp (merge it first: annotated-llama merge-lora)")
@@ -146,7 +145,7 @@ def build_llama(args):
 
 def rank0_tokenizer(model: Transformer, model_path, tokenizer_path=None):
     """The tokenizer rank 0 needs (the followers never tokenize), checked against the model."""
-    from .tokenizer import Tokenizer, default_tokenizer_path
+    from ..core.tokenizer import Tokenizer, default_tokenizer_path
 
     tokenizer_path = tokenizer_path or default_tokenizer_path(model_path)
     if tokenizer_path is None:

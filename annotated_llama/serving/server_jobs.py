@@ -27,9 +27,9 @@ from typing import Optional
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from .openai_logprobs import chat_logprobs, completion_logprobs, mean_logprob
 from .openai_schema import APIError
 from .scheduler import Event, QueueFull, SamplingParams
-from .openai_logprobs import chat_logprobs, completion_logprobs, mean_logprob
 from .tools import ToolCallStream, parse_tool_calls
 
 

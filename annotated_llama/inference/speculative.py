@@ -25,8 +25,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .kv_cache import KVCache
-from .sampling import distribution
+from ..core.kv_cache import KVCache
+from ..core.sampling import distribution
 
 
 def _run(model, cache: KVCache, tokens: list[int], start: int) -> torch.Tensor:

@@ -25,9 +25,9 @@ from collections import defaultdict
 
 import torch
 
+from ..core.sampling import SamplingParams
+from ..inference.engine import Engine
 from .alpaca import render_prompt
-from .engine import Engine
-from .sampling import SamplingParams
 
 # Four books of clearly different genres (narrative, law, war stories, poetry).
 BOOKS = ("Genesis", "Leviticus", "Judges", "Job")

@@ -35,8 +35,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .kv_cache import CacheFull, KVCache
-from .sampling import (SamplingParams, apply_logit_bias, apply_openai_penalties, apply_repetition_penalty,
+from ..core.kv_cache import CacheFull, KVCache
+from ..core.sampling import (SamplingParams, apply_logit_bias, apply_openai_penalties, apply_repetition_penalty,
                        make_generator, sample)
 from .streaming import TextStream
 

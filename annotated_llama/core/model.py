@@ -15,6 +15,7 @@ K kv heads, D head_dim, C dim, F FFN hidden, V vocab.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -246,3 +247,14 @@ class Transformer(nn.Module):
         if logits_at is not None:  # decode needs one row of logits, not T x V of them
             h = h[torch.arange(B, device=h.device), logits_at]  # (B, C)
         return self.output(self.norm(h)).float()  # (B, [T,] V)
+
+
+def set_context_length(model, max_seq_len: int) -> None:
+    """Shrink the model's context to `max_seq_len` (rotary tables and KV cache follow). Never
+    grows it: positions past the trained context were never seen in training."""
+    if max_seq_len > model.params.max_seq_len:
+        raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's trained context of "
+                         f"{model.params.max_seq_len} tokens")
+    model.params = dataclasses.replace(model.params, max_seq_len=max_seq_len)
+    model.clear_cache()
+    model.reset_rope()

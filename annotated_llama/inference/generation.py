@@ -14,15 +14,15 @@ loop lives on in the tests (tests/reference.py) as the reference every path is c
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Iterator, List, Optional
 
 import torch
 
-from .chat_format import TEMPLATE_STOPS, Dialog, encode_dialog
+from ..core.chat_format import TEMPLATE_STOPS, Dialog, encode_dialog
+from ..core.model import set_context_length
+from ..core.sampling import SamplingParams
+from ..core.tokenizer import Tokenizer
 from .engine import Engine
-from .sampling import SamplingParams
-from .tokenizer import Tokenizer
 
 
 class Llama:
@@ -45,10 +45,10 @@ class Llama:
         max_seq_len caps the context (and the KV cache) below the model's trained context; it
         never extends it. backend: "auto" (the compiled decode step where it pays, see
         backends.py), "compiled" or "eager"."""
-        from .weights import load_model  # lazily: weights pull in gguf/safetensors readers
+        from .. import load_model  # the checkpoint readers, then the adapter
 
         if ckpt_dir is None:
-            from .default_model import default_model_dir
+            from ..default_model import default_model_dir
             ckpt_dir = default_model_dir()
         model, tokenizer = load_model(ckpt_dir, dtype=dtype, device=device, lora=lora)
         if tokenizer_path is not None:
@@ -199,17 +199,4 @@ class Llama:
             engine.cancel(seq)
 
 
-# ---- context length -----------------------------------------------------------------------------
-
-def set_context_length(model, max_seq_len: int) -> None:
-    """Shrink the model's context to `max_seq_len` (rotary tables and KV cache follow). Never
-    grows it: positions past the trained context were never seen in training."""
-    if max_seq_len > model.params.max_seq_len:
-        raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's trained context of "
-                         f"{model.params.max_seq_len} tokens")
-    model.params = dataclasses.replace(model.params, max_seq_len=max_seq_len)
-    model.clear_cache()
-    model.reset_rope()
-
-
-__all__ = ["Llama", "set_context_length"]
+__all__ = ["Llama"]

@@ -26,9 +26,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelArgs
-from .kv_cache import CacheBatch, KVCache
-from .model import Transformer
+from ..core.config import ModelArgs
+from ..core.kv_cache import CacheBatch, KVCache
+from ..core.model import Transformer
 
 # ---- the parallel layers ------------------------------------------------------------------
 

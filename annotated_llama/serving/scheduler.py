@@ -26,8 +26,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .engine import Engine, Output
-from .sampling import SamplingParams
+from ..core.sampling import SamplingParams
+from ..inference.engine import Engine, Output
 
 log = logging.getLogger("annotated_llama.scheduler")
 
@@ -77,7 +77,7 @@ class Scheduler:
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, kv_budget: Optional[int] = None,
                  max_queue: int = 64, step_delay: float = 0.0, backend: str = "auto", runner=None):
         if runner is None:
-            from .backends import make_runner
+            from ..inference.backends import make_runner
             runner = make_runner(model, backend, max_batch_size=max_batch_size)
         self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, kv_tokens=kv_budget, runner=runner)
         self.model, self.tokenizer = model, tokenizer

@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP server (FastAPI + uvicorn) over one shared batching scheduler.
 
 Routes (shapes as in OpenAI's API reference; /tokenize and /detokenize as vLLM's):
-    GET  /                       the chat page (annotated_llama/web/)
+    GET  /                       the chat page (annotated_llama/serving/web/)
     GET  /health                 200 when serving; 503 while the model loads or after the scheduler failed
     GET  /metrics                Prometheus text (server_metrics.py)
     GET  /openapi.json           the request and response schemas (openai_schema.py, openai_responses.py)
@@ -34,7 +34,8 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .chat_format import TEMPLATES, default_template
+from ..core.chat_format import TEMPLATES, default_template
+from ..inference.structured_output import Grammar, response_format_grammar, tool_call_grammar
 from .openai_responses import DetokenizeRequest, TokenizeRequest
 from .openai_schema import APIError, ChatRequest, CompletionRequest, parse, read_json, refuse_unsupported
 from .scheduler import SamplingParams, Scheduler
@@ -43,7 +44,6 @@ from .server_jobs import JobSpec, Run, collect, new_shape, stream
 from .server_metrics import CONTENT_TYPE, Metrics
 from .server_openapi import install_openapi
 from .server_prompts import chat_prompt, completion_prompts
-from .structured_output import Grammar, response_format_grammar, tool_call_grammar
 
 log = logging.getLogger("annotated_llama.server")
 WEB_DIR = Path(__file__).parent / "web"
