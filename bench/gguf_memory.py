@@ -48,7 +48,7 @@ def child(path: str) -> None:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             size += t.numel() * t.element_size()
-    rope = model.rope_cos.numel() * 8  # the rotary tables (cos and sin) are not weights
+    rope = model.rope_freqs.numel() * 4  # the rotary frequencies are not weights
     kinds = sorted({type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__ or "Emb" in
                     type(m).__name__})
     print(json.dumps({"peak": peak, "model": (size - rope) / 2**20, "seconds": seconds, "kinds": kinds}))

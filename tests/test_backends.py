@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from annotated_llama import ModelArgs, Transformer
-from annotated_llama.inference import matvec
-from annotated_llama.inference.backends import CompiledRunner, DecodeLinear, decode_view, make_runner
-from annotated_llama.inference.engine import Engine
 from annotated_llama.core.model import attend_one
 from annotated_llama.core.sampling import SamplingParams
+from annotated_llama.inference import matvec
+from annotated_llama.inference.backends import CompiledRunner, DecodeLinear, decode_view, make_runner, runner_state
+from annotated_llama.inference.engine import Engine
 
 
 class Vocab:  # what the engine reads of a tokenizer
@@ -46,7 +46,7 @@ def test_the_decode_view_shares_every_weight_and_leaves_the_model_alone(kernel):
     linears = [m for m in view.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(type(m) is DecodeLinear and m.kernel == kernel for m in linears)
     assert all(a is b for a, b in zip(model.parameters(), view.parameters()))  # the same tensors
-    assert view.output.weight is model.output.weight and view.rope_cos is model.rope_cos
+    assert view.output.weight is model.output.weight and view.rope_freqs is model.rope_freqs
     with torch.no_grad():
         for rows in (1, 3, 16, 17):  # the kernel's sizes and a prefill-sized product
             x = torch.randn(rows, 1, 64)
@@ -102,6 +102,7 @@ def test_compiled_decode_equals_eager_for_one_row_and_continuous_batches():
         eager = [s.output for s in Engine(model, vocab, runner=model.step).run(prompts, params)]
         runner = CompiledRunner(model, background=False)
         assert runner.error is None and runner.ready.is_set()
+        assert runner_state(runner) == {"decode": "compiled", "compile_error": None}
         graphs = dict(torch._dynamo.utils.counters["stats"])
         engine = Engine(model, vocab, runner=runner, max_batch_size=3)  # the 4th prompt joins mid-run
         compiled = [s.output for s in engine.run(prompts, params)]
@@ -124,11 +125,14 @@ def test_compiled_decode_equals_eager_for_one_row_and_continuous_batches():
     with torch.inference_mode():
         assert [s.output for s in engine.run(prompts, params)] == eager
     assert runner.error.startswith("RuntimeError: FailOnRecompileLimitHit")
+    assert runner_state(runner) == {"decode": "eager", "compile_error": runner.error}
     # "auto": the first call does not wait for the compile, it runs eagerly
     background = CompiledRunner(model, background=True)
+    assert runner_state(background)["decode"] == "compiling"  # (a compile takes seconds at least)
     with torch.inference_mode():
         first = Engine(model, vocab, runner=background).run(prompts[:1], params.replace(max_tokens=3))
     assert first[0].output == eager[0][:3]
     background.ready.wait(600)
+    assert runner_state(background)["decode"] == "compiled" and runner_state(model.step)["decode"] == "eager"
     assert background.error is None and not any(t.name == "annotated-llama-compile" and t.is_alive()
                                                 for t in threading.enumerate())

@@ -94,7 +94,7 @@ def bible():
 def test_device_is_the_one_asked_for(device):
     model = _on(_random_model("tiny"), device)
     assert model.output.weight.device.type == device.type
-    assert model.rope_cos.device.type == device.type
+    assert model.rope_freqs.device.type == device.type
     out = model(torch.zeros(1, 3, dtype=torch.long, device=device))
     assert out.device.type == device.type and out.dtype == torch.float32
 

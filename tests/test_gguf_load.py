@@ -245,7 +245,7 @@ def test_loaded_quantized_model_is_about_the_file_size(tmp_path, spm_path):
         file_bytes = sum(raw.nbytes for _, _, raw in tensors.values())
         loaded, _ = load_model(path)
         held = {t.data_ptr(): t.numel() * t.element_size() for t in [*loaded.parameters(), *loaded.buffers()]
-                if t is not loaded.rope_cos and t is not loaded.rope_sin}
+                if t is not loaded.rope_freqs}
         print(f"{dtype}: model {sum(held.values()) / file_bytes:.2f} x the file's tensor bytes")
         assert sum(held.values()) <= bound * file_bytes
 

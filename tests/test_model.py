@@ -121,7 +121,7 @@ def test_state_dict_has_metas_names_only():
 
 def test_bfloat16_model_keeps_float32_rope_and_returns_float32_logits():
     model = Transformer(ModelArgs.from_name("tiny")).to(torch.bfloat16)
-    assert model.rope_cos.dtype == torch.float32
+    assert model.rope_freqs.dtype == torch.float32
     out = model(torch.zeros(1, 4, dtype=torch.long))
     assert out.dtype == torch.float32
 
@@ -149,3 +149,17 @@ def test_rows_at_different_lengths_continue_each_row():
         alone_b = model(torch.cat([b, torch.tensor([5, 6])])[None], cache=False)
     assert (step[0] - alone_a[0, 9:]).abs().max() < 1e-5
     assert (step[1] - alone_b[0, 4:]).abs().max() < 1e-5
+
+
+def test_a_long_context_config_costs_no_memory_up_front():
+    # the rotary angles are computed for each call's positions (model.rope), not tabled for
+    # 2 * max_seq_len positions as Meta does; and the KV cache is allocated as tokens arrive
+    args = ModelArgs.from_name("tiny")
+    short, long = Transformer(args), Transformer(ModelArgs(**{**args.to_params_json(), "max_seq_len": 131072}))
+    size = lambda m: sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])  # noqa: E731
+    assert size(long) == size(short) and long.cache is None
+    pos = torch.tensor([[0, 1, 70000, 131071]])
+    cos, sin = long.rope(pos)
+    angles = pos[..., None].double() * long.rope_freqs.double()  # (1, 4, D/2), float64 reference
+    torch.testing.assert_close(cos.double(), torch.cos(angles), atol=2e-3, rtol=0)
+    torch.testing.assert_close(sin.double(), torch.sin(angles), atol=2e-3, rtol=0)

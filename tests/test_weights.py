@@ -184,7 +184,7 @@ def test_dtype_is_chosen_at_load(tmp_path):
     save_model(model, None, tmp_path / "ours", format="ours")
     m16, _ = load_model(tmp_path / "ours", dtype="bf16")
     assert {p.dtype for p in m16.parameters()} == {torch.bfloat16}
-    assert m16.rope_cos.dtype == torch.float32 and m16.rope_cos.device.type == "cpu"
+    assert m16.rope_freqs.dtype == torch.float32 and m16.rope_freqs.device.type == "cpu"
     tokens = torch.randint(0, 512, (1, 9))
     assert (logits(m16, tokens) - logits(model, tokens)).abs().max() < 0.1
 

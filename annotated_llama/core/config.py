@@ -91,12 +91,7 @@ class ModelArgs:
     def size_summary(self) -> str:
         """'6.9M parameters (28 MB in float32, 14 MB in bfloat16)', the memory estimate of errors."""
         n = self.num_params()
-        return (f"{_count(n)} parameters ({_bytes(4 * n)} in float32, {_bytes(2 * n)} in bfloat16; "
-                f"rotary tables {_bytes(self.rope_table_bytes())})")
-
-    def rope_table_bytes(self) -> int:
-        # model.py keeps cos and sin for 2 * max_seq_len positions, D/2 float32 each
-        return 2 * (2 * self.max_seq_len) * (self.head_dim // 2) * 4
+        return f"{_count(n)} parameters ({_bytes(4 * n)} in float32, {_bytes(2 * n)} in bfloat16)"
 
     def check_checkpoint(self, shapes: dict, weights_file, config_file) -> None:
         """The tensors a loader is about to adopt (name -> shape, Meta's names) against this
@@ -316,7 +311,7 @@ LARGEST_LLAMA = {"dim": 16384, "n_layers": 126, "n_heads": 128, "n_kv_heads": 64
                  "hidden_dim": 53248, "vocab_size": 128256, "max_seq_len": 131072, "max_batch_size": 32,
                  "rope_original_context": 8192}
 MAX_PARAMS = 10 ** 13  # 25x the largest Llama
-MAX_ROPE_ENTRIES = 1 << 30  # max_seq_len * head_dim: 8 GB of rotary tables (a 4M context at D = 128 needs 4 GB)
+MAX_ROPE_ENTRIES = 1 << 30  # max_seq_len * head_dim: 8x a 1M context at D = 128 (the KV cache grows with it)
 
 
 def _count(n: int) -> str:

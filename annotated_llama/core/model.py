@@ -68,8 +68,15 @@ def scale_rope_frequencies(freqs: torch.Tensor, args: ModelArgs) -> torch.Tensor
 
 def precompute_rope(args: ModelArgs, n_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
     # Meta precomputes `freqs_cis = polar(1, outer(t, freqs))` as complex64 for 2*max_seq_len
-    # positions. We keep its real and imaginary parts (cos, sin): same numbers, no complex dtype.
-    angles = torch.outer(torch.arange(n_positions).float(), rope_frequencies(args))  # (P, D/2)
+    # positions. These are its real and imaginary parts (cos, sin) for positions 0..n-1.
+    return rope_angles(torch.arange(n_positions), rope_frequencies(args))
+
+
+def rope_angles(positions: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # cos and sin of position * theta_i in float32, for the positions of this call only: Meta's
+    # table would cost 2 * max_seq_len * D floats twice over (33 MB for the default model with a
+    # 131072-position config, more than its weights), the angles of one call a few kilobytes.
+    angles = positions[..., None].float() * freqs  # (..., D/2)
     return torch.cos(angles), torch.sin(angles)
 
 
@@ -177,28 +184,27 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_word_embeddings:  # Llama 3.2 1B/3B: one matrix for both ends
             self.output.weight = self.tok_embeddings.weight
-        # Like Meta, room for 2 * max_seq_len positions. Non-persistent: not in the state dict.
-        if meta:  # shapes only; reset_rope() computes them once the weights have a device
-            cos = sin = torch.empty(args.max_seq_len * 2, args.head_dim // 2)
-        else:
-            cos, sin = precompute_rope(args, args.max_seq_len * 2)
-        self.register_buffer("rope_cos", cos, persistent=False)  # (2*max_seq_len, D/2)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        # theta_i, float32 whatever the weights' dtype (Meta keeps freqs_cis in complex64).
+        # Non-persistent: not in the state dict.
+        freqs = torch.empty(args.head_dim // 2) if meta else rope_frequencies(args)  # (D/2,)
+        self.register_buffer("rope_freqs", freqs, persistent=False)
         self.cache: Optional[KVCache] = None  # the cache of Meta's forward(tokens, start_pos)
 
     def _apply(self, fn, recurse=True):
-        # `model.to(torch.bfloat16)` would also round the rotary tables; Meta keeps them in
-        # complex64 whatever the weights' dtype. Recompute them in float32 after any cast.
+        # `model.to(torch.bfloat16)` would also round the rotary frequencies: recompute them in
+        # float32 after any cast.
         super()._apply(fn, recurse)
-        if self.rope_cos.dtype != torch.float32:
+        if self.rope_freqs.dtype != torch.float32:
             self.reset_rope()
         return self
 
     def reset_rope(self):
-        """Recompute the rotary tables (after building on the meta device, or changing args)."""
-        cos, sin = precompute_rope(self.params, self.params.max_seq_len * 2)
-        device = self.tok_embeddings.weight.device
-        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+        """Recompute the rotary frequencies (after building on the meta device, or changing args)."""
+        self.rope_freqs = rope_frequencies(self.params).to(self.tok_embeddings.weight.device)
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (..., D/2) of the rotary angles at `positions` (...)."""
+        return rope_angles(positions, self.rope_freqs)
 
     def clear_cache(self):
         """Forget what `forward(tokens, start_pos)` cached (the memory goes with it)."""
@@ -240,7 +246,7 @@ class Transformer(nn.Module):
         gives every position's (B, T, V). Logits are float32."""
         B, T = tokens.shape
         h = self.tok_embeddings(tokens)  # (B, T, C)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, D/2)
+        cos, sin = self.rope(positions)  # (B, T, D/2)
         mask = None if cache is None else cache.mask(positions)  # (B, 1, T, S), or None: causal
         for layer in self.layers:
             h = layer(h, cos, sin, mask, cache)

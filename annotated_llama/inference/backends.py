@@ -181,6 +181,16 @@ def compile_available() -> bool:
     return any(which(c) for c in ("g++", "c++", "clang++"))
 
 
+def runner_state(runner) -> dict:
+    """What /health and the stats say of a runner: "eager", "compiling" (decoding eagerly until the
+    compiled step is ready), "compiled", or "eager" with the reason the compile failed."""
+    if not isinstance(runner, CompiledRunner):
+        return {"decode": "eager", "compile_error": None}
+    if runner.error is not None:
+        return {"decode": "eager", "compile_error": runner.error}
+    return {"decode": "compiled" if runner.ready.is_set() else "compiling", "compile_error": None}
+
+
 def make_runner(model, backend: str = "auto", max_batch_size: int = 8):
     """The engine's forward call for `backend`: "eager" (model.step), "compiled", or "auto"."""
     if backend not in BACKENDS:
@@ -192,4 +202,4 @@ def make_runner(model, backend: str = "auto", max_batch_size: int = 8):
     return CompiledRunner(model, background=backend == "auto", max_batch_size=max_batch_size)
 
 
-__all__ = ["make_runner", "CompiledRunner", "DecodeLinear", "decode_view", "BACKENDS", "compile_available"]
+__all__ = ["make_runner", "runner_state", "CompiledRunner", "DecodeLinear", "decode_view", "BACKENDS", "compile_available"]

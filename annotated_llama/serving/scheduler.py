@@ -27,6 +27,7 @@ from typing import Callable, Optional
 import torch
 
 from ..core.sampling import SamplingParams
+from ..inference.backends import make_runner, runner_state
 from ..inference.engine import Engine, Output
 
 log = logging.getLogger("annotated_llama.scheduler")
@@ -77,7 +78,6 @@ class Scheduler:
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, kv_budget: Optional[int] = None,
                  max_queue: int = 64, step_delay: float = 0.0, backend: str = "auto", runner=None):
         if runner is None:
-            from ..inference.backends import make_runner
             runner = make_runner(model, backend, max_batch_size=max_batch_size)
         self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, kv_tokens=kv_budget, runner=runner)
         self.model, self.tokenizer = model, tokenizer
@@ -148,7 +148,8 @@ class Scheduler:
                      final[0].completion_tokens, final[0].error, tokens=final[0].tokens)
 
     def stats(self) -> dict:
-        return {**self.engine.stats(), "active": len(self.engine.running), "kv_budget": self.kv_budget,
+        return {**self.engine.stats(), **runner_state(self.engine.runner), "active": len(self.engine.running),
+                "kv_budget": self.kv_budget,
                 "completed": self.completed, "cancelled": self.cancelled, "rejected": self.rejected,
                 "failures": self.failures, "last_failure": self.last_failure,
                 "thread_alive": self.thread is not None and self.thread.is_alive(), "error": self.error}

@@ -175,8 +175,11 @@ def create_app(engine_or_model=None, tokenizer=None, *, loader: Optional[Callabl
                                 status_code=503)
         stats = backend.scheduler.stats()
         ok = stats["error"] is None
+        # "decode": "compiling" while the compiled step is built in the background (requests are
+        # served meanwhile, eagerly), then "compiled"; "eager" if never or the compile failed
         return JSONResponse({"status": "ok" if ok else "error", "model": model_name, "n_ctx": backend.n_ctx,
-                             "template": backend.template, "error": stats["error"], "scheduler": stats},
+                             "template": backend.template, "decode": stats["decode"], "error": stats["error"],
+                             "scheduler": stats},
                             status_code=200 if ok else 503)
 
     @app.get("/metrics", response_class=Response)
