@@ -3,7 +3,7 @@ CPU processes under torchrun (gloo), against the single-process model. This file
 `python tests/test_tensor_parallel.py MODE DIR`.
 
 The checkpoints are written here from one random tiny model, split by Meta's rules as this file
-states them (REFERENCE b4), independently of the module under test.
+states them (meta-llama/llama model.py's fairscale layers; HF convert_llama_weights_to_hf.py), independently of the module under test.
 """
 
 from __future__ import annotations

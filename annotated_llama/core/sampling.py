@@ -9,7 +9,7 @@ Meta's: repetition penalty -> temperature -> top-k -> softmax -> top-p -> draw.
     apply_logit_bias(logits, bias)                        OpenAI's logit_bias (HF's SequenceBias, one token)
     apply_temperature(logits, temperature)                 logits / T (rows with T == 0 untouched)
     apply_top_k(logits, top_k)                             keep the k largest logits (gpt-fast, lit-llama)
-    sample_top_p(probs, p, generator)                      Meta's `sample_top_p`, exactly (REFERENCE b7)
+    sample_top_p(probs, p, generator)                      Meta's `sample_top_p`, exactly (meta-llama/llama generation.py)
     greedy(logits)                                         argmax (Meta's temperature == 0 branch)
     sample(logits, temperature, top_p, top_k, ...)         all of the above for a batch of rows
 

@@ -1,8 +1,8 @@
 """Alpaca instruction data: load, validate, render, tokenize with a prompt mask, batch.
 
 Taori et al. 2023 (stanford_alpaca): records {"instruction", "input", "output"} rendered with a fixed
-template (chat_format.format_alpaca; REFERENCE b9). Three details decide whether a fine-tune stops
-when it should (REFERENCE section 3, item 7: alpaca-lora #357, #367, #404...):
+template (chat_format.format_alpaca; tatsu-lab/stanford_alpaca train.py PROMPT_DICT). Three details decide whether a fine-tune stops
+when it should (tloen/alpaca-lora issues #357, #367, #404...):
   - the target is `output` followed by EOS, so the model learns to end its answer;
   - the prompt's tokens get label -100 (PyTorch's cross-entropy ignore_index), so the model is not
     taught to write prompts ("### Instruction:" after its answer);

@@ -1,7 +1,7 @@
 """Streaming text out of a token stream: incremental detokenization and stop strings.
 
-Two problems make "decode each new token and print it" wrong (REFERENCE section 3, item 8;
-abetlen/llama-cpp-python #8):
+Two problems make "decode each new token and print it" wrong (abetlen/llama-cpp-python #8;
+huggingface/transformers TextStreamer):
   1. A token is not a piece of text. SentencePiece byte-fallback tokens (<0xF0> <0x9F> ...) and
      tiktoken's byte-level tokens split multi-byte UTF-8 characters; decoding them one at a time
      prints U+FFFD garbage. And SentencePiece drops the leading space of the first piece of

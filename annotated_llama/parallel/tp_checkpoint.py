@@ -26,7 +26,7 @@ from ..core.model import Transformer
 from ..core.tensor_files import load_pth
 from .tensor_parallel import check_divisible, parallelize
 
-# Meta's model-parallel layout (REFERENCE b4; HF convert_llama_weights_to_hf.py): the dim each
+# Meta's model-parallel layout (fairscale's layers in meta-llama/llama model.py; HF convert_llama_weights_to_hf.py): the dim each
 # tensor is split on across consolidated.NN.pth; None = replicated in every shard.
 SPLIT_DIM = {
     "attention.wq": 0, "attention.wk": 0, "attention.wv": 0, "feed_forward.w1": 0,

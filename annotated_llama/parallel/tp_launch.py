@@ -49,7 +49,7 @@ def agree(error: str | None, group=None) -> None:
 
 
 def _shutdown():
-    dist.barrier()  # MACHINE.md: tearing down right after collectives aborted without a barrier first
+    dist.barrier()  # tearing down right after collectives aborted (gloo) without a barrier first
     dist.destroy_process_group()
 
 
