@@ -191,9 +191,9 @@ def test_sandbox_refuses_escapes(llama31):
 def test_gguf_chat_template_key(tmp_path):
     import gguf
 
-    from annotated_llama.core.tokenizer import read_gguf_metadata
+    from annotated_llama.core.gguf_file import read_gguf
 
-    meta = read_gguf_metadata((DATA / "llama-spm.gguf").read_bytes())
+    meta = read_gguf((DATA / "llama-spm.gguf").read_bytes(), vocabulary=True, tensors=False)[0]
     w = gguf.GGUFWriter(tmp_path / "vocab.gguf", "llama")
     w.add_tokenizer_model("llama")
     w.add_token_list(meta["tokenizer.ggml.tokens"])

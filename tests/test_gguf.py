@@ -220,8 +220,8 @@ def test_llama3_vocabulary_is_embedded_as_bpe(tmp_path, llama3_tokenizer):
     args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=llama3_tokenizer.n_words, multiple_of=32)
     save_model(Transformer(args), llama3_tokenizer, tmp_path / "l3.gguf", format="gguf", dtype="q8_0")
     # GGUFReader takes ~8 s on 280k merges: the tokenizer module's header reader is enough here
-    from annotated_llama.core.tokenizer import read_gguf_metadata
-    meta = read_gguf_metadata((tmp_path / "l3.gguf").read_bytes())
+    from annotated_llama.core.gguf_file import read_gguf
+    meta = read_gguf((tmp_path / "l3.gguf").read_bytes(), vocabulary=True, tensors=False)[0]
     assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "llama-bpe"
     assert meta["tokenizer.ggml.bos_token_id"] == 128000 and meta["tokenizer.ggml.eot_token_id"] == 128009
     merges = meta["tokenizer.ggml.merges"]

@@ -127,10 +127,10 @@ def test_gguf_metadata_reader_agrees_with_gguf_package():
     import numpy as np
     from gguf import GGUFReader
 
-    from annotated_llama.core.tokenizer import read_gguf_metadata
+    from annotated_llama.core.gguf_file import read_gguf
 
     path = DATA / "llama-spm.gguf"
-    ours = read_gguf_metadata(path.read_bytes())
+    ours = read_gguf(path.read_bytes(), vocabulary=True, tensors=False)[0]
     fields = {k: f.contents() for k, f in GGUFReader(path).fields.items() if not k.startswith("GGUF.")}
     assert ours.keys() == fields.keys()
     for key, value in fields.items():
@@ -139,4 +139,4 @@ def test_gguf_metadata_reader_agrees_with_gguf_package():
         else:
             assert ours[key] == value, key
     with pytest.raises(ValueError, match="truncated|unpack"):
-        read_gguf_metadata(path.read_bytes()[:5000])
+        read_gguf(path.read_bytes()[:5000], vocabulary=True, tensors=False)[0]

@@ -76,6 +76,12 @@ def shard_dim(name: str, vocab_parallel: bool) -> int | None:
     return SHARD_DIM[pattern]
 
 
+def vocab_parallel(embedding_shard_shape, dim: int, n_shards: int) -> bool:
+    """Whether Meta's shards split the embedding by vocabulary (Llama 3: each shard (V/S, C))
+    rather than by its dim (LLaMA 1/2: (V, C/S)), from one shard's embedding shape."""
+    return n_shards > 1 and embedding_shard_shape[1] == dim
+
+
 def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     # Within each head, rows (0,1),(2,3),... (Meta's pairs) become rows (i, i + D/2) (HF's).
     rows, cols = w.shape

@@ -23,10 +23,11 @@ from pathlib import Path
 import sentencepiece as spm
 import tiktoken
 
+from .gguf_file import read_gguf
 from .hf_files import eos_ids, read_model_files, sampling_defaults, token_text
 from .tokenizer_formats import (GGUF_BYTE, GGUF_CONTROL, GGUF_NORMAL, GGUF_UNKNOWN, GGUF_UNUSED,  # noqa: F401
                                 GGUF_USER_DEFINED, _gpt2_bytes_to_unicode, _looks_like_tiktoken,
-                                _read_tiktoken_ranks, _sentencepiece_proto, read_gguf_metadata)
+                                _read_tiktoken_ranks, _sentencepiece_proto)
 
 # Llama 3's pre-tokenizer split (meta-llama/llama3 tokenizer.py, pat_str): contractions,
 # letters with one leading non-letter, numbers in runs of at most three digits, punctuation,
@@ -178,7 +179,7 @@ class Tokenizer:
     def _load_gguf(self):
         try:
             with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                meta = read_gguf_metadata(data)
+                meta = read_gguf(data, vocabulary=True, tensors=False)[0]
         except (ValueError, IndexError, UnicodeDecodeError) as e:
             raise ValueError(f"{self.path}: cannot read GGUF file ({e})") from None
         if "tokenizer.ggml.model" not in meta or "tokenizer.ggml.tokens" not in meta:

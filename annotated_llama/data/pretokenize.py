@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ..core.tokenizer import Tokenizer
 
 VAL_OFFSET = 7  # which residue of the document index goes to validation
 MAX_DOC_CHARS = 4000  # longer paragraphs are cut at sentence ends
@@ -124,7 +125,6 @@ def pretokenize(corpora, tokenizer_path, out_dir, val_every: int = 40, progress:
     """Encode `corpora` with the tokenizer at `tokenizer_path` into OUT/{train,val}.bin + meta.json."""
     from tqdm import tqdm
 
-    from ..core.tokenizer import Tokenizer
 
     tok = Tokenizer(tokenizer_path)
     docs = documents(read_corpus(corpora))

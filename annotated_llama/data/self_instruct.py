@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .alpaca import load_records, validate_record
 from .self_instruct_prompt import NO_INPUT, context_window, encode_prompt, fit_prompt, token_counter
 
 # stanford_alpaca's blacklist: tasks a language model cannot do from text alone.
@@ -115,7 +116,6 @@ class Deduplicator:
 
 def load_seed_tasks(path) -> list[dict]:
     """Alpaca-format records, or stanford_alpaca's seed_tasks.jsonl (`instances` with input/output)."""
-    from .alpaca import load_records, validate_record
 
     path = Path(path)
     raw = []

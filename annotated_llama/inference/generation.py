@@ -18,10 +18,13 @@ from typing import Iterator, List, Optional
 
 import torch
 
+from .. import load_model
 from ..core.chat_format import TEMPLATE_STOPS, Dialog, encode_dialog
 from ..core.model import set_context_length
 from ..core.sampling import SamplingParams
 from ..core.tokenizer import Tokenizer
+from ..default_model import default_model_dir
+from .backends import make_runner
 from .engine import Engine
 
 
@@ -45,10 +48,8 @@ class Llama:
         max_seq_len caps the context (and the KV cache) below the model's trained context; it
         never extends it. backend: "auto" (the compiled decode step where it pays, see
         backends.py), "compiled" or "eager"."""
-        from .. import load_model  # the checkpoint readers, then the adapter
 
         if ckpt_dir is None:
-            from ..default_model import default_model_dir
             ckpt_dir = default_model_dir()
         model, tokenizer = load_model(ckpt_dir, dtype=dtype, device=device, lora=lora)
         if tokenizer_path is not None:
@@ -81,7 +82,6 @@ class Llama:
         """The engine every call runs on (built at first use, kept: its cache and compiled step
         are reused by later calls)."""
         if self._engine is None:
-            from .backends import make_runner
             self._engine = Engine(self.model, self.tokenizer, max_batch_size=self.max_batch_size, seed=self.seed,
                                   runner=make_runner(self.model, self.backend, self.max_batch_size))
         return self._engine

@@ -43,6 +43,7 @@ import weakref
 from typing import Optional
 
 import torch
+from ..core.tokenizer_formats import _gpt2_bytes_to_unicode
 
 OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -79,7 +80,6 @@ def _read_token_bytes(tokenizer) -> list[bytes]:
                 for i in range(tokenizer.n_words)]
     # an HF tokenizer.json: GPT-2's byte-level pieces (bytes spelled as printable characters), or
     # SentencePiece-style pieces ("\u2581" for a space, "<0xNN>" byte fallback)
-    from ..core.tokenizer_formats import _gpt2_bytes_to_unicode
     to_byte = {c: b for b, c in _gpt2_bytes_to_unicode().items()}
     for i in range(tokenizer.n_words):
         piece = tokenizer.hf.id_to_token(i)

@@ -14,31 +14,17 @@ from __future__ import annotations
 import ctypes
 import json
 import mmap
-import re
 import sys
 from pathlib import Path
 
 import torch
 
 from ..core.config import ModelArgs
-from ..core.layout import META_TO_HF, permute_to_meta, rename
+from ..core.layout import META_TO_HF, SHARD_NAME, permute_to_meta, rename, shard_dim, vocab_parallel
 from ..core.model import Transformer
 from ..core.tensor_files import load_pth
+from ..weights import detect_format, meta_dir
 from .tensor_parallel import check_divisible, parallelize
-
-# Meta's model-parallel layout (fairscale's layers in meta-llama/llama model.py; HF convert_llama_weights_to_hf.py): the dim each
-# tensor is split on across consolidated.NN.pth; None = replicated in every shard.
-SPLIT_DIM = {
-    "attention.wq": 0, "attention.wk": 0, "attention.wv": 0, "feed_forward.w1": 0,
-    "feed_forward.w3": 0, "output": 0, "attention.wo": 1, "feed_forward.w2": 1,
-}
-
-
-def split_dim(name: str, embedding_dim: int) -> int | None:
-    if name == "tok_embeddings.weight":
-        return embedding_dim
-    return SPLIT_DIM.get(re.sub(r"^layers\.\d+\.|\.weight$", "", name))
-
 
 def _drop_pages(t: torch.Tensor) -> None:
     # torch.load(mmap=True) maps the file copy-on-write: pages we read stay in our resident set
@@ -53,22 +39,21 @@ def _drop_pages(t: torch.Tensor) -> None:
     ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
 
 
-SHARD_FILE = re.compile(r"consolidated\.(\d+)\.pth$")
-
-
 def inspect_checkpoint(path) -> tuple[ModelArgs, str, int]:
     """(ModelArgs, kind, number of shards) of a checkpoint dir; kind is meta, safetensors or hf."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: tensor parallelism needs a checkpoint directory "
                                 "(params.json + consolidated.NN.pth or model.safetensors, or an HF config.json dir)")
-    if (path / "config.json").is_file() and not (path / "params.json").is_file():
+    fmt = detect_format(path)  # the loader's own detection (weights/__init__.py)
+    if fmt == "hf":
         return ModelArgs.from_hf_config(json.loads((path / "config.json").read_text())), "hf", 1
+    path = meta_dir(path)
     args = ModelArgs.from_params_json(path / "params.json")
-    found = sorted(p for p in path.glob("consolidated.*.pth") if SHARD_FILE.search(p.name))
+    if fmt == "ours":
+        return args, "safetensors", 1
+    found = sorted(p for p in path.glob("consolidated.*.pth") if SHARD_NAME.search(p.name))
     if not found:
-        if (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file():
-            return args, "safetensors", 1
         raise FileNotFoundError(f"{path}: no consolidated.NN.pth or model.safetensors")
     # Meta's params.json records neither the shard count nor (vocab_size -1) the vocabulary: read
     # both off the shapes in any one shard. mmap: only the pickled header is read, no tensor data.
@@ -108,10 +93,10 @@ def _read_meta(path: Path, args: ModelArgs, S: int, N: int, rank: int, convert):
         shards[s] = load_pth(paths[s])
     emb = shards[first]["tok_embeddings.weight"]
     # (V, C/S) for LLaMA 1/2's ParallelEmbedding, (V/S, C) for Llama 3's VocabParallelEmbedding
-    embedding_dim = 0 if S > 1 and emb.shape[0] * S == args.vocab_size else 1
+    embedding_dim = 0 if vocab_parallel(emb.shape, args.dim, S) else 1
     sd = {}
     for name, full in _full_shapes(args).items():
-        d = split_dim(name, embedding_dim)
+        d = shard_dim(name, vocab_parallel=embedding_dim == 0)
         lo, hi = (0, 1) if d is None else (rank * full[d] // N, (rank + 1) * full[d] // N)
         q = 1 if d is None else full[d] // S  # rows (or columns) per shard
         sources, pieces = [], []
@@ -147,7 +132,7 @@ def _read_safetensors(path: Path, args: ModelArgs, N: int, rank: int, convert, h
         stored = rename(name, META_TO_HF) if hf else name
         if stored not in weight_map:
             raise KeyError(f"{path}: tensor {stored} is missing")
-        d = split_dim(name, 1)
+        d = shard_dim(name, vocab_parallel=False)
         # One open per tensor: get_slice reads through a memory map that closing releases,
         # so at most one tensor's pages are resident beyond the slices we keep.
         with safe_open(str(path / weight_map[stored]), framework="pt") as f:
@@ -182,7 +167,7 @@ def load_rank_state_dict(path, world_size: int, rank: int, dtype=None, device="c
         return t.to(device=device, dtype=dtype or t.dtype, copy=copy)
 
     if kind == "meta":
-        sd, embedding_dim = _read_meta(path, args, n_shards, world_size, rank, convert)
+        sd, embedding_dim = _read_meta(meta_dir(path), args, n_shards, world_size, rank, convert)
     else:
         sd, embedding_dim = _read_safetensors(path, args, world_size, rank, convert, hf=kind == "hf")
     return args, sd, embedding_dim

@@ -29,6 +29,9 @@ import torch
 import torch.distributed as dist
 
 from ..core.model import Transformer, set_context_length
+from ..core.tokenizer import Tokenizer, default_tokenizer_path
+from ..default_model import default_model_dir
+from ..inference.generation import Llama
 from .tensor_parallel import check_divisible, follow, lead, stop_followers
 from .tp_checkpoint import build_rank_model, inspect_checkpoint
 
@@ -122,10 +125,8 @@ def build_llama(args):
     follow rank 0 and exit when it does; outside torchrun this relaunches the command under it."""
     import atexit
 
-    from ..inference.generation import Llama
 
     if args.model is None:
-        from ..default_model import default_model_dir
         args.model = str(default_model_dir())
     if getattr(args, "lora", None):
         raise ValueError(f"--lora {args.lora}: not supported with --tp (merge it first: annotated-llama merge-lora)")
@@ -145,7 +146,6 @@ def build_llama(args):
 
 def rank0_tokenizer(model: Transformer, model_path, tokenizer_path=None):
     """The tokenizer rank 0 needs (the followers never tokenize), checked against the model."""
-    from ..core.tokenizer import Tokenizer, default_tokenizer_path
 
     tokenizer_path = tokenizer_path or default_tokenizer_path(model_path)
     if tokenizer_path is None:

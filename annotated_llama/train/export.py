@@ -18,8 +18,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..core.config import ModelArgs
+from ..core.outputs import check_output
+from ..weights import load_model
 from .checkpoint import latest_checkpoint, load_checkpoint
-from .evaluation import EVAL_SEQ_LEN, EVAL_WINDOWS, evaluate_model, load_model_dir
+from .evaluation import EVAL_SEQ_LEN, EVAL_WINDOWS, evaluate_model
 
 FILES = ("params.json", "model.safetensors", "tokenizer.model", "eval.json")
 
@@ -27,7 +29,6 @@ FILES = ("params.json", "model.safetensors", "tokenizer.model", "eval.json")
 def export(src, out_dir, data_dir, dtype: torch.dtype = torch.bfloat16, log_path=None, force: bool = False) -> dict:
     """Write FILES into `out_dir` (a dir that may hold other files, as the package's default_model
     does); FILES already there are replaced only with `force`, and never from inside `src`."""
-    from ..core.outputs import check_output
 
     src = Path(src)
     ckpt = src if (src / "train_state.pt").is_file() else latest_checkpoint(src)
@@ -47,7 +48,7 @@ def export(src, out_dir, data_dir, dtype: torch.dtype = torch.bfloat16, log_path
     shutil.copyfile(ckpt / "tokenizer.model", tmp / "tokenizer.model")
 
     _, train_state = load_checkpoint(ckpt)  # a damaged checkpoint: one line naming its file
-    model, _ = load_model_dir(tmp)
+    model, _ = load_model(tmp, dtype=torch.float32)
     metrics = evaluate_model(model, data_dir, seq_len=EVAL_SEQ_LEN, max_windows=EVAL_WINDOWS)
     info = {
         **metrics,

@@ -21,8 +21,11 @@ from pathlib import Path
 
 import torch
 
+from ..core.outputs import check_output
 from ..data.alpaca import Batches, build_dataset, load_records
 from ..transforms.lora import apply_lora, is_lora_parameter, save_adapter, trainable_fraction
+from ..weights import load_model, save_model
+from .loop import TrainConfig, train
 
 
 @dataclass
@@ -79,8 +82,6 @@ def own_weights(model):
 
 def finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune; returns the loop's result plus the data and parameter counts."""
-    from ..weights import load_model, save_model
-    from .loop import TrainConfig, train
 
     if cfg.template != "alpaca":
         raise ValueError(f"--template {cfg.template!r}: only 'alpaca' is supported for fine-tuning")
@@ -89,7 +90,6 @@ def finetune(cfg: FinetuneConfig) -> dict:
     out = Path(cfg.out)
     if out.is_file():
         raise NotADirectoryError(f"--out {out}: is a file; the output is a directory")
-    from ..core.outputs import check_output  # the rule of every writer: never the input, never silently
     check_output(out, force=cfg.force, resume=cfg.resume, inputs=[cfg.model, cfg.data])
     # Check the data before loading the model: a bad record stops the run before any training.
     records = load_records(cfg.data)

@@ -16,6 +16,7 @@ import torch
 
 from ..core.config import ModelArgs, estimate_flops_per_token
 from ..core.model import Transformer
+from ..core.tokenizer import Tokenizer
 from ..data.pretokenize import WindowSampler, check_tokenizer, fixed_windows, load_meta, open_tokens
 from ..parallel import distributed as dist_utils
 from .loop import TrainConfig, token_loss_eval, train
@@ -69,7 +70,6 @@ def pretrain(data_dir, tokenizer_path, preset: str, cfg: TrainConfig, *, batch_s
     tokenizer_path = Path(tokenizer_path) if tokenizer_path else Path(data_dir) / "tokenizer.model"
     if not tokenizer_path.is_file():
         raise FileNotFoundError(f"{tokenizer_path}: tokenizer not found (pass --tokenizer)")
-    from ..core.tokenizer import Tokenizer
     vocab = Tokenizer(tokenizer_path).n_words
     check_tokenizer(data_dir, tokenizer_path, vocab)
     args = model_args(preset, meta["vocab_size"], seq_len)

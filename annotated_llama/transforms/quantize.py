@@ -349,16 +349,10 @@ def int8_linear(weight: torch.Tensor, scales: torch.Tensor) -> Int8Linear:
     return m
 
 
-def load_quantized(ckpt_dir, device="cpu", dtype: torch.dtype = torch.float32) -> Transformer:
-    """Load a dir written by save_quantized; the non-quantized tensors get `dtype`."""
-    from safetensors.torch import load_file
-    ckpt_dir = Path(ckpt_dir)
-    weights = ckpt_dir / "model.safetensors"
-    q = read_quantization(weights)
-    if q is None:
-        raise ValueError(f"{weights}: not a quantized checkpoint (no 'quantization' metadata)")
-    args = ModelArgs.from_params_json(ckpt_dir / "params.json")
-    sd = load_file(str(weights))
+def build_quantized(args: ModelArgs, sd: dict[str, torch.Tensor], q: dict, weights, device="cpu",
+                    dtype: torch.dtype = torch.float32) -> Transformer:
+    """The model of a dir written by save_quantized, from its params and state dict (read by
+    weights.load_model); `q` is its read_quantization; the non-quantized tensors get `dtype`."""
     with torch.device("meta"):
         model = Transformer(args)
     model.to_empty(device=device)

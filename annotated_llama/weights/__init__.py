@@ -201,9 +201,13 @@ def load_model(path, dtype=None, device="cpu"):
         model, tokenizer = load_gguf_model(p, dtype, device), gguf_tokenizer(p)
     elif p.is_dir() and (p / OURS_WEIGHTS).is_file() and _is_quantized(p / OURS_WEIGHTS):
         # written by `annotated-llama quantize`: packed int8/int4 weights, built by quantize.py
-        from ..transforms.quantize import load_quantized
+        from safetensors.torch import load_file
+
+        from ..transforms.quantize import build_quantized, read_quantization
         check_config_against_file(p / "params.json", p / OURS_WEIGHTS)  # before it builds anything
-        model = load_quantized(p, device=device, dtype=to_dtype(dtype) or torch.float32)
+        sd = load_file(str(p / OURS_WEIGHTS))
+        model = build_quantized(ModelArgs.from_params_json(p / "params.json"), sd, read_quantization(p / OURS_WEIGHTS),
+                                p / OURS_WEIGHTS, device=device, dtype=to_dtype(dtype) or torch.float32)
         tok_path = default_tokenizer_path(p)
         tokenizer = Tokenizer(tok_path) if tok_path else None
     else:

@@ -8,7 +8,8 @@ import torch
 
 from ..core.config import ModelArgs
 from ..core.layout import HF_TO_META, META_TO_HF, permute_to_hf, permute_to_meta, rename
-from ..core.tensor_files import read_safetensors
+from ..core.tensor_files import load_pth, read_safetensors
+from ..core.tokenizer import LLAMA3_PAT, _gpt2_bytes_to_unicode
 
 def meta_to_hf_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     out = {}
@@ -47,7 +48,6 @@ def read_hf_weights(model_dir) -> dict[str, torch.Tensor]:
     import json
     from pathlib import Path
 
-    from ..core.tensor_files import load_pth
 
     model_dir = Path(model_dir)
     for weights, index, read in ((HF_WEIGHTS, HF_INDEX, read_safetensors),
@@ -136,8 +136,6 @@ def tokenizer_json(tokenizer) -> str | None:
                                           decoders.Strip(" ", 1, 0)])
         specials = [(sp.id_to_piece(i), i) for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i)]
     else:
-        from ..core.tokenizer import LLAMA3_PAT, _gpt2_bytes_to_unicode
-
         byte_char = _gpt2_bytes_to_unicode()
         ranks = tokenizer.tt._mergeable_ranks
         vocab = {"".join(byte_char[b] for b in piece): rank for piece, rank in ranks.items()}

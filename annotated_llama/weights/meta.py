@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..core.config import ModelArgs
-from ..core.layout import SHARD_NAME, shard_dim
+from ..core.layout import SHARD_NAME, shard_dim, vocab_parallel
 from ..core.tensor_files import load_pth
 
 IGNORED_KEYS = {"rope.freqs"}  # LLaMA 1 checkpoints carry the rotary table; we recompute it
@@ -46,11 +46,11 @@ def merge_shards(shards: list[dict[str, torch.Tensor]], args: ModelArgs, paths: 
         return shards[0]  # no copy: the tensors stay memory-mapped
     # The embedding's split axis tells LLaMA 1/2 (dim 1) from Llama 3 (dim 0).
     emb = shards[0].get("tok_embeddings.weight")
-    vocab_parallel = emb is not None and emb.shape[1] == args.dim
+    by_vocab = emb is not None and vocab_parallel(emb.shape, args.dim, len(shards))
     out = {}
     for name in names:
         try:
-            dim = shard_dim(name, vocab_parallel)
+            dim = shard_dim(name, by_vocab)
         except KeyError:
             raise ValueError(f"{paths[0]}: unexpected tensor name {name!r}") from None
         parts = [sd[name] for sd in shards]
