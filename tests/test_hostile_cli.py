@@ -267,8 +267,7 @@ def test_merge_lora_and_export(capsys, model_dir, corpus, tokenizer_path, tmp_pa
     _twice(capsys, tmp_path, lambda o: ["merge-lora", base, adapter, o], tmp_path / "merged")
     _own_input(capsys, tmp_path, ["merge-lora", base, adapter, base])
     _own_input(capsys, tmp_path, ["merge-lora", base, adapter, adapter])
-    # export (python -m annotated_llama.train.export): a checkpoint of a 256-token model, and shards
-    from annotated_llama.train.export import main as export_main
+    # export: a checkpoint of a 256-token model, and shards
 
     shards = tmp_path / "shards"
     pretokenize([corpus], tokenizer_path, shards, val_every=8, progress=False)
@@ -282,7 +281,7 @@ def test_merge_lora_and_export(capsys, model_dir, corpus, tokenizer_path, tmp_pa
                                       shutil.copy(tokenizer_path, d / "tokenizer.model")))
 
     def export(*argv):
-        rc = export_main([str(a) for a in argv])
+        rc = main(["export", *map(str, argv)])
         err = capsys.readouterr().err.strip().splitlines()
         assert "Traceback" not in "\n".join(err)
         return rc, err

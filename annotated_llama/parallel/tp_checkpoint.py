@@ -102,7 +102,7 @@ def _read_meta(path: Path, args: ModelArgs, S: int, N: int, rank: int, convert):
         sources, pieces = [], []
         for s in ([first] if d is None else range(lo // q, (hi - 1) // q + 1)):
             if name not in shards[s]:
-                raise KeyError(f"{paths[s]}: tensor {name} is missing")
+                raise ValueError(f"{paths[s]}: tensor {name} is missing")
             t = shards[s][name]
             want = full if d is None else full[:d] + (q,) + full[d + 1:]
             if t.shape != want:
@@ -131,7 +131,7 @@ def _read_safetensors(path: Path, args: ModelArgs, N: int, rank: int, convert, h
     for name, full in _full_shapes(args).items():
         stored = rename(name, META_TO_HF) if hf else name
         if stored not in weight_map:
-            raise KeyError(f"{path}: tensor {stored} is missing")
+            raise ValueError(f"{path}: tensor {stored} is missing")
         d = shard_dim(name, vocab_parallel=False)
         # One open per tensor: get_slice reads through a memory map that closing releases,
         # so at most one tensor's pages are resident beyond the slices we keep.
