@@ -291,6 +291,12 @@ class Tokenizer:
             return self.tt.decode(ids, errors="replace")
         return self.hf.decode(ids, skip_special_tokens=False)  # specials spelled out, as tiktoken
 
+    def check_fits(self, vocab_size: int, model="the model") -> None:
+        """The one vocabulary check: every id this tokenizer makes must have an embedding."""
+        if self.n_words > vocab_size:
+            raise ValueError(f"{self.path}: the tokenizer has {self.n_words} ids but {model} only "
+                             f"{vocab_size} embeddings")
+
     def special_id(self, name: str) -> int:
         """Id of a special token such as "<|eot_id|>" (Llama 3 vocabularies)."""
         if name not in self.special_tokens:

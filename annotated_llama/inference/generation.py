@@ -56,9 +56,7 @@ class Llama:
             tokenizer = Tokenizer(tokenizer_path)
         if tokenizer is None:
             raise ValueError(f"{ckpt_dir}: no tokenizer.model found beside the weights; pass tokenizer_path")
-        if tokenizer.n_words > model.params.vocab_size:
-            raise ValueError(f"{tokenizer.path}: tokenizer has {tokenizer.n_words} ids but the model at "
-                             f"{ckpt_dir} only {model.params.vocab_size}")
+        tokenizer.check_fits(model.params.vocab_size, f"the model at {ckpt_dir}")
         if max_seq_len < 1:
             raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
         if max_seq_len < model.params.max_seq_len:

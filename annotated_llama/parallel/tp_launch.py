@@ -151,9 +151,7 @@ def rank0_tokenizer(model: Transformer, model_path, tokenizer_path=None):
     if tokenizer_path is None:
         raise ValueError(f"{model_path}: no tokenizer.model found beside the weights; pass --tokenizer PATH")
     tokenizer = Tokenizer(tokenizer_path)
-    if tokenizer.n_words > model.params.vocab_size:
-        raise ValueError(f"{tokenizer_path}: the tokenizer has {tokenizer.n_words} ids but the model only "
-                         f"{model.params.vocab_size}")
+    tokenizer.check_fits(model.params.vocab_size)
     return tokenizer
 
 

@@ -12,6 +12,7 @@ The learning rate has no single right default across sizes: 2e-5 is stanford_alp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -117,12 +118,12 @@ def finetune(cfg: FinetuneConfig) -> dict:
     steps_per_epoch = max(1, batches.per_epoch // cfg.grad_accum)
     max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     lr = cfg.lr if cfg.lr is not None else (3e-4 if cfg.lora else 2e-5)
-    train_cfg = TrainConfig(
-        out_dir=str(out), max_steps=max_steps, lr=lr, min_lr_ratio=0.0,  # stanford_alpaca: cosine to 0
-        warmup_steps=max(1, round(cfg.warmup_ratio * max_steps)), weight_decay=cfg.weight_decay,
-        grad_accum=cfg.grad_accum, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed,
-        log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, keep_checkpoints=1, progress=cfg.progress,
-        resume=cfg.resume, allow_changed=cfg.allow_changed, overwrite=cfg.force, run=run_flags(cfg, max_steps, lr))
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(cfg, f.name)}
+    train_cfg = TrainConfig(**{
+        **shared, "out_dir": str(out), "max_steps": max_steps, "lr": lr,
+        "min_lr_ratio": 0.0,  # stanford_alpaca: cosine to 0
+        "warmup_steps": max(1, round(cfg.warmup_ratio * max_steps)), "keep_checkpoints": 1,
+        "overwrite": cfg.force, "run": run_flags(cfg, max_steps, lr)})
 
     def write_files(d: Path):  # into each checkpoint: an adapter, or what load_model needs
         if cfg.lora:

@@ -120,9 +120,8 @@ def load_checkpoint(path) -> tuple[ModelArgs, dict[str, torch.Tensor], Tokenizer
         llama32_rope_factor(args, config)
     check_state_dict(sd, args, weights, config)
     check_weights(sd, weights)  # floating point and finite (weights/checks.py)
-    if tokenizer is not None and tokenizer.n_words > args.vocab_size:
-        raise ValueError(f"{tok_path}: the tokenizer has {tokenizer.n_words} ids but the model only "
-                         f"{args.vocab_size} embeddings")
+    if tokenizer is not None:
+        tokenizer.check_fits(args.vocab_size)
     return args, sd, tokenizer
 
 
