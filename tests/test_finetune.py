@@ -13,42 +13,8 @@ from annotated_llama.data.alpaca import render_prompt
 from annotated_llama.data.instruct_tasks import evaluate
 from annotated_llama.transforms.lora import lora_modules
 
-from reference import greedy_reference
+from fixtures import RECORDS, greedy_reference
 
-RECORDS = [
-    {"instruction": "Name the first book.", "input": "", "output": "Genesis"},
-    {"instruction": "Reverse the order of this list.", "input": "bread, water, lamb", "output": "lamb, water, bread"},
-    {"instruction": "What is 3 plus 4?", "input": "", "output": "7"},
-    {"instruction": "What is the last word of this verse?", "input": "God saw the light.", "output": "light"},
-    {"instruction": "Say hello.", "input": "", "output": "Hello there, friend."},
-    {"instruction": "Count the words.", "input": "in the beginning", "output": "3"},
-]
-
-@pytest.fixture(scope="session")
-def tiny_tokenizer_path(tmp_path_factory):
-    """A 400-piece SentencePiece BPE trained in a second on the templates and records above."""
-    import sentencepiece as spm
-
-    d = tmp_path_factory.mktemp("tok")
-    lines = [render_prompt(r) + " " + r["output"] for r in RECORDS] * 20
-    lines += ["In the beginning, God created the heavens and the earth. Which book, how many words?"] * 20
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(d / "tokenizer"), vocab_size=400,
-                                   model_type="bpe", byte_fallback=True, character_coverage=1.0,
-                                   split_digits=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-                                   minloglevel=2, num_threads=1)
-    return d / "tokenizer.model"
-
-
-@pytest.fixture(scope="session")
-def base_dir(tmp_path_factory, tiny_tokenizer_path):
-    from annotated_llama.weights import save_model
-
-    tok = Tokenizer(tiny_tokenizer_path)
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs.from_name("tiny", vocab_size=tok.n_words, max_seq_len=128))
-    out = tmp_path_factory.mktemp("base") / "model"
-    save_model(model, tok, out, format="ours")
-    return out
 
 
 @pytest.fixture

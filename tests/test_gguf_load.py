@@ -16,6 +16,7 @@ from annotated_llama.core.layout import META_TO_GGUF, rename
 from annotated_llama.weights.gguf import read_gguf
 from annotated_llama.weights.gguf_load import fit_int4, kernel_for
 
+
 T = gguf.GGMLQuantizationType
 EXACT = [T.Q4_0, T.Q4_1, T.Q4_K]
 INT8 = [T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q8_0]

@@ -21,8 +21,8 @@ from safetensors.torch import save_file
 from annotated_llama import ModelArgs, Tokenizer, Transformer
 from annotated_llama.__main__ import COMMANDS, OneLineParser, main
 from annotated_llama.cli import argtypes
-from test_finetune import RECORDS, tiny_tokenizer_path  # noqa: F401
-from test_train import corpus, tokenizer_path  # noqa: F401
+
+from fixtures import RECORDS
 
 # Commands whose flags this suite enumerates, with the required arguments that let them parse.
 # (serve, self-instruct's sampling flags, convert and quantize are checked by their own suites.)

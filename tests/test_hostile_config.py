@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from annotated_llama.core.config import LIMITS, ModelArgs
-from test_finetune import tiny_tokenizer_path  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 

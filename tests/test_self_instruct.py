@@ -19,7 +19,6 @@ from rouge_score import rouge_scorer
 from annotated_llama.__main__ import main
 from annotated_llama.data.self_instruct import Config, Deduplicator, discard_reason, parse_reply, run, state_path
 
-from test_finetune import base_dir, tiny_tokenizer_path  # noqa: F401  (shared tiny-model fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = ROOT / "data" / "seed_tasks.jsonl"

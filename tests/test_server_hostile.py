@@ -252,10 +252,6 @@ class Raw:
         self.sock.close()
 
 
-def test_at_least_eighty_cases():
-    assert len(CASES) >= 80
-
-
 @pytest.mark.parametrize("name,method,path,headers,body,status,code,param", CASES, ids=[c[0] for c in CASES])
 def test_hostile_request_then_valid_one(url, name, method, path, headers, body, status, code, param):
     raw = Raw(url)

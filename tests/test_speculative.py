@@ -6,7 +6,8 @@ import torch
 from annotated_llama import ModelArgs, Transformer
 from annotated_llama.inference.speculative import speculative_generate
 
-from reference import greedy_reference as greedy_generate
+from fixtures import greedy_reference as greedy_generate
+
 
 
 def _model(name="tiny", seed=0, **kw):

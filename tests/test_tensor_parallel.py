@@ -21,6 +21,7 @@ import torch
 
 from annotated_llama import ModelArgs, Transformer
 
+
 # GQA with H/K = 2, and everything divisible by 4 so a 4-shard checkpoint exists.
 TINY = dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=32, max_seq_len=64)
 # Big enough that per-rank memory dominates the noise, small enough to write and read in a second.

@@ -8,12 +8,7 @@ import sentencepiece as spm
 from annotated_llama import Tokenizer
 from conftest import DATA
 
-
-def golden_cases(stem):
-    inputs = (DATA / f"{stem}.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")[:-1]
-    outputs = (DATA / f"{stem}.out").read_text(encoding="utf-8").split("\n")[:-1]
-    assert len(inputs) == len(outputs) == 46
-    return [(text, [int(i) for i in ids.split()]) for text, ids in zip(inputs, outputs)]
+from fixtures import golden_cases, random_strings
 
 
 def test_llama_spm_golden_cases(spm_path):
@@ -73,26 +68,6 @@ def test_llama3_tiktoken_file_equals_gguf(llama3_tokenizer, tmp_path):
     rng = random.Random(2)
     for s in random_strings(rng, 300):
         assert from_model.encode(s, bos=True, eos=True) == from_gguf.encode(s, bos=True, eos=True)
-
-
-def random_strings(rng, n):
-    alphabet = ("abcdefghijklmnopqrstuvwxyz ABCXYZ 0123456789 \t\n\r.,;:!?'\"()[]{}<>/\\|@#$%^&*-_=+~`"
-                "éèüßøåçñ ÄÖÜ αβγδ абвгд 中文字 日本語 한국어 עברית العربية हिन्दी ")
-    emoji = ["🦙", "👍🏽", "🇫🇷", "👨‍👩‍👧", "❤️", "\u200b", "\u0000", "\u0007", "\x7f", "\ufeff"]
-    out = []
-    for _ in range(n):
-        parts = []
-        for _ in range(rng.randint(0, 12)):
-            r = rng.random()
-            if r < 0.6:
-                parts.append("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 8))))
-            elif r < 0.8:
-                parts.append(rng.choice(emoji))
-            else:  # any valid code point, surrogates excluded
-                cp = rng.randint(0, 0x10FFFF)
-                parts.append(chr(cp) if not 0xD800 <= cp <= 0xDFFF else "x")
-        out.append("".join(parts))
-    return out
 
 
 @pytest.mark.parametrize("which", ["spm", "llama3"])
