@@ -156,7 +156,7 @@ def pretokenize(corpora, tokenizer_path, out_dir, val_every: int = 40, progress:
     return meta
 
 
-def load_meta(data_dir) -> dict:
+def read_shard_meta(data_dir) -> dict:
     d = Path(data_dir)
     if not (d / "meta.json").is_file():
         raise FileNotFoundError(f"{d}: not a token shard dir (meta.json missing; run `annotated-llama pretokenize`)")
@@ -165,7 +165,7 @@ def load_meta(data_dir) -> dict:
 
 def check_tokenizer(data_dir, tokenizer_path, vocab_size: int):
     """Refuse a shard dir made with another tokenizer (ids would mean other pieces)."""
-    meta = load_meta(data_dir)
+    meta = read_shard_meta(data_dir)
     if meta["vocab_size"] != vocab_size:
         raise ValueError(f"{data_dir}: shards were made with a {meta['vocab_size']}-piece vocabulary, "
                          f"but the model/tokenizer has {vocab_size}")
@@ -174,7 +174,7 @@ def check_tokenizer(data_dir, tokenizer_path, vocab_size: int):
 
 
 def open_tokens(data_dir, split: str) -> np.ndarray:
-    meta = load_meta(data_dir)
+    meta = read_shard_meta(data_dir)
     path = Path(data_dir) / f"{split}.bin"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: shard missing")

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from ..core.config import ModelArgs
 from ..core.outputs import check_output
 from ..weights import load_model
-from .checkpoint import latest_checkpoint, load_checkpoint
+from .checkpoint import latest_checkpoint, load_train_checkpoint
 from .evaluation import EVAL_SEQ_LEN, EVAL_WINDOWS, evaluate_model
 
 FILES = ("params.json", "model.safetensors", "tokenizer.model", "eval.json")
@@ -45,7 +45,7 @@ def export(src, out_dir, data_dir, dtype: torch.dtype = torch.bfloat16, log_path
     shutil.copyfile(ckpt / "params.json", tmp / "params.json")
     shutil.copyfile(ckpt / "tokenizer.model", tmp / "tokenizer.model")
 
-    _, train_state = load_checkpoint(ckpt)  # a damaged checkpoint: one line naming its file
+    _, train_state = load_train_checkpoint(ckpt)  # a damaged checkpoint: one line naming its file
     model, _ = load_model(tmp, dtype=torch.float32)
     metrics = evaluate_model(model, data_dir, seq_len=EVAL_SEQ_LEN, max_windows=EVAL_WINDOWS)
     info = {
