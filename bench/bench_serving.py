@@ -184,6 +184,8 @@ def bench_pair(a, name, precision, export, ctx, tok, wd: Path, server_bin: Path)
     with ours, theirs:
         print(f"[{name} {precision}] up: ours in {ours.start_s:.1f} s, llama-server in {theirs.start_s:.1f} s",
               flush=True)
+        decode, waited = ours.wait_decode_ready()  # time the compiled step, not the eager one before it
+        print(f"[{name} {precision}] ours: decode {decode} after {waited:.0f} s more", flush=True)
         agree = agreement((ours, theirs), tok, a.max_tokens)
         print(f"[{name} {precision}] greedy texts, ours vs llama-server: {agree['identical']}/{agree['of']} "
               f"identical ({', '.join(agree['rows'])})", flush=True)
@@ -220,7 +222,7 @@ def bench_pair(a, name, precision, export, ctx, tok, wd: Path, server_bin: Path)
     by_c = {r["clients"]: r for r in rows}
     lo, hi = min(a.clients), max(a.clients)
     return {"model": name, "precision": precision, "gguf": PRECISIONS[precision][0], "context": ctx,
-            "agreement": agree, "rows": rows, "peak_rss_mib": peak, "ours_health_after": health,
+            "ours_decode": decode, "compile_wait_s": waited, "agreement": agree, "rows": rows, "peak_rss_mib": peak, "ours_health_after": health,
             "scaling": {"clients": [lo, hi], "ours": by_c[hi]["ours_tok_s"] / by_c[lo]["ours_tok_s"],
                         "llama_server": by_c[hi]["llama_tok_s"] / by_c[lo]["llama_tok_s"]},
             "runs": {k: {str(c): v for c, v in d.items()} for k, d in runs.items()}}

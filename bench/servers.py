@@ -120,6 +120,16 @@ class Server:
                 raise RuntimeError(f"{self.name}: /health not ok after {self.start_timeout:.0f} s (log: {self.log})")
             time.sleep(0.2)
 
+    def wait_decode_ready(self, timeout: float = 900.0) -> tuple[str, float]:
+        """For our server: wait while /health says "decode": "compiling" (its background compile);
+        returns (the decode state then, seconds waited). Other servers return at once."""
+        start = time.monotonic()
+        while True:
+            state = self.health().get("decode", "n/a")
+            if state != "compiling" or time.monotonic() - start > timeout:
+                return state, time.monotonic() - start
+            time.sleep(1.0)
+
     def rss_mib(self) -> float:
         return status_mib(self.proc.pid, "VmRSS")
 

@@ -199,11 +199,14 @@ def test_bf16_autocast_trains(tmp_path):
 @pytest.mark.slow
 def test_sigkill_and_resume_is_bitwise_exact(shards, params_json, tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    cli(*pretrain_args(shards, params_json, whole, 16))
-    proc = subprocess.Popen([sys.executable, "-m", "annotated_llama",
-                             *map(str, pretrain_args(shards, params_json, killed, 16))],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # every run in a process of its own with one thread: a float sum split over another number of
+    # threads rounds differently, and the kill may land on either side of any step
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def command(out, *extra):
+        return [sys.executable, "-m", "annotated_llama", *map(str, pretrain_args(shards, params_json, out, 16, *extra))]
+    subprocess.run(command(whole), check=True, capture_output=True, env=env)
+    proc = subprocess.Popen(command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 90
     while not (killed / "ckpt-0000006").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
@@ -215,7 +218,7 @@ def test_sigkill_and_resume_is_bitwise_exact(shards, params_json, tmp_path):
     (killed / ".tmp-ckpt-0000098-1" / "model.safetensors").write_bytes(b"half")
     (killed / "ckpt-0000099").mkdir()
     (killed / "ckpt-0000099" / "model.safetensors").write_bytes(b"no train_state.pt")
-    cli(*pretrain_args(shards, params_json, killed, 16), "--resume")
+    subprocess.run(command(killed, "--resume"), check=True, capture_output=True, env=env)
     a, b = read_log(whole / "log.jsonl"), read_log(killed / "log.jsonl")
     assert [r["step"] for r in a] == [r["step"] for r in b]  # nothing logged twice
     assert [r.get("loss", r.get("val_loss")) for r in a] == [r.get("loss", r.get("val_loss")) for r in b]

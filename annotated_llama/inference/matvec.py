@@ -12,16 +12,20 @@ float32, float16 goes through F16C) and forms every row of x's dot products whil
 is in L1. So a batch of 8 reads the weights once, as a batch of 1 does.
 
 It is compiled at first use with torch.utils.cpp_extension (ninja, g++ -O3 -march=native; tens of
-seconds once, cached under ~/.cache/torch_extensions) and registered as the operator
-`torch.ops.annotated_llama.matvec`, with a shape-only implementation so that torch.compile can
+seconds once, cached under ~/.cache/torch_extensions in one directory per source and environment)
+and registered as the operator `torch.ops.annotated_llama.matvec`, with a shape-only implementation so that torch.compile can
 place it in a graph. `load()` says whether this CPU and toolchain could build it; where they
 cannot, callers keep `F.linear`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -30,6 +34,10 @@ log = logging.getLogger("annotated_llama.matvec")
 SOURCE = Path(__file__).with_name("matvec.cpp")
 MAX_ROWS = 16  # more rows than this are a prefill: a GEMM's job
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+FLAGS = ["-O3", "-march=native", "-fopenmp"]
+BUILD_NAME = "annotated_llama_matvec"
+STALE_LOCK_S = 600  # a build takes a minute or two; a lock older than this was left by a killed one
 
 _lock = threading.Lock()
 _state: dict = {"loaded": False, "error": None}
@@ -54,14 +62,30 @@ def load() -> bool:
             return False
         try:
             from torch.utils.cpp_extension import load as build
-            build("annotated_llama_matvec", [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                  extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+            build(BUILD_NAME, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False,
+                  verbose=False, build_directory=str(_build_dir()))
             torch.library.register_fake("annotated_llama::matvec")(_shape_only)
             _state["loaded"] = True
         except Exception as e:  # no compiler, no ninja: the callers keep F.linear
             _state["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
             log.warning("the decode kernel could not be built (%s); using F.linear", _state["error"])
         return _state["loaded"]
+
+
+def _build_dir() -> Path:
+    # One directory per source, flags, torch and environment: two virtual environments sharing a
+    # home directory would otherwise rebuild over each other's build (their include paths differ).
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, torch.__version__, sys.prefix]).encode()).hexdigest()
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    path = root / f"{BUILD_NAME}-{key[:12]}"
+    path.mkdir(parents=True, exist_ok=True)
+    lock = path / "lock"  # torch's build waits forever for a lock file a killed build left behind
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink()
+    except FileNotFoundError:
+        pass
+    return path
 
 
 def loaded() -> bool:
