@@ -29,10 +29,13 @@ COMMANDS = {  # name: (module under annotated_llama.cli, one-line help)
     "merge-lora": ("merge_lora", "merge a LoRA adapter into its base model"),
     "serve": ("serve", "OpenAI-compatible HTTP server with a chat page"),
     "self-instruct": ("self_instruct", "generate Alpaca-style instruction data through an OpenAI-compatible API"),
+    "export": ("export", "export a training checkpoint as a model dir with its measured perplexity"),
 }
 
-# Errors that mean "bad input": reported in one line, no traceback, exit status 2.
-USER_ERRORS = (ValueError, OSError, KeyError, TypeError)
+# Errors that mean "bad input": reported in one line, no traceback, exit status 2. Besides these,
+# the project's own error types (DownloadError, CacheFull, ...); anything else (a TypeError, a
+# KeyError) is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -82,7 +85,8 @@ def main(argv=None) -> int:
 def _is_user_error(e: BaseException) -> bool:
     import pickle
 
-    return isinstance(e, USER_ERRORS + (pickle.UnpicklingError,)) or _peer_gone(e)
+    ours = type(e).__module__.split(".")[0] == __package__
+    return isinstance(e, USER_ERRORS + (pickle.UnpicklingError,)) or ours or _peer_gone(e)
 
 
 def _one_line(e: BaseException) -> str:
@@ -92,8 +96,6 @@ def _one_line(e: BaseException) -> str:
         return "refused to load a file holding pickled code or objects, not just tensors"
     if _peer_gone(e):
         return "another process of this run stopped (its error is above); stopping too"
-    if isinstance(e, KeyError) and e.args:
-        return str(e.args[0])
     return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
 
 

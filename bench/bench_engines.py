@@ -6,7 +6,7 @@
 
 What it does, in order:
   1. builds one random-weight model (seeded) and exports it once per engine: our checkpoint dir
-     (float32; int8/int4 dirs through annotated_llama.quantize), HF safetensors (save_model
+     (float32; int8/int4 dirs through annotated_llama.transforms.quantize), HF safetensors (save_model
      format="hf"), GGUF F32/F16/Q8_0 (save_model format="gguf") for llama.cpp through
      llama-cpp-python (`pip install -e ".[bench]"`);
   2. measures this machine's memory bandwidth (the batch-1 decode ceiling) in a fresh process;
@@ -88,7 +88,7 @@ def worker(a) -> dict:
         if family == "hf":
             import transformers  # noqa: F401
         else:
-            import annotated_llama.generation  # noqa: F401
+            import annotated_llama.inference.generation  # noqa: F401
             import annotated_llama.weights  # noqa: F401
     t0 = time.perf_counter()
     eng = load_engine(family, ENGINES[a.worker][1], wd, a.threads, max_batch_size=max(spec["batches"]),
@@ -145,7 +145,7 @@ def setup(a, wd: Path, engines: list[str]) -> tuple[dict, object]:
 
     import torch
     from annotated_llama import ModelArgs, Tokenizer, Transformer, save_model
-    from annotated_llama.quantize import quantize_model, save_quantized
+    from annotated_llama.transforms.quantize import quantize_model, save_quantized
     torch.manual_seed(a.seed)
     args = ModelArgs.from_name(a.preset)
     model = Transformer(args).eval()

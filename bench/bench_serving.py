@@ -7,7 +7,7 @@
 
 For each model (the embedded default model; the 134M `bench-134m` shape with seeded random
 weights) and each precision, the same weights are exported twice: our checkpoint dir (float32;
-int8 through annotated_llama.quantize) and a GGUF (save_model format="gguf": F32 for float32, F16
+int8 through annotated_llama.transforms.quantize) and a GGUF (save_model format="gguf": F32 for float32, F16
 for bfloat16/float16, Q8_0 for int8). Both servers start as subprocesses:
     ours:          annotated-llama serve --model DIR [--dtype D] --max-batch-size 16   (16 rows, as -np 16)
     llama-server:  llama-server -m M.gguf -np 16 -c <16 x context> -t T
@@ -53,7 +53,7 @@ def prepare(name: str, precisions: list[str], wd: Path, seed: int):
     """Export `name` for both servers: {precision: (our dir, extra serve flags, gguf)}, context, tokenizer."""
     import torch
     from annotated_llama import ModelArgs, Tokenizer, Transformer, save_model
-    from annotated_llama.quantize import quantize_model, save_quantized
+    from annotated_llama.transforms.quantize import quantize_model, save_quantized
     from annotated_llama.weights import load_model
     if name == "default":
         from annotated_llama.default_model import default_model_dir

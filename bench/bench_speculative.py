@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from annotated_llama import ModelArgs, Transformer  # noqa: E402
-from annotated_llama.speculative import speculative_generate  # noqa: E402
+from annotated_llama.inference.speculative import speculative_generate  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engines import reference_greedy as greedy_generate  # noqa: E402  (Meta's forward contract, no stop ids)

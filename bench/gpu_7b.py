@@ -7,7 +7,7 @@
 The model is built on the meta device and its weights allocated and filled on the GPU (seconds,
 no 27 GB of CPU init). Each run (`--modes`, in order; `MODE:eager` forces the eager backend) goes
 through the public API: `Llama(model, tokenizer, backend="compiled" | "eager")` on the bfloat16
-weights (int8/int4: on a quantized copy, annotated_llama.quantize), then `Llama.generate(prompt,
+weights (int8/int4: on a quantized copy, annotated_llama.transforms.quantize), then `Llama.generate(prompt,
 max_gen_len=n, temperature=0, ignore_eos=True)` at batch 1. The "compiled" backend compiles its
 decode step in the first call (the warm-up, with the timed call's prompt and token count), so the
 timed calls run compiled. Decode tokens/s are (n - 1) / (t(n) - t(1)), medians of `--reps` calls
@@ -39,7 +39,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from annotated_llama import Llama, ModelArgs, Tokenizer, Transformer  # noqa: E402
-from annotated_llama.quantize import quantize_model  # noqa: E402
+from annotated_llama.transforms.quantize import quantize_model  # noqa: E402
 
 # the engine needs a tokenizer for its stop ids and vocabulary clip; ignore_eos makes stops moot
 TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "data" / "llama-spm.model"

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from annotated_llama.quantize import quantize_model  # noqa: E402
+from annotated_llama.transforms.quantize import quantize_model  # noqa: E402
 
 
 @torch.no_grad()

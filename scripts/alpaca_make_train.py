@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing  # noqa: E402
 sys.path.insert(0, str(ROOT / "scripts"))  # noqa: E402
 
-from annotated_llama.instruct_tasks import _pools, leaks, make_records, read_bible  # noqa: E402
+from annotated_llama.data.instruct_tasks import _pools, leaks, make_records, read_bible  # noqa: E402
 from make_instruct_set import CANDIDATES, read_text  # noqa: E402
 
 # Per task: the copying and counting tasks can use many records; `book` runs out near 4,000 distinct

@@ -22,10 +22,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # noqa: E402
 
-from annotated_llama.alpaca import load_records  # noqa: E402
+from annotated_llama.data.alpaca import load_records  # noqa: E402
 from annotated_llama.default_model import default_model_dir  # noqa: E402
-from annotated_llama.finetune import FinetuneConfig, finetune  # noqa: E402
-from annotated_llama.instruct_tasks import evaluate  # noqa: E402
+from annotated_llama.train.finetune import FinetuneConfig, finetune  # noqa: E402
+from annotated_llama.data.instruct_tasks import evaluate  # noqa: E402
 from annotated_llama.weights import load_model  # noqa: E402
 
 # name: FinetuneConfig fields (and "data": "old" for the original 1,325-record split). Levers, one at
@@ -94,7 +94,7 @@ def main(argv=None):
     if args.old_data == "regenerate":
         import lzma
 
-        from annotated_llama.instruct_tasks import make_records
+        from annotated_llama.data.instruct_tasks import make_records
         text = lzma.open(ROOT / "data" / "world-english-bible.txt.xz", "rt", encoding="utf-8").read()
         args.old_data = work / "old_train.jsonl"
         args.old_data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in

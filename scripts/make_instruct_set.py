@@ -2,8 +2,8 @@
 
     python scripts/make_instruct_set.py [--corpus FILE] [--train-per-task 200] [--heldout-per-task 30] [--seed 0]
 
-The corpus defaults to the repo's data/world-english-bible.txt.xz, else ../shared/corpora's copy.
-The output is fixed by the seed (annotated_llama/instruct_tasks.py says how the split is made).
+The corpus defaults to the repo's data/world-english-bible.txt.xz.
+The output is fixed by the seed (annotated_llama/data/instruct_tasks.py says how the split is made).
 """
 
 import argparse
@@ -17,9 +17,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing  # noqa: E402
 
-from annotated_llama.instruct_tasks import make_records  # noqa: E402
+from annotated_llama.data.instruct_tasks import make_records  # noqa: E402
 
-CANDIDATES = [ROOT / "data" / "world-english-bible.txt.xz", ROOT.parent / "shared" / "corpora" / "world-english-bible.txt"]
+CANDIDATES = [ROOT / "data" / "world-english-bible.txt.xz"]
 
 
 def read_text(path: Path) -> str:

@@ -20,4 +20,4 @@ annotated-llama pretrain --data "$RUN/data" --preset bible-7m --out "$RUN/train"
   --log-every 10 --eval-every 200 --eval-windows 32 --ckpt-every 100 --keep-checkpoints 2
 
 # Export the final checkpoint as the package's default model (bf16 weights, Meta key names).
-python -m annotated_llama.train.export "$RUN/train" annotated_llama/default_model --data "$RUN/data" --force
+annotated-llama export "$RUN/train" annotated_llama/default_model --data "$RUN/data" --force

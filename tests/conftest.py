@@ -1,9 +1,15 @@
+import json
 import lzma
 import os
 from pathlib import Path
 
 import pytest
 import torch
+
+from annotated_llama import ModelArgs, Tokenizer, Transformer
+from annotated_llama.data import pretokenize as tdata
+from annotated_llama.data.alpaca import render_prompt
+from fixtures import RECORDS, REPO, TINY
 
 DATA = Path(__file__).parent / "data"
 
@@ -89,3 +95,61 @@ def llama2_tokenizer_json(tmp_path_factory, spm_path) -> Path:
     for extra in set(p.name for p in out.iterdir()) - {"tokenizer.json"}:
         (out / extra).unlink()  # only the vocabulary: each test writes the config it needs
     return out / "tokenizer.json"
+
+
+# ---- tiny tokenizers, corpora, shards and models shared by the training tests --------------
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_path(tmp_path_factory):
+    """A 400-piece SentencePiece BPE trained in a second on the templates and records above."""
+    import sentencepiece as spm
+
+    d = tmp_path_factory.mktemp("tok")
+    lines = [render_prompt(r) + " " + r["output"] for r in RECORDS] * 20
+    lines += ["In the beginning, God created the heavens and the earth. Which book, how many words?"] * 20
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(d / "tokenizer"), vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   split_digits=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+                                   minloglevel=2, num_threads=1)
+    return d / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory, tiny_tokenizer_path):
+    from annotated_llama.weights import save_model
+
+    tok = Tokenizer(tiny_tokenizer_path)
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.from_name("tiny", vocab_size=tok.n_words, max_seq_len=128))
+    out = tmp_path_factory.mktemp("base") / "model"
+    save_model(model, tok, out, format="ours")
+    return out
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """The first ~120 kB of the World English Bible copy in the repo (Genesis)."""
+    text = lzma.open(REPO / "data/world-english-bible.txt.xz", "rt", encoding="utf-8").read(120_000)
+    path = tmp_path_factory.mktemp("corpus") / "genesis.txt"
+    path.write_text(text[:text.rfind("\n")] + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(corpus, tmp_path_factory) -> Path:
+    from annotated_llama.train.tokenizer_training import train_tokenizer
+    return train_tokenizer([corpus], 400, tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def shards(corpus, tokenizer_path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    tdata.pretokenize([corpus], tokenizer_path, out, val_every=8, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def params_json(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("params") / "params.json"
+    p.write_text(json.dumps(TINY))
+    return p

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from annotated_llama import Tokenizer
-from annotated_llama.alpaca import (IGNORE_INDEX, Batches, build_dataset, collate, encode_record, load_records,
+from annotated_llama.data.alpaca import (IGNORE_INDEX, Batches, build_dataset, collate, encode_record, load_records,
                                     render_prompt)
 
 # stanford_alpaca train.py PROMPT_DICT, typed out by hand: no newline after "### Response:".

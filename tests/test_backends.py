@@ -1,4 +1,4 @@
-"""The compiled backend (annotated_llama/backends.py) against the plain model: same tokens, same
+"""The compiled backend (annotated_llama/inference/backends.py) against the plain model: same tokens, same
 logits within float rounding, for one row and for continuous batches."""
 
 import threading
@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from annotated_llama import ModelArgs, Transformer
-from annotated_llama import matvec
-from annotated_llama.backends import CompiledRunner, DecodeLinear, decode_view, make_runner, runner_state
-from annotated_llama.engine import Engine
-from annotated_llama.model import attend_one
-from annotated_llama.sampling import SamplingParams
+from annotated_llama.core.model import attend_one
+from annotated_llama.core.sampling import SamplingParams
+from annotated_llama.inference import matvec
+from annotated_llama.inference.backends import CompiledRunner, DecodeLinear, decode_view, make_runner, runner_state
+from annotated_llama.inference.engine import Engine
 
 
 class Vocab:  # what the engine reads of a tokenizer
@@ -84,7 +84,7 @@ def test_tensor_parallel_and_eager_choices_never_compile():
 
 @pytest.mark.slow  # one torch.compile of a tiny model (tens of seconds on 2 CPU cores)
 def test_compiled_decode_equals_eager_for_one_row_and_continuous_batches():
-    from annotated_llama.lora import apply_lora
+    from annotated_llama.transforms.lora import apply_lora
     torch.manual_seed(0)
     model = Transformer(ModelArgs.from_name("tiny-gqa"))
     with torch.no_grad():

@@ -5,7 +5,7 @@ stanford_alpaca's code (meta-llama/llama generation.py `chat_completion`, meta-l
 import pytest
 
 from annotated_llama import Tokenizer
-from annotated_llama.chat_format import (encode_dialog, encode_prompt, format_alpaca, validate_dialog)
+from annotated_llama.core.chat_format import (encode_dialog, encode_prompt, format_alpaca, validate_dialog)
 
 
 @pytest.fixture(scope="module")

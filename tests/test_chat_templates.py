@@ -9,7 +9,7 @@ import pytest
 import transformers
 
 from annotated_llama import Tokenizer
-from annotated_llama.chat_format import (default_template, encode_dialog, encode_llama2_dialog, encode_prompt,
+from annotated_llama.core.chat_format import (default_template, encode_dialog, encode_llama2_dialog, encode_prompt,
                                          render_dialog, template_stops)
 from conftest import DATA
 
@@ -159,7 +159,7 @@ def test_zephyr_template(tmp_path, llama2_tokenizer_json):
 
 
 def test_helpers_and_filters_match_transformers(llama31):
-    from annotated_llama.chat_template import render_chat_template
+    from annotated_llama.core.chat_template import render_chat_template
 
     _, auto = llama31
     template = ("{{ bos_token }}{% for m in messages %}{{ m | tojson }}{% if loop.index > 1 %}{% break %}{% endif %}"
@@ -176,7 +176,7 @@ def test_helpers_and_filters_match_transformers(llama31):
 
 
 def test_sandbox_refuses_escapes(llama31):
-    from annotated_llama.chat_template import render_chat_template
+    from annotated_llama.core.chat_template import render_chat_template
     # an unsafe attribute is undefined (renders as nothing); using it further, or mutating the
     # values passed in, is refused
     assert render_chat_template("[{{ messages.__class__ }}]", [{"role": "user", "content": "x"}]) == "[]"
@@ -191,9 +191,9 @@ def test_sandbox_refuses_escapes(llama31):
 def test_gguf_chat_template_key(tmp_path):
     import gguf
 
-    from annotated_llama.tokenizer import read_gguf_metadata
+    from annotated_llama.core.gguf_file import read_gguf
 
-    meta = read_gguf_metadata((DATA / "llama-spm.gguf").read_bytes())
+    meta = read_gguf((DATA / "llama-spm.gguf").read_bytes(), vocabulary=True, tensors=False)[0]
     w = gguf.GGUFWriter(tmp_path / "vocab.gguf", "llama")
     w.add_tokenizer_model("llama")
     w.add_token_list(meta["tokenizer.ggml.tokens"])

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from annotated_llama import ModelArgs, Tokenizer, Transformer
 from annotated_llama.__main__ import main
-from annotated_llama.generation import Llama
+from annotated_llama.inference.generation import Llama
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from annotated_llama import ModelArgs
-from annotated_llama.config import PRESETS
+from annotated_llama.core.config import PRESETS
 
 # FFN widths of Meta's released checkpoints (HF convert_llama_weights_to_hf.py's size table) and the
 # LLaMA paper's parameter counts (Touvron et al. 2023, Table 2).

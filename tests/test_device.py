@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from annotated_llama import ModelArgs, Transformer
-from annotated_llama.quantize import Int4Linear, Int8Linear, quantize_model
+from annotated_llama.transforms.quantize import Int4Linear, Int8Linear, quantize_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # Read at collection time too: compiled-step tests exist only where they exercise CUDA graphs
@@ -150,7 +150,7 @@ def test_prefill_then_decode_equals_full_forward(device, name):
 
 
 def test_ragged_rows_on_the_paged_cache(device):
-    from annotated_llama.kv_cache import KVCache
+    from annotated_llama.core.kv_cache import KVCache
     model = _random_model("tiny-gqa", seed=3)
     a, b = torch.randint(0, 512, (12,)), torch.randint(0, 512, (5,))
     tokens = torch.zeros(2, 12, dtype=torch.long)
@@ -176,7 +176,7 @@ def test_ragged_rows_on_the_paged_cache(device):
 def test_llama_greedy_text_completion_equals_cpu(device, bible):
     # Llama.build loads the default model onto each device; the CPU's float32 model is the reference.
     # float32 on both (the default model is stored as bfloat16, whose rounding differs by device)
-    from annotated_llama.generation import Llama
+    from annotated_llama.inference.generation import Llama
     model, _, ids = bible
     cpu, dev = Llama.build(device="cpu", dtype="float32"), Llama.build(device=device, dtype="float32")
     assert dev.model.output.weight.device.type == device.type
@@ -197,8 +197,8 @@ def test_llama_greedy_text_completion_equals_cpu(device, bible):
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-gqa", "tiny-llama3"])
 def test_engine_float32_greedy_on_random_models(device, name):
-    from annotated_llama.engine import Engine
-    from annotated_llama.sampling import SamplingParams
+    from annotated_llama.inference.engine import Engine
+    from annotated_llama.core.sampling import SamplingParams
     model = _random_model(name, seed=4)
     engine = Engine(_on(model, device), _Vocab(model.params.vocab_size), runner=None)
     prompts = [[1, 5, 9, 33, 2], [7, 8], [100] * 9]
@@ -228,8 +228,8 @@ TIE = {"float32": F32_TIE, "bfloat16": 0.02, "int8": 0.02, "int4": 0.08}
 def _check_greedy(bible, device, mode, backend):
     import copy
 
-    from annotated_llama.generation import Llama
-    from annotated_llama.quantize import quantize_model
+    from annotated_llama.inference.generation import Llama
+    from annotated_llama.transforms.quantize import quantize_model
     model, tok, prompts = bible
     dev = copy.deepcopy(_on(model, device))
     if mode == "bfloat16":
@@ -296,7 +296,7 @@ def test_int4_on_inputs_of_64(device):
 # ---- LoRA and training ----------------------------------------------------------------------
 
 def test_lora_forward_and_merge(device):
-    from annotated_llama.lora import apply_lora, lora_modules, merge_and_unload, merge_lora, unmerge_lora
+    from annotated_llama.transforms.lora import apply_lora, lora_modules, merge_and_unload, merge_lora, unmerge_lora
     model = _random_model("tiny-gqa", seed=6)
     x = torch.randint(0, 512, (2, 16))
     with torch.no_grad():
@@ -325,7 +325,7 @@ def _train_once(device, dtype, out_dir):
     from annotated_llama.train.loop import TrainConfig, token_loss_eval, train
     torch.manual_seed(0)
     model = Transformer(ModelArgs.from_name("tiny", vocab_size=256))
-    text = torch.tensor(list((ROOT / "annotated_llama" / "model.py").read_bytes()[:4000]), dtype=torch.long)
+    text = torch.tensor(list((ROOT / "annotated_llama" / "core" / "model.py").read_bytes()[:4000]), dtype=torch.long)
     windows = text[: 31 * 65].view(31, 65)  # (31, 65)
     batches = [(windows[i:i + 4, :-1], windows[i:i + 4, 1:]) for i in (0, 4, 8)]
     val = [(windows[20:28, :-1], windows[20:28, 1:])]

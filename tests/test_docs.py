@@ -182,8 +182,11 @@ def test_chapter_excerpts(path):
     assert not problems, "\n\n".join(problems)
 
 
-def test_there_are_chapters():
-    assert CHAPTERS, "no docs/annotated/NN_name.md chapters found"
+def test_the_build_finds_every_chapter():
+    # the parametrized tests above run over build.chapters(): it must see every NN_name.md chapter file
+    for part in ("paper", "annotated"):  # both books, each with chapters
+        on_disk = sorted(p.name for p in (DOCS / part).glob("[0-9][0-9]_*.md"))
+        assert on_disk and [p.name for p in CHAPTERS if p.parent.name == part] == on_disk, part
 
 
 def test_index_links_resolve():
@@ -201,7 +204,7 @@ def test_index_links_resolve():
 def test_build_check_cli(tmp_path):
     # The command line CI and authors use; staleness of each chapter is test_chapter_excerpts' job.
     chapter = tmp_path / "01_x.md"
-    chapter.write_text("# x\n\n<!-- source: annotated_llama/config.py::ModelArgs.head_dim -->\n```python source\n```\n")
+    chapter.write_text("# x\n\n<!-- source: annotated_llama/core/config.py::ModelArgs.head_dim -->\n```python source\n```\n")
     check = subprocess.run([sys.executable, str(DOCS / "build.py"), "--check", str(chapter)], capture_output=True,
                            text=True, timeout=120)
     assert check.returncode == 1 and "stale" in check.stderr, check.stdout + check.stderr
@@ -350,7 +353,7 @@ def test_every_figure_is_made_by_a_script():
 
 def _check_architecture(ns):
     from annotated_llama import ModelArgs
-    from annotated_llama.model import (Attention, FeedForward, RMSNorm, TransformerBlock, apply_rope,
+    from annotated_llama.core.model import (Attention, FeedForward, RMSNorm, TransformerBlock, apply_rope,
                                        precompute_rope, rope_frequencies, scale_rope_frequencies)
     import torch.nn.functional as F
     g = torch.Generator().manual_seed(123)
@@ -370,7 +373,7 @@ def _check_architecture(ns):
     ffn = FeedForward(24, 40)
     x = torch.randn(3, 24, generator=g)
     assert torch.allclose(ns["swiglu"](x, ffn.w1.weight, ffn.w2.weight, ffn.w3.weight), ffn(x), atol=1e-5)
-    from annotated_llama.config import PRESETS
+    from annotated_llama.core.config import PRESETS
     for name in PRESETS:
         a = ModelArgs.from_name(name)
         if a.hidden_dim is None:
@@ -455,7 +458,7 @@ def _check_efficiency(ns):
 
 
 def _check_instruction(ns):
-    from annotated_llama.alpaca import encode_record, render_prompt
+    from annotated_llama.data.alpaca import encode_record, render_prompt
     tok = ns["tok"]
     for record in ({"instruction": "Name the first book.", "input": "", "output": "Genesis"},
                    {"instruction": "Count the words.", "input": "In the beginning", "output": "3"}):
@@ -464,7 +467,7 @@ def _check_instruction(ns):
 
 
 def _check_meta_code(ns):
-    from annotated_llama.sampling import sample_top_p
+    from annotated_llama.core.sampling import sample_top_p
     probs = torch.softmax(torch.randn(4, 50, generator=torch.Generator().manual_seed(2)) * 2, dim=-1)
     for p in (0.05, 0.5, 0.9, 1.0):
         g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)

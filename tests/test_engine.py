@@ -1,4 +1,4 @@
-"""The engine (annotated_llama/engine.py): per-row sampling settings against independent references
+"""The engine (annotated_llama/inference/engine.py): per-row sampling settings against independent references
 (HF's logits processors, OpenAI's formula), forks, cancellation, the cache budget, logprobs, and
 the same seeded tokens through every front end."""
 
@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from annotated_llama import ModelArgs, Tokenizer, Transformer
-from annotated_llama.engine import Engine
-from annotated_llama.sampling import SamplingParams
+from annotated_llama.inference.engine import Engine
+from annotated_llama.core.sampling import SamplingParams
 
 ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=32, max_seq_len=96)
 
@@ -189,8 +189,8 @@ def test_seeded_sampling_is_the_same_through_llama_cli_and_server(capsys):
     from fastapi.testclient import TestClient
 
     from annotated_llama.__main__ import main
-    from annotated_llama.generation import Llama
-    from annotated_llama.server import create_app
+    from annotated_llama.inference.generation import Llama
+    from annotated_llama.serving.server import create_app
 
     llama = Llama.build(backend="eager")
     kw = dict(temperature=0.9, top_p=0.95, top_k=40, seed=7)
@@ -216,7 +216,7 @@ CHOICE = {"type": "object", "properties": {"c": {"enum": ["red", "green"]}, "n":
 def test_each_fork_gets_its_own_constraint_and_neighbours_are_untouched(model, tok):
     import jsonschema
 
-    from annotated_llama.structured_output import response_format_grammar
+    from annotated_llama.inference.structured_output import response_format_grammar
     grammar = response_format_grammar({"type": "json_schema", "json_schema": {"name": "c", "schema": CHOICE}}, tok)
     made = []
 
@@ -250,7 +250,7 @@ def test_each_fork_gets_its_own_constraint_and_neighbours_are_untouched(model, t
     ("repetition_penalty", 0.0, False), ("top_p", 5e-324, True), ("presence_penalty", -2.0, True),
 ])
 def test_the_divisors_of_the_logits_refuse_subnormals(model, tok, name, value, ok):
-    from annotated_llama.sampling import check_range
+    from annotated_llama.core.sampling import check_range
     if not ok:
         with pytest.raises(ValueError, match=name):
             SamplingParams(**{name: value})

@@ -9,46 +9,12 @@ import torch
 
 from annotated_llama import ModelArgs, Transformer, Tokenizer
 from annotated_llama.__main__ import main
-from annotated_llama.alpaca import render_prompt
-from annotated_llama.instruct_tasks import evaluate
-from annotated_llama.lora import lora_modules
+from annotated_llama.data.alpaca import render_prompt
+from annotated_llama.data.instruct_tasks import evaluate
+from annotated_llama.transforms.lora import lora_modules
 
-from reference import greedy_reference
+from fixtures import RECORDS, greedy_reference
 
-RECORDS = [
-    {"instruction": "Name the first book.", "input": "", "output": "Genesis"},
-    {"instruction": "Reverse the order of this list.", "input": "bread, water, lamb", "output": "lamb, water, bread"},
-    {"instruction": "What is 3 plus 4?", "input": "", "output": "7"},
-    {"instruction": "What is the last word of this verse?", "input": "God saw the light.", "output": "light"},
-    {"instruction": "Say hello.", "input": "", "output": "Hello there, friend."},
-    {"instruction": "Count the words.", "input": "in the beginning", "output": "3"},
-]
-
-@pytest.fixture(scope="session")
-def tiny_tokenizer_path(tmp_path_factory):
-    """A 400-piece SentencePiece BPE trained in a second on the templates and records above."""
-    import sentencepiece as spm
-
-    d = tmp_path_factory.mktemp("tok")
-    lines = [render_prompt(r) + " " + r["output"] for r in RECORDS] * 20
-    lines += ["In the beginning, God created the heavens and the earth. Which book, how many words?"] * 20
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(d / "tokenizer"), vocab_size=400,
-                                   model_type="bpe", byte_fallback=True, character_coverage=1.0,
-                                   split_digits=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-                                   minloglevel=2, num_threads=1)
-    return d / "tokenizer.model"
-
-
-@pytest.fixture(scope="session")
-def base_dir(tmp_path_factory, tiny_tokenizer_path):
-    from annotated_llama.weights import save_model
-
-    tok = Tokenizer(tiny_tokenizer_path)
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs.from_name("tiny", vocab_size=tok.n_words, max_seq_len=128))
-    out = tmp_path_factory.mktemp("base") / "model"
-    save_model(model, tok, out, format="ours")
-    return out
 
 
 @pytest.fixture
@@ -59,7 +25,7 @@ def data_file(tmp_path):
 
 
 def test_lora_finetune_writes_a_peft_adapter_and_log(base_dir, data_file, tmp_path, capsys):
-    from annotated_llama.weights import load_model
+    from annotated_llama import load_model
 
     out = tmp_path / "adapter"
     rc = main(["finetune", "--model", str(base_dir), "--data", str(data_file), "--out", str(out), "--lora",
@@ -82,7 +48,7 @@ def test_lora_finetune_writes_a_peft_adapter_and_log(base_dir, data_file, tmp_pa
 
 
 def test_merge_lora_cli_equals_the_adapter(base_dir, data_file, tmp_path):
-    from annotated_llama.weights import load_model
+    from annotated_llama import load_model
 
     adapter = tmp_path / "adapter"
     assert main(["finetune", "--model", str(base_dir), "--data", str(data_file), "--out", str(adapter), "--lora",
@@ -102,7 +68,7 @@ def test_merge_lora_cli_equals_the_adapter(base_dir, data_file, tmp_path):
 
 @pytest.mark.slow
 def test_finetuned_model_stops_at_eos_on_training_prompts(base_dir, data_file, tmp_path):
-    from annotated_llama.weights import load_model
+    from annotated_llama import load_model
 
     base, tok = load_model(base_dir)
     prompts = [tok.encode(render_prompt(r), bos=True, eos=False) for r in RECORDS]
@@ -138,7 +104,7 @@ def test_bad_lora_targets_and_adapter(base_dir, data_file, tmp_path, capsys):
     rc = main(["merge-lora", str(base_dir), str(tmp_path / "no-adapter"), str(tmp_path / "m")])
     assert rc == 2 and "not a PEFT adapter dir" in capsys.readouterr().err
     # an adapter made for another shape: one line naming the module and both shapes
-    from annotated_llama.lora import apply_lora, save_adapter
+    from annotated_llama.transforms.lora import apply_lora, save_adapter
     other = apply_lora(Transformer(ModelArgs.from_name("tiny", dim=32, vocab_size=400)), "wv", r=2, alpha=4)
     save_adapter(other, tmp_path / "other")
     rc = main(["eval-instruct", "--model", str(base_dir), "--lora", str(tmp_path / "other"), "--data",
@@ -175,7 +141,7 @@ def _corpus():
 
 
 def test_more_train_leaves_the_heldout_split_and_never_leaks():
-    from annotated_llama.instruct_tasks import _pools, leaks, make_records, read_bible
+    from annotated_llama.data.instruct_tasks import _pools, leaks, make_records, read_bible
     import random
 
     text = _corpus()
@@ -203,7 +169,7 @@ def test_more_train_leaves_the_heldout_split_and_never_leaks():
 def test_committed_training_split_shows_no_heldout_question():
     from pathlib import Path
 
-    from annotated_llama.alpaca import load_records
+    from annotated_llama.data.alpaca import load_records
 
     root = Path(__file__).resolve().parents[1] / "data" / "instruct"
     train, held = load_records(root / "train.jsonl"), load_records(root / "heldout.jsonl")

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from annotated_llama import ModelArgs, Tokenizer, Transformer
-from annotated_llama.generation import Llama
-from annotated_llama.streaming import IncrementalDecoder, StopStringHolder, decode_continuation
+from annotated_llama.inference.generation import Llama
+from annotated_llama.inference.streaming import IncrementalDecoder, StopStringHolder, decode_continuation
 
-from reference import meta_generate
+from fixtures import meta_generate
+
 
 ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=32, max_seq_len=128)
 
@@ -207,12 +208,20 @@ def test_stop_string_holder():
     assert h.push("the EN") == "the " and h.flush() == "EN"
 
 
-def test_chat_completion_shapes(llama):
+def test_chat_completion_is_metas(llama):
+    # meta-llama/llama generation.py chat_completion, retyped: the system prompt folded into the
+    # first user turn between <<SYS>> markers, "[INST] ... [/INST]", greedy tokens decoded
+    B_INST, E_INST, B_SYS, E_SYS = "[INST]", "[/INST]", "<<SYS>>\n", "\n<</SYS>>\n\n"
     dialogs = [[{"role": "user", "content": "Hi"}],
                [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"}]]
     out = llama.chat_completion(dialogs, temperature=0, max_gen_len=6)
-    assert [set(r) for r in out] == [{"generation"}] * 2
-    assert all(r["generation"]["role"] == "assistant" and isinstance(r["generation"]["content"], str) for r in out)
+    for dialog, result in zip(dialogs, out):
+        user = dialog[-1]["content"]
+        if dialog[0]["role"] == "system":
+            user = B_SYS + dialog[0]["content"] + E_SYS + user
+        ids = llama.tokenizer.encode(f"{B_INST} {user.strip()} {E_INST}", bos=True, eos=False)
+        tokens = meta_generate(llama.model, llama.tokenizer, [ids], 6, temperature=0)[0][0]
+        assert result == {"generation": {"role": "assistant", "content": llama.tokenizer.decode(tokens)}}
     out = llama.text_completion(["a", "b c"], temperature=0, max_gen_len=4, logprobs=True)
     assert all(len(r["tokens"]) == len(r["logprobs"]) <= 4 for r in out)
 

@@ -181,7 +181,7 @@ def test_llama31_rope_scaling_round_trip(tmp_path, spm_path):
 
 @pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
 def test_quantized_files_load_into_the_kernels_by_default(spm_model, written, dtype):
-    from annotated_llama.quantize import Int4Linear, Int8Embedding, Int8Linear
+    from annotated_llama.transforms.quantize import Int4Linear, Int8Embedding, Int8Linear
     model, _ = spm_model
     path, _, weights = written(dtype)
     loaded, _ = load_model(path)  # dtype None: the int8/int4 kernels
@@ -220,8 +220,8 @@ def test_llama3_vocabulary_is_embedded_as_bpe(tmp_path, llama3_tokenizer):
     args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=llama3_tokenizer.n_words, multiple_of=32)
     save_model(Transformer(args), llama3_tokenizer, tmp_path / "l3.gguf", format="gguf", dtype="q8_0")
     # GGUFReader takes ~8 s on 280k merges: the tokenizer module's header reader is enough here
-    from annotated_llama.tokenizer import read_gguf_metadata
-    meta = read_gguf_metadata((tmp_path / "l3.gguf").read_bytes())
+    from annotated_llama.core.gguf_file import read_gguf
+    meta = read_gguf((tmp_path / "l3.gguf").read_bytes(), vocabulary=True, tensors=False)[0]
     assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "llama-bpe"
     assert meta["tokenizer.ggml.bos_token_id"] == 128000 and meta["tokenizer.ggml.eot_token_id"] == 128009
     merges = meta["tokenizer.ggml.merges"]

@@ -24,7 +24,7 @@ import torch
 
 from annotated_llama import ModelArgs, Transformer
 from annotated_llama.default_model import default_model_dir
-from annotated_llama.quantize import Int4Linear, Int8Linear
+from annotated_llama.transforms.quantize import Int4Linear, Int8Linear
 from annotated_llama.weights import load_model, save_model
 from annotated_llama.weights.gguf import read_gguf
 

@@ -10,11 +10,12 @@ import torch
 
 import gguf
 from annotated_llama import ModelArgs, Transformer
-from annotated_llama.quantize import Int4Linear, Int8Embedding, Int8Linear, quantize_int4, unpack_nibbles
+from annotated_llama.transforms.quantize import Int4Linear, Int8Embedding, Int8Linear, quantize_int4, unpack_nibbles
 from annotated_llama.weights import load_model
-from annotated_llama.weights.gguf import META_TO_GGUF, read_gguf
+from annotated_llama.core.layout import META_TO_GGUF, rename
+from annotated_llama.weights.gguf import read_gguf
 from annotated_llama.weights.gguf_load import fit_int4, kernel_for
-from annotated_llama.weights.hf import rename
+
 
 T = gguf.GGMLQuantizationType
 EXACT = [T.Q4_0, T.Q4_1, T.Q4_K]

@@ -21,8 +21,8 @@ from safetensors.torch import save_file
 from annotated_llama import ModelArgs, Tokenizer, Transformer
 from annotated_llama.__main__ import COMMANDS, OneLineParser, main
 from annotated_llama.cli import argtypes
-from test_finetune import RECORDS, tiny_tokenizer_path  # noqa: F401
-from test_train import corpus, tokenizer_path  # noqa: F401
+
+from fixtures import RECORDS
 
 # Commands whose flags this suite enumerates, with the required arguments that let them parse.
 # (serve, self-instruct's sampling flags, convert and quantize are checked by their own suites.)
@@ -95,7 +95,7 @@ def test_every_numeric_flag_is_range_checked(capsys):
 
 def test_sampling_flags_take_the_engines_ranges():
     # one source of truth: the flags' types are built from sampling.LIMITS, which the engine checks too
-    from annotated_llama.sampling import LIMITS, check_sampling_args
+    from annotated_llama.core.sampling import LIMITS, check_sampling_args
 
     for name in ("temperature", "top_p", "top_k", "repetition_penalty"):
         t, (low, high, closed) = getattr(argtypes, name), LIMITS[name]
@@ -253,9 +253,9 @@ def test_pretokenize_and_train_tokenizer(capsys, corpus, tokenizer_path, tmp_pat
 
 
 def test_merge_lora_and_export(capsys, model_dir, corpus, tokenizer_path, tmp_path):  # noqa: F811
-    from annotated_llama.lora import apply_lora, save_adapter
+    from annotated_llama.transforms.lora import apply_lora, save_adapter
     from annotated_llama.train.checkpoint import save_checkpoint
-    from annotated_llama.train.data import pretokenize
+    from annotated_llama.data.pretokenize import pretokenize
     from annotated_llama.weights import load_model
 
     model, _ = load_model(model_dir)
@@ -267,8 +267,7 @@ def test_merge_lora_and_export(capsys, model_dir, corpus, tokenizer_path, tmp_pa
     _twice(capsys, tmp_path, lambda o: ["merge-lora", base, adapter, o], tmp_path / "merged")
     _own_input(capsys, tmp_path, ["merge-lora", base, adapter, base])
     _own_input(capsys, tmp_path, ["merge-lora", base, adapter, adapter])
-    # export (python -m annotated_llama.train.export): a checkpoint of a 256-token model, and shards
-    from annotated_llama.train.export import main as export_main
+    # export: a checkpoint of a 256-token model, and shards
 
     shards = tmp_path / "shards"
     pretokenize([corpus], tokenizer_path, shards, val_every=8, progress=False)
@@ -282,7 +281,7 @@ def test_merge_lora_and_export(capsys, model_dir, corpus, tokenizer_path, tmp_pa
                                       shutil.copy(tokenizer_path, d / "tokenizer.model")))
 
     def export(*argv):
-        rc = export_main([str(a) for a in argv])
+        rc = main(["export", *map(str, argv)])
         err = capsys.readouterr().err.strip().splitlines()
         assert "Traceback" not in "\n".join(err)
         return rc, err
@@ -313,7 +312,7 @@ def test_self_instruct_out(capsys, tmp_path):
 
 
 def test_the_output_rule_sees_through_links(tmp_path):
-    from annotated_llama.cli.outputs import check_output
+    from annotated_llama.core.outputs import check_output
 
     model = tmp_path / "model"
     model.mkdir()

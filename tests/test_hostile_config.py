@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from annotated_llama.config import LIMITS, ModelArgs
-from test_finetune import tiny_tokenizer_path  # noqa: F401
+from annotated_llama.core.config import LIMITS, ModelArgs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,7 +146,7 @@ def test_absurd_configs_are_refused_fast_in_bounded_memory(tmp_path, tiny_tokeni
 
 
 def test_the_limits_cover_every_released_llama():
-    from annotated_llama.config import PRESETS
+    from annotated_llama.core.config import PRESETS
 
     for name, preset in PRESETS.items():  # none refused
         ModelArgs(**preset)

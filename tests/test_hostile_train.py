@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from annotated_llama import ModelArgs, Tokenizer, Transformer
-from test_finetune import RECORDS, tiny_tokenizer_path  # noqa: F401
-from test_train import cli, corpus, params_json, shards, tokenizer_path  # noqa: F401
+
+from fixtures import RECORDS, cli
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,8 @@ import transformers
 from annotated_llama import Llama, Tokenizer
 from annotated_llama.weights import detect_format, load_model, save_model
 from conftest import DATA
-from test_tokenizer import golden_cases, random_strings
+
+from fixtures import golden_cases, random_strings
 
 LLAMA_3_2_ROPE = {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
                   "original_max_position_embeddings": 8192, "rope_type": "llama3"}

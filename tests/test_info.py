@@ -12,7 +12,7 @@ import torch
 from annotated_llama import ModelArgs, Transformer
 from annotated_llama.__main__ import main
 from annotated_llama.weights import load_model, save_model
-from annotated_llama.weights.hf import META_TO_HF, rename
+from annotated_llama.core.layout import META_TO_HF, rename
 from conftest import DATA
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from annotated_llama import ModelArgs, Transformer
-from annotated_llama.kv_cache import CacheFull, KVCache
+from annotated_llama.core.kv_cache import CacheFull, KVCache
 
 
 def test_a_long_context_model_allocates_nothing_up_front():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from annotated_llama import ModelArgs, Transformer
-from annotated_llama.lora import (LoRALinear, apply_lora, is_lora_parameter, load_adapter, lora_modules,
+from annotated_llama.transforms.lora import (LoRALinear, apply_lora, is_lora_parameter, load_adapter, lora_modules,
                                   merge_and_unload, merge_lora, parse_targets, save_adapter, unmerge_lora)
 
 def tiny(name="tiny", **kw):

@@ -58,7 +58,7 @@ def test_hf_round_trip_is_exact():
 
 
 def test_llama31_scaling_changes_only_long_wavelengths():
-    from annotated_llama.model import rope_frequencies
+    from annotated_llama.core.model import rope_frequencies
     base = ModelArgs(dim=256, n_layers=1, n_heads=2, rope_theta=500000.0)
     scaled = ModelArgs(dim=256, n_layers=1, n_heads=2, rope_theta=500000.0, use_scaled_rope=True)
     f0, f1 = rope_frequencies(base), rope_frequencies(scaled)
@@ -87,7 +87,7 @@ def test_incremental_decoding_equals_full_forward(preset):
 def test_ragged_rows_in_one_call_equal_each_row_alone():
     # The engine's contract: rows of one call at their own positions, each reading its own
     # blocks of the paged cache; the right padding of a short row writes the scratch block.
-    from annotated_llama.kv_cache import KVCache
+    from annotated_llama.core.kv_cache import KVCache
     model = Transformer(ModelArgs.from_name("tiny-gqa")).eval()
     a, b = torch.randint(0, 512, (12,)), torch.randint(0, 512, (5,))
     cache = KVCache.for_model(model, max_tokens=64, block_size=4)
@@ -135,7 +135,7 @@ def test_sequence_longer_than_context_is_rejected():
 def test_rows_at_different_lengths_continue_each_row():
     # Continuous batching: rows at different lengths decode together (two tokens per row here),
     # each as if alone; blocks are not consecutive once rows interleave, so the gather path runs.
-    from annotated_llama.kv_cache import KVCache
+    from annotated_llama.core.kv_cache import KVCache
     model = Transformer(ModelArgs.from_name("tiny-gqa")).eval()
     a, b = torch.randint(0, 512, (9,)), torch.randint(0, 512, (4,))
     cache = KVCache.for_model(model, max_tokens=64, block_size=2)

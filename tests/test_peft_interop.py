@@ -10,7 +10,7 @@ import peft  # the dev extra: a missing reference fails the test, it is never sk
 import transformers
 
 from annotated_llama import ModelArgs, Transformer
-from annotated_llama.lora import apply_lora, load_adapter, lora_modules, save_adapter
+from annotated_llama.transforms.lora import apply_lora, load_adapter, lora_modules, save_adapter
 from annotated_llama.weights.hf import meta_to_hf_state_dict
 
 TOKENS = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(5))

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from annotated_llama import ModelArgs, Transformer
-from annotated_llama.quantize import (Int4Linear, Int8Linear, load_quantized, pack_nibbles, quantize_int4,
+from annotated_llama import ModelArgs, Transformer, load_model
+from annotated_llama.transforms.quantize import (Int4Linear, Int8Linear, pack_nibbles, quantize_int4,
                                       quantize_int8, quantize_model, read_quantization, save_quantized,
                                       unpack_nibbles)
 
@@ -24,7 +24,7 @@ def trained():
     Quantization error only shows on a model that learned something (random weights give
     perplexity ~ vocab whatever their precision)."""
     torch.manual_seed(0)
-    data = torch.tensor(list((ROOT / "annotated_llama" / "model.py").read_bytes()), dtype=torch.long)
+    data = torch.tensor(list((ROOT / "annotated_llama" / "core" / "model.py").read_bytes()), dtype=torch.long)
     split = int(len(data) * 0.9)
     train, val = data[:split], data[split:]
     model = Transformer(ModelArgs.from_name("tiny", vocab_size=256))
@@ -133,22 +133,22 @@ def test_quantized_model_cached_decode_matches_full_forward(trained):
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_save_and_load_quantized_checkpoint(tmp_path, mode):
-    model = Transformer(ModelArgs.from_name("tiny-gqa")).eval()
+def test_save_and_load_quantized_checkpoint(tmp_path, mode, spm_path):
+    model = Transformer(ModelArgs.from_name("tiny-gqa", vocab_size=32000)).eval()
     q = quantize_model(model, mode, group_size=32)
-    save_quantized(q, tmp_path / "q", tokenizer_model=b"tok")
+    save_quantized(q, tmp_path / "q", tokenizer_model=spm_path.read_bytes())
     assert read_quantization(tmp_path / "q" / "model.safetensors") == {"mode": mode, "group_size": 32}
-    assert (tmp_path / "q" / "tokenizer.model").read_bytes() == b"tok"
+    assert (tmp_path / "q" / "tokenizer.model").read_bytes() == spm_path.read_bytes()
     assert not list((tmp_path / "q").glob("*.tmp"))
-    loaded = load_quantized(tmp_path / "q")
-    x = torch.randint(0, 512, (2, 12))
+    loaded = load_model(tmp_path / "q")[0]
+    x = torch.randint(0, 32000, (2, 12))
     with torch.no_grad():
         assert torch.equal(q(x, cache=False), loaded(x, cache=False))
     # int8 stores 1 byte per weight, int4 half a byte (plus scales): the file shrinks
     n_linear = sum(m.in_features * m.out_features for m in loaded.modules()
                    if isinstance(m, (Int8Linear, Int4Linear)))
     size = (tmp_path / "q" / "model.safetensors").stat().st_size
-    assert size < n_linear * (1.3 if mode == "int8" else 0.8) + 4 * 2 * 512 * 64 + 20000
+    assert size < n_linear * (1.3 if mode == "int8" else 0.8) + 4 * 2 * 32000 * 64 + 20000
 
 
 def test_cli_quantize(tmp_path, spm_path):
@@ -162,18 +162,18 @@ def test_cli_quantize(tmp_path, spm_path):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(src / "model.safetensors"))
     (src / "tokenizer.model").write_bytes(spm_path.read_bytes())
     assert main(["quantize", str(src), str(tmp_path / "dst"), "--mode", "int8"]) == 0
-    loaded = load_quantized(tmp_path / "dst")
+    loaded = load_model(tmp_path / "dst")[0]
     x = torch.randint(0, 32000, (1, 8))
     with torch.no_grad():
         err = (loaded(x, cache=False) - model(x, cache=False)).abs().max()
     assert err < 0.05
     assert (tmp_path / "dst" / "tokenizer.model").read_bytes() == spm_path.read_bytes()
-    # load_model (and so generate --model, serve) reads the quantized dir as it is
-    from annotated_llama import load_model
-    via_load_model, tok = load_model(tmp_path / "dst")
+    # load_model (and so generate --model, serve) reads the quantized dir as it is: the same
+    # logits as the model quantized in memory, and the tokenizer beside it
+    tok = load_model(tmp_path / "dst")[1]
     assert tok is not None and tok.n_words == 32000
     with torch.no_grad():
-        assert torch.equal(via_load_model(x, cache=False), loaded(x, cache=False))
+        assert torch.equal(quantize_model(copy.deepcopy(model), "int8")(x, cache=False), loaded(x, cache=False))
     # generate --quantize int8 quantizes the float checkpoint the same way
     from annotated_llama.cli.generate import add_arguments, build_llama
     import argparse
@@ -191,7 +191,7 @@ def test_cli_quantize(tmp_path, spm_path):
 
 
 def test_int4_keeps_no_second_copy_and_its_packed_layout_is_undone():
-    from annotated_llama.quantize import _cpu_layout, _unpack_cpu
+    from annotated_llama.transforms.quantize import _cpu_layout, _unpack_cpu
     assert _cpu_layout() is not None  # this build's packing is one of the known layouts
     for N, K in ((144, 64), (80, 128), (48, 32), (4096 + 16, 64)):  # full blocks and a partial last one
         q = torch.randint(0, 16, (N, K), dtype=torch.int32)
@@ -212,7 +212,7 @@ def test_int4_keeps_no_second_copy_and_its_packed_layout_is_undone():
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_a_tied_model_stays_tied_as_one_int8_matrix(tmp_path, mode):
-    from annotated_llama.quantize import Int8Embedding
+    from annotated_llama.transforms.quantize import Int8Embedding
     from safetensors import safe_open
     args = ModelArgs.from_name("tiny", tie_word_embeddings=True)
     model = Transformer(args).eval()
@@ -232,7 +232,7 @@ def test_a_tied_model_stays_tied_as_one_int8_matrix(tmp_path, mode):
     save_quantized(q, tmp_path / "q")
     with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
         assert "tok_embeddings.weight" in f.keys() and not any(k.startswith("output.") for k in f.keys())
-    loaded = load_quantized(tmp_path / "q")
+    loaded = load_model(tmp_path / "q")[0]
     assert loaded.output.weight is loaded.tok_embeddings.qweight
     with torch.no_grad():
         assert torch.equal(loaded(x, cache=False), out)

@@ -29,6 +29,8 @@ def readme_commands():
                 part = part.strip()
                 if part.startswith("annotated-llama "):
                     out.append(part)
+                elif " -m annotated_llama " in part:  # torchrun ... -m annotated_llama COMMAND ...
+                    out.append("annotated-llama " + part.split(" -m annotated_llama ", 1)[1])
     return out
 
 
@@ -53,7 +55,14 @@ def test_readme_command_parses(command):
 
 
 def test_readme_main_job_runs_on_the_default_model():
+    # the command prints the default model's own continuation: the Python API's, greedy, for the same prompt
+    import json
+
+    from annotated_llama import Llama
+
     r = subprocess.run([sys.executable, "-m", "annotated_llama", "generate", "In the beginning",
-                        "--max-new-tokens", "16", "--seed", "1"], capture_output=True, text=True, timeout=300)
+                        "--max-new-tokens", "16", "--temperature", "0", "--json"], capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
-    assert len(r.stdout.split()) >= 5
+    expected = Llama.build(None).text_completion(["In the beginning"], temperature=0, max_gen_len=16)[0]
+    assert json.loads(r.stdout.splitlines()[-1])["text"] == expected["generation"] != ""

@@ -4,13 +4,13 @@ logits processors, and hand-made distributions."""
 import pytest
 import torch
 
-from annotated_llama.sampling import (apply_repetition_penalty, apply_top_k, check_sampling_args, greedy,
+from annotated_llama.core.sampling import (apply_repetition_penalty, apply_top_k, check_sampling_args, greedy,
                                       logits_to_probs, make_generator, sample, sample_top_p, token_presence,
                                       top_p_mask)
 
 
 def meta_sample_top_p(probs, p, generator):
-    # meta-llama/llama generation.py, as documented in REFERENCE b7 (the reference, retyped)
+    # meta-llama/llama generation.py's sample_top_p, retyped
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
     mask = probs_sum - probs_sort > p

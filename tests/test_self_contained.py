@@ -6,8 +6,7 @@ issue number) or pages of this repository, never documents a reader does not hav
 dates. A mention of the seed article must come with a link to its copy (docs/seed/). And every arXiv paper the
 documentation links is listed in docs/references.md.
 
-The documentation must pass now. Source areas owned by others that still carry such references are marked
-xfail(strict=True): the test fails as soon as one is clean, so the mark is removed with the fix.
+Every area must pass: the documentation, the package, its tests, benchmarks, scripts and CI.
 """
 
 from __future__ import annotations
@@ -105,14 +104,7 @@ def test_every_docs_file_is_in_an_area():
     assert not missing, f"docs files no self-containment check covers (add them to DOC_AREAS): {missing}"
 
 
-# Areas of the source still being cleaned by their owners (listed in the docs helper's report).
-KNOWN_UNCLEAN = {"annotated_llama", "tests", "scripts"}
-
-
-@pytest.mark.parametrize("area", [pytest.param(a, marks=[pytest.mark.xfail(strict=True, reason="internal references "
-                                                                                 "not yet replaced by public sources")]
-                                               if a in KNOWN_UNCLEAN else []) for a in
-                                  ("annotated_llama", "tests", "bench", "scripts", ".ci")])
+@pytest.mark.parametrize("area", ["annotated_llama", "tests", "bench", "scripts", ".ci"])
 def test_source_is_self_contained(area):
     found = problems_in(_files(REPO / area))
     assert not found, "references to material outside the repository:\n" + "\n".join(found)

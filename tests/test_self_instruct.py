@@ -17,9 +17,8 @@ import torch
 from rouge_score import rouge_scorer
 
 from annotated_llama.__main__ import main
-from annotated_llama.self_instruct import Config, Deduplicator, discard_reason, parse_reply, run, state_path
+from annotated_llama.data.self_instruct import Config, Deduplicator, discard_reason, parse_reply, run, state_path
 
-from test_finetune import base_dir, tiny_tokenizer_path  # noqa: F401  (shared tiny-model fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = ROOT / "data" / "seed_tasks.jsonl"
@@ -306,8 +305,8 @@ def test_against_our_own_server(tmp_path, tiny_tokenizer_path):  # noqa: F811
 
 
 def test_fit_prompt_drops_examples_then_shortens_the_head():
-    from annotated_llama.self_instruct import load_seed_tasks
-    from annotated_llama.self_instruct_prompt import MIN_REPLY, encode_prompt, fit_prompt
+    from annotated_llama.data.self_instruct import load_seed_tasks
+    from annotated_llama.data.self_instruct_prompt import MIN_REPLY, encode_prompt, fit_prompt
 
     seeds = load_seed_tasks(SEEDS)[:3]
     words = lambda text: len(text.split())  # noqa: E731  (a stand-in token count)
@@ -330,7 +329,7 @@ def test_against_our_server_on_the_default_model(tmp_path):
 
     from annotated_llama.cli.serve import run_in_thread
     from annotated_llama.default_model import default_model_dir
-    from annotated_llama.server import create_app
+    from annotated_llama.serving.server import create_app
     from annotated_llama.weights import load_model
 
     model, tok = load_model(default_model_dir())

@@ -16,7 +16,7 @@ import torch
 
 from annotated_llama import ModelArgs, Tokenizer, Transformer
 from annotated_llama.cli.serve import run_in_thread
-from annotated_llama.server import create_app
+from annotated_llama.serving.server import create_app
 
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=32, max_seq_len=192)
 PROMPTS = ["The capital of France is", "Once upon a time", "1 2 3 4", "def main():", "In the beginning",
@@ -90,7 +90,7 @@ def test_completion_greedy_equals_reference_loop(served, client, tokenizer, capl
 
 
 def test_greedy_equals_llama_text_completion(served, client, tokenizer):
-    from annotated_llama.generation import Llama
+    from annotated_llama.inference.generation import Llama
     _, _, model = served
     llama = Llama(tiny_model(), tokenizer)  # same weights, its own cache
     want = llama.text_completion([PROMPTS[1]], temperature=0, max_gen_len=10)[0]["generation"]
@@ -205,7 +205,7 @@ def test_cli_serve_help_and_bad_model(capsys):
 
 
 def test_chat_templates_match_raw_prompts(served, client):
-    from annotated_llama.chat_format import format_alpaca
+    from annotated_llama.core.chat_format import format_alpaca
     q = "List three fruits."
     for template, raw in (("alpaca", format_alpaca(q)), ("none", q)):
         chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": q}], max_tokens=8,
@@ -217,7 +217,7 @@ def test_chat_templates_match_raw_prompts(served, client):
 
 
 def test_chat_greedy_equals_llama_chat_completion(served, client, tokenizer):
-    from annotated_llama.generation import Llama
+    from annotated_llama.inference.generation import Llama
     dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
     for template in ("llama-2", "alpaca"):
         want = Llama(tiny_model(), tokenizer).chat_completion([dialog], temperature=0, max_gen_len=10,
@@ -228,7 +228,7 @@ def test_chat_greedy_equals_llama_chat_completion(served, client, tokenizer):
 
 
 def test_kv_budget_limits_the_batch(tokenizer):
-    from annotated_llama.scheduler import SamplingParams, Scheduler
+    from annotated_llama.serving.scheduler import SamplingParams, Scheduler
     model = tiny_model()
     prompts = [tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS[:4]]
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -288,8 +288,8 @@ def test_cli_serve_loads_a_checkpoint_dir(tmp_path, tokenizer, spm_path, monkeyp
 
 
 def test_chunked_prefill_and_repetition_penalty_match_references(tokenizer, monkeypatch):
-    from annotated_llama import scheduler as sched
-    from annotated_llama.generation import Llama
+    from annotated_llama.serving import scheduler as sched
+    from annotated_llama.inference.generation import Llama
     model = tiny_model()
     prompt = "The history of the world in a few words"
     ids = tokenizer.encode(prompt, bos=True, eos=False)
@@ -311,7 +311,7 @@ def test_chunked_prefill_and_repetition_penalty_match_references(tokenizer, monk
 def test_create_app_accepts_a_llama_and_rejects_bad_settings(tokenizer):
     from fastapi.testclient import TestClient
 
-    from annotated_llama.generation import Llama
+    from annotated_llama.inference.generation import Llama
     model = tiny_model()
     with TestClient(create_app(Llama(model, tokenizer), model_name="from-llama")) as c:
         r = c.post("/v1/completions", json={"prompt": PROMPTS[4], "max_tokens": 4, "temperature": 0})

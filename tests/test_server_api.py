@@ -17,9 +17,9 @@ from openai.types.chat import completion_create_params as chat_create_params
 
 from annotated_llama import ModelArgs, Tokenizer, Transformer
 from annotated_llama.cli.serve import run_in_thread
-from annotated_llama.openai_responses import ChatCompletion, ChatCompletionChunk, Completion
-from annotated_llama.openai_schema import UNSUPPORTED, ChatRequest, CompletionRequest
-from annotated_llama.server import create_app
+from annotated_llama.serving.openai_responses import ChatCompletion, ChatCompletionChunk, Completion
+from annotated_llama.serving.openai_schema import UNSUPPORTED, ChatRequest, CompletionRequest
+from annotated_llama.serving.server import create_app
 
 EXTENSIONS = {"top_k", "repetition_penalty", "ignore_eos", "template"}
 

@@ -17,7 +17,7 @@ import torch
 
 from annotated_llama import ModelArgs, Tokenizer, Transformer
 from annotated_llama.cli.serve import run_in_thread
-from annotated_llama.server import create_app
+from annotated_llama.serving.server import create_app
 
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"  # before litellm is imported anywhere
 os.environ.setdefault("LITELLM_TELEMETRY", "False")

@@ -18,7 +18,7 @@ import torch
 
 from annotated_llama import ModelArgs, Tokenizer, Transformer
 from annotated_llama.cli.serve import run_in_thread
-from annotated_llama.server import create_app
+from annotated_llama.serving.server import create_app
 
 N_CTX = 96
 
@@ -245,7 +245,7 @@ def test_metrics_are_prometheus_text(plain):
 
 
 def test_tokenize_and_detokenize_match_the_tokenizer(plain, tokenizer):
-    from annotated_llama.chat_format import encode_dialog
+    from annotated_llama.core.chat_format import encode_dialog
     url, _ = plain
     text = "Hello, wörld! 1234"
     r = httpx.post(url + "/tokenize", json={"prompt": text, "return_token_strs": True}).json()
@@ -268,7 +268,7 @@ def test_tokenize_and_detokenize_match_the_tokenizer(plain, tokenizer):
 
 
 def test_openapi_has_the_real_models(plain):
-    from annotated_llama.openai_schema import ChatRequest, CompletionRequest
+    from annotated_llama.serving.openai_schema import ChatRequest, CompletionRequest
     url, _ = plain
     spec = httpx.get(url + "/openapi.json").json()
     assert spec["openapi"].startswith("3.")
@@ -282,7 +282,7 @@ def test_openapi_has_the_real_models(plain):
     assert body == {"$ref": "#/components/schemas/ChatRequest"}
     refused = schemas["ChatRequest"]["properties"]["store"]  # the no-op values only, and why
     assert refused["anyOf"] == [{"type": "null"}, {"const": False}] and "Not supported" in refused["description"]
-    from annotated_llama.sampling import LIMITS  # the ranges published are the engine's own
+    from annotated_llama.core.sampling import LIMITS  # the ranges published are the engine's own
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "top_k"):
         low, high, closed = LIMITS[name]
         number = next(a for a in schemas["ChatRequest"]["properties"][name]["anyOf"] if a.get("type") != "null")

@@ -12,7 +12,7 @@ from schemathesis.checks import (content_type_conformance, not_a_server_error, r
                                  status_code_conformance)
 
 from annotated_llama import ModelArgs, Tokenizer, Transformer
-from annotated_llama.server import create_app
+from annotated_llama.serving.server import create_app
 from conftest import DATA
 
 torch.manual_seed(0)

@@ -15,10 +15,10 @@ import torch
 
 from annotated_llama import ModelArgs, Tokenizer, Transformer
 from annotated_llama.cli.serve import run_in_thread
-from annotated_llama.engine import Engine
-from annotated_llama.sampling import SamplingParams
-from annotated_llama.server import create_app
-from annotated_llama.streaming import decode_continuation
+from annotated_llama.inference.engine import Engine
+from annotated_llama.core.sampling import SamplingParams
+from annotated_llama.serving.server import create_app
+from annotated_llama.inference.streaming import decode_continuation
 
 ARGS = dict(dim=64, n_layers=2, n_heads=4, vocab_size=32000, multiple_of=32, max_seq_len=128)
 

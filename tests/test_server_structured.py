@@ -17,8 +17,9 @@ import torch
 
 from annotated_llama import ModelArgs, Tokenizer, Transformer
 from annotated_llama.cli.serve import run_in_thread
-from annotated_llama.server import create_app
-from test_structured_output import SCHEMAS, obj
+from annotated_llama.serving.server import create_app
+
+from fixtures import SCHEMAS, obj
 
 PER_SCHEMA = 20  # x 5 schemas: 100 replies
 

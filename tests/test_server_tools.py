@@ -17,8 +17,8 @@ import torch
 
 from annotated_llama import ModelArgs, Transformer
 from annotated_llama.cli.serve import run_in_thread
-from annotated_llama.server import create_app
-from annotated_llama.tools import ToolCallStream, encode_tool_dialog, parse_tool_calls
+from annotated_llama.serving.server import create_app
+from annotated_llama.serving.tools import ToolCallStream, encode_tool_dialog, parse_tool_calls
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
@@ -122,7 +122,7 @@ class Scripted(Transformer):
 
 @pytest.fixture(scope="module")
 def served(llama3_tokenizer):
-    from annotated_llama.scheduler import Scheduler
+    from annotated_llama.serving.scheduler import Scheduler
     torch.manual_seed(0)
     model = Scripted(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=llama3_tokenizer.n_words, multiple_of=32,
                                max_seq_len=512)).eval()

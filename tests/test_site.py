@@ -52,7 +52,7 @@ def test_site_builds_strictly_with_every_chapter(site):
     for name in ("references", "seed/the-annotated-llama", "seed", "WRITING"):
         assert (site / name / "index.html").is_file(), name
     # repository files the chapters link to are part of the site
-    assert (site / "repo" / "annotated_llama" / "model.py").read_text() == (REPO / "annotated_llama" / "model.py").read_text()
+    assert (site / "repo" / "annotated_llama" / "core" / "model.py").read_text() == (REPO / "annotated_llama" / "core" / "model.py").read_text()
     assert (site / "figures" / "architecture.png").is_file()
 
 

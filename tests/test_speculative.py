@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from annotated_llama import ModelArgs, Transformer
-from annotated_llama.speculative import speculative_generate
+from annotated_llama.inference.speculative import speculative_generate
 
-from reference import greedy_reference as greedy_generate
+from fixtures import greedy_reference
+
 
 
 def _model(name="tiny", seed=0, **kw):
@@ -27,7 +28,7 @@ def target():
 def test_greedy_equals_plain_greedy_with_an_unrelated_draft(target, k):
     draft = _model("tiny", seed=7, n_layers=1)
     prompt = [3, 17, 99, 4]
-    ref = greedy_generate(target, prompt, 40)
+    ref = greedy_reference(target, prompt, 40)
     out, stats = speculative_generate(target, draft, prompt, 40, k=k)
     assert out == ref
     assert stats["proposed"] == stats["rounds"] * k
@@ -36,7 +37,7 @@ def test_greedy_equals_plain_greedy_with_an_unrelated_draft(target, k):
 
 def test_a_perfect_draft_accepts_everything_and_saves_target_calls(target):
     prompt = [5, 6, 7]
-    ref = greedy_generate(target, prompt, 41)
+    ref = greedy_reference(target, prompt, 41)
     out, stats = speculative_generate(target, target, prompt, 41, k=4)
     assert out == ref
     assert stats["acceptance_rate"] == 1.0
@@ -49,7 +50,7 @@ def test_a_similar_draft_is_accepted_often(target):
     draft = _model("tiny", seed=1, n_layers=2)
     draft.load_state_dict({k: v for k, v in target.state_dict().items() if not k.startswith("layers.2.")})
     prompt = [11, 12, 13, 14]
-    ref = greedy_generate(target, prompt, 30)
+    ref = greedy_reference(target, prompt, 30)
     out, stats = speculative_generate(target, draft, prompt, 30, k=3)
     assert out == ref
     assert stats["acceptance_rate"] > 0.2
@@ -59,7 +60,7 @@ def test_gqa_and_stop_ids(target):
     t = _model("tiny-gqa", seed=3)
     d = _model("tiny-gqa", seed=4, n_layers=1)
     prompt = [1, 2, 3]
-    ref = greedy_generate(t, prompt, 25)
+    ref = greedy_reference(t, prompt, 25)
     stop = ref[10]
     first = ref.index(stop)
     out, _ = speculative_generate(t, d, prompt, 25, k=4, stop_ids=[stop])

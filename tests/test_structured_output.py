@@ -13,38 +13,12 @@ import pytest
 import torch
 
 from annotated_llama import ModelArgs, Tokenizer, Transformer
-from annotated_llama.structured_output import (Constraint, check_strict_schema, response_format_grammar,
+from annotated_llama.inference.structured_output import (Constraint, check_strict_schema, response_format_grammar,
                                                token_bytes, tool_call_grammar, vocabulary)
 
+from fixtures import SCHEMAS, obj
+
 ROWS = 100
-
-
-def obj(props: dict) -> dict:
-    return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
-
-
-SCHEMAS = {
-    "nested": obj({"name": {"type": "string", "maxLength": 12},
-                   "address": obj({"city": {"enum": ["Paris", "Rome", "Oslo"]},
-                                   "zip": {"type": "integer", "minimum": 1000, "maximum": 99999}}),
-                   "tags": obj({"primary": {"type": "boolean"}})}),
-    "enums": obj({"color": {"enum": ["red", "green", "blue"]}, "size": {"type": "string", "enum": ["S", "M", "L"]},
-                  "ok": {"type": "boolean"}, "nothing": {"type": "null"}}),
-    "arrays": obj({"tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "minItems": 1, "maxItems": 4},
-                   "scores": {"type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 5},
-                              "maxItems": 3},
-                   "pairs": {"type": "array", "maxItems": 2,
-                             "items": obj({"k": {"type": "string", "maxLength": 3}, "v": {"type": "number",
-                                                                                          "minimum": 0,
-                                                                                          "maximum": 1}})}}),
-    "integer-ranges": obj({"age": {"type": "integer", "minimum": 0, "maximum": 120},
-                           "year": {"type": "integer", "minimum": 1900, "maximum": 2100},
-                           "delta": {"type": "integer", "exclusiveMinimum": -10, "exclusiveMaximum": 10},
-                           "big": {"type": "integer", "minimum": 100000, "maximum": 100005}}),
-    "defs-anyof-nullable": {**obj({"kind": {"anyOf": [{"type": "null"}, {"$ref": "#/$defs/k"}]},
-                                   "note": {"type": ["string", "null"], "maxLength": 5}}),
-                            "$defs": {"k": {"enum": ["x", "y"]}}},
-}
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
-"""Tensor parallelism (annotated_llama/tensor_parallel.py, tp_checkpoint.py, tp_launch.py) on 2 and 4
+"""Tensor parallelism (annotated_llama/parallel/tensor_parallel.py, tp_checkpoint.py, tp_launch.py) on 2 and 4
 CPU processes under torchrun (gloo), against the single-process model. This file is also the worker script torchrun runs:
 `python tests/test_tensor_parallel.py MODE DIR`.
 
 The checkpoints are written here from one random tiny model, split by Meta's rules as this file
-states them (REFERENCE b4), independently of the module under test.
+states them (meta-llama/llama model.py's fairscale layers; HF convert_llama_weights_to_hf.py), independently of the module under test.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from annotated_llama import ModelArgs, Transformer
+
 
 # GQA with H/K = 2, and everything divisible by 4 so a 4-shard checkpoint exists.
 TINY = dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=32, max_seq_len=64)
@@ -66,7 +67,7 @@ def random_model(preset: dict, seed: int) -> Transformer:
 
 def exercise(model) -> dict:
     """Every kind of forward call, then greedy decoding; same calls on one process or on rank 0."""
-    from annotated_llama.kv_cache import KVCache
+    from annotated_llama.core.kv_cache import KVCache
 
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, model.params.vocab_size, (2, 10), generator=g)  # (B, T)
@@ -117,9 +118,9 @@ def measure_load(load, warm_up) -> dict:
 def worker(mode: str, workdir: Path) -> int:
     import torch.distributed as dist
 
-    from annotated_llama import tensor_parallel as tp
-    from annotated_llama.tp_checkpoint import build_rank_model
-    from annotated_llama.tp_launch import run_tensor_parallel
+    from annotated_llama.parallel import tensor_parallel as tp
+    from annotated_llama.parallel.tp_checkpoint import build_rank_model
+    from annotated_llama.parallel.tp_launch import run_tensor_parallel
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if mode == "baseline":  # the single-process load: one torch.load of the whole checkpoint
@@ -341,7 +342,7 @@ def test_serve_tp_2_answers_like_one_process_and_stops_every_rank(checkpoints):
 
     import httpx
 
-    from annotated_llama.generation import Llama
+    from annotated_llama.inference.generation import Llama
 
     root, _ = checkpoints
     model_dir = root / "cli"

@@ -13,7 +13,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from annotated_llama import ModelArgs, Transformer
-from annotated_llama.lora import apply_lora, load_adapter, lora_modules, merge_and_unload, save_adapter
+from annotated_llama.transforms.lora import apply_lora, load_adapter, lora_modules, merge_and_unload, save_adapter
 from annotated_llama.weights import load_model, save_model
 from annotated_llama.weights.hf import meta_to_hf_state_dict
 

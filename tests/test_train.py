@@ -21,56 +21,10 @@ from safetensors.torch import load_file
 from sentencepiece import sentencepiece_model_pb2 as pb
 
 from annotated_llama import ModelArgs, Tokenizer, Transformer
-from annotated_llama.train import data as tdata
+from annotated_llama.data import pretokenize as tdata
 from annotated_llama.train.loop import TrainConfig, lr_at, param_groups, token_loss_eval, train
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = {"dim": 32, "n_layers": 2, "n_heads": 4, "vocab_size": -1, "multiple_of": 16, "max_seq_len": 64}
-
-
-def cli(*args, check=True):
-    """`annotated-llama ARGS` in this process (no torch import per call): (returncode, stdout, stderr)."""
-    from annotated_llama.__main__ import main
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in args])
-    proc = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
-    if check and code != 0:
-        raise AssertionError(f"exit {code}: {proc.stderr[-2000:]}")
-    return proc
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> Path:
-    """The first ~120 kB of the World English Bible copy in the repo (Genesis)."""
-    text = lzma.open(REPO / "data/world-english-bible.txt.xz", "rt", encoding="utf-8").read(120_000)
-    path = tmp_path_factory.mktemp("corpus") / "genesis.txt"
-    path.write_text(text[:text.rfind("\n")] + "\n", encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="session")
-def tokenizer_path(corpus, tmp_path_factory) -> Path:
-    from annotated_llama.train.tokenizer_training import train_tokenizer
-    return train_tokenizer([corpus], 400, tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture(scope="session")
-def shards(corpus, tokenizer_path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards")
-    tdata.pretokenize([corpus], tokenizer_path, out, val_every=8, progress=False)
-    return out
-
-
-@pytest.fixture(scope="session")
-def params_json(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("params") / "params.json"
-    p.write_text(json.dumps(TINY))
-    return p
-
-
-def read_log(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+from fixtures import cli, pretrain_args, read_log
 
 
 # ---- tokenizer training -------------------------------------------------------------------
@@ -240,12 +194,6 @@ def test_bf16_autocast_trains(tmp_path):
 
 
 # ---- the command line: checkpoints, exact resume, bad input ---------------------------------
-
-def pretrain_args(shards, params_json, out, steps=12, *extra):
-    return ["pretrain", "--data", shards, "--preset", params_json, "--out", out, "--max-steps", steps,
-            "--batch-size", 2, "--seq-len", 32, "--lr", 3e-3, "--warmup-steps", 2, "--dtype", "float32",
-            "--log-every", 1, "--eval-every", 6, "--eval-windows", 2, "--ckpt-every", 2, "--keep-checkpoints", 2,
-            "--seed", 5, *extra]
 
 
 @pytest.mark.slow

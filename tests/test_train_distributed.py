@@ -9,7 +9,8 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from test_train import cli, params_json, pretrain_args, read_log, shards, tokenizer_path, corpus  # noqa: F401
+from fixtures import cli, pretrain_args, read_log
+
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from annotated_llama import ModelArgs, Tokenizer, Transformer
-from annotated_llama.weights import load_model, save_model
+from annotated_llama import load_model, save_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -294,7 +294,7 @@ def test_llama3_hf_export_tokenizes_like_tiktoken(tmp_path, llama3_tokenizer):
 
 
 def test_lora_adapter_is_applied_at_load(tmp_path):
-    from annotated_llama.lora import apply_lora, lora_modules, save_adapter
+    from annotated_llama.transforms.lora import apply_lora, lora_modules, save_adapter
 
     base = random_model(ModelArgs.from_name("tiny-gqa"))
     save_model(base, None, tmp_path / "base", format="ours")

@@ -10,10 +10,11 @@ temperature, "Overflow when unpacking long long" from a seed past 64 bits).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import re
 
-from ..sampling import LIMITS
+from ..core.sampling import LIMITS
 
 INT64_MAX = (1 << 63) - 1
 
@@ -140,3 +141,10 @@ def read_stdin(line: bool = False) -> str:
     if buffer is None:  # already a text stream (an embedding program's, a test's StringIO)
         return sys.stdin.readline() if line else sys.stdin.read()
     return decode_utf8(buffer.readline() if line else buffer.read(), "stdin")
+
+
+def config_from_args(cls, args, **overrides):
+    """A config dataclass (TrainConfig, FinetuneConfig) from the parsed flags of the same names
+    (--max-steps -> max_steps), so a field is never copied by hand; `overrides` for the rest."""
+    given = vars(args)
+    return cls(**{f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given}, **overrides)

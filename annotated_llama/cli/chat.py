@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from ..chat_format import TEMPLATE_STOPS, encode_dialog
+from ..core.chat_format import TEMPLATE_STOPS, encode_dialog
 from .argtypes import read_stdin
 from .generate import add_sampling_arguments, build_llama, sampling_kwargs
 

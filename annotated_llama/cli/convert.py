@@ -36,8 +36,8 @@ def float_load_dtype(src: Path, dtype):
 
 
 def run(args):
+    from ..core.outputs import check_output
     from ..weights import load_model, save_model
-    from .outputs import check_output
 
     src, dst = Path(args.src), Path(args.dst)
     if args.dtype in GGUF_DTYPES and args.to != "gguf":

@@ -25,9 +25,9 @@ def add_arguments(p):
 def run(args):
     import torch
 
-    from ..alpaca import load_records
-    from ..instruct_tasks import evaluate
-    from ..weights import load_model
+    from .. import load_model
+    from ..data.alpaca import load_records
+    from ..data.instruct_tasks import evaluate
 
     records = load_records(args.data)[: args.limit]
     path = args.model

@@ -19,7 +19,8 @@ def add_arguments(p):
 def run(args):
     import torch
 
-    from ..train.evaluation import evaluate_model, load_model_dir
+    from ..train.evaluation import evaluate_model
+    from ..weights import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -27,7 +28,7 @@ def run(args):
     if path is None:
         from ..default_model import default_model_dir
         path = default_model_dir()
-    model, tok = load_model_dir(path)
+    model, tok = load_model(path, dtype=torch.float32)
     result = evaluate_model(model, args.data, tok, seq_len=args.seq_len, max_windows=args.max_windows or None,
                             split=args.split)
     print(json.dumps(result))

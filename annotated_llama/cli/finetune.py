@@ -46,19 +46,13 @@ def add_arguments(p):
 
 
 def run(args):
-    from ..finetune import FinetuneConfig, finetune
-    from ..lora import parse_targets
+    from ..train.finetune import FinetuneConfig, finetune
+    from ..transforms.lora import parse_targets
 
     if args.lora:
         parse_targets(args.lora_targets)  # a bad --lora-targets fails before anything loads
     if args.resume and args.force:
         raise ValueError("--resume and --force: choose one (continue the run in --out, or replace it)")
-    cfg = FinetuneConfig(
-        model=args.model, data=args.data, out=args.out, lora=args.lora, lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_targets=args.lora_targets,
-        max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        lr=args.lr, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, max_len=args.max_len,
-        seed=args.seed, dtype=args.dtype, device=args.device, log_every=args.log_every, template=args.template,
-        ckpt_every=args.ckpt_every, resume=args.resume, allow_changed=args.allow_changed_flags, force=args.force)
+    cfg = argtypes.config_from_args(FinetuneConfig, args, allow_changed=args.allow_changed_flags)
     result = finetune(cfg)
     print(json.dumps(result))

@@ -11,7 +11,7 @@ import json
 import sys
 import time
 
-from ..chat_format import TEMPLATE_STOPS, TEMPLATES, encode_prompt
+from ..core.chat_format import TEMPLATE_STOPS, TEMPLATES, encode_prompt
 
 
 def add_sampling_arguments(p, max_new_tokens=256):
@@ -64,7 +64,7 @@ def build_llama(args, one_shot: bool = True):
     if args.tp is not None and args.tp > 1:
         # ---- TENSOR-PARALLEL HOOK: relaunches under torchrun when needed; rank 0 gets a Llama over
         # its slice of the model, the other ranks follow its forward calls and exit with it. ----
-        from ..tp_launch import build_llama as build_tensor_parallel_llama
+        from ..parallel.tp_launch import build_llama as build_tensor_parallel_llama
         return build_tensor_parallel_llama(args)
     if args.tp is not None and args.tp < 1:
         raise ValueError(f"--tp must be >= 1, got {args.tp}")
@@ -72,12 +72,12 @@ def build_llama(args, one_shot: bool = True):
         raise ValueError(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    from ..generation import Llama
+    from ..inference.generation import Llama
     llama = Llama.build(args.model, args.tokenizer, max_seq_len=args.max_seq_len, dtype=args.dtype,
                         device=args.device, seed=1 if args.seed is None else args.seed, lora=args.lora,
                         backend="eager" if one_shot and args.backend == "auto" else args.backend)
     if args.quantize:
-        from ..quantize import quantize_model
+        from ..transforms.quantize import quantize_model
         quantize_model(llama.model, args.quantize)
     return llama
 

@@ -56,7 +56,7 @@ def safetensors_header(path: Path) -> tuple[dict[str, tuple[str, list[int]]], di
 
 
 def _pth_tensors(path: Path) -> dict:
-    from ..weights.meta import load_pth  # weights_only=True, mmap=True: shapes without the data
+    from ..core.tensor_files import load_pth  # weights_only=True, mmap=True: shapes without the data
     return load_pth(path)
 
 
@@ -102,8 +102,8 @@ def describe(path: Path) -> dict:
     fmt = detect_format(path)
     if fmt == "gguf":
         return _describe_gguf(path)
-    from ..config import ModelArgs
-    from ..tokenizer import Tokenizer, default_tokenizer_path
+    from ..core.config import ModelArgs
+    from ..core.tokenizer import Tokenizer, default_tokenizer_path
 
     where = meta_dir(path) if fmt == "meta" else path
     tok_path = default_tokenizer_path(where, parent=fmt != "hf")
@@ -149,8 +149,8 @@ def describe(path: Path) -> dict:
 
 
 def _describe_gguf(path: Path) -> dict:
-    from ..config import ModelArgs
-    from ..tokenizer import Tokenizer
+    from ..core.config import ModelArgs
+    from ..core.tokenizer import Tokenizer
     from ..weights.gguf import read_gguf
 
     try:
@@ -185,7 +185,7 @@ def _describe_gguf(path: Path) -> dict:
 
 
 def _assemble(path, layout, args, types, size, n_files, tokenizer) -> dict:
-    from ..chat_format import default_template
+    from ..core.chat_format import default_template
 
     kv = 2 * args.n_layers * args.n_kv_heads * args.head_dim * KV_TOKENS  # K and V values per 1k tokens
     rope = {"theta": args.rope_theta, "scaling": None}
@@ -220,7 +220,7 @@ def _assemble(path, layout, args, types, size, n_files, tokenizer) -> dict:
 
 def matching_presets(args) -> list[str]:
     """The presets with this architecture (context length only breaks ties)."""
-    from ..config import PRESETS, ModelArgs
+    from ..core.config import PRESETS, ModelArgs
 
     def shape(a):
         return (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size, a.ffn_hidden_dim, a.norm_eps, a.rope_theta,

@@ -15,15 +15,15 @@ def add_arguments(p):
 
 
 def run(args):
-    from ..finetune import own_weights
-    from ..lora import merge_and_unload
+    from ..core.outputs import check_output
+    from ..train.finetune import own_weights
+    from ..transforms.lora import merge_and_unload
     from ..weights import load_model, save_model
-    from .outputs import check_output
 
     out = check_output(args.out, force=args.force, inputs=[args.base, args.adapter], flag="OUT")
     model, tokenizer = load_model(args.base)
     model = own_weights(model)  # merging writes into the weights: never into a mapped file
-    from ..lora import load_adapter
+    from ..transforms.lora import load_adapter
     load_adapter(model, args.adapter)
     merge_and_unload(model)
     save_model(model, tokenizer, out, format=args.format, dtype=args.dtype, overwrite=True)

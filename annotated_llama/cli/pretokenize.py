@@ -16,8 +16,8 @@ def add_arguments(p):
 
 
 def run(args):
-    from ..train.data import pretokenize
-    from .outputs import check_output, replacing
+    from ..core.outputs import check_output, replacing
+    from ..data.pretokenize import pretokenize
 
     out = check_output(args.out, force=args.force, inputs=[*args.corpus, args.tokenizer])
     with replacing(out, directory=True) as tmp:  # the old shards stay until the new ones are complete

@@ -53,9 +53,9 @@ def run(args):
 
     from pathlib import Path
 
+    from ..core.outputs import check_output
     from ..train.loop import TrainConfig
     from ..train.pretrain import pretrain
-    from .outputs import check_output
 
     if args.resume and args.force:
         raise ValueError("--resume and --force: choose one (continue the run in --out, or replace it)")
@@ -68,13 +68,8 @@ def run(args):
         return launch(args.nproc_per_node, _without_nproc(getattr(args, "argv", None) or sys.argv[1:]))
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = TrainConfig(out_dir=args.out, max_steps=args.max_steps, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
-                      warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                      grad_accum=args.grad_accum, dtype=args.dtype, device=args.device, seed=args.seed,
-                      log_every=args.log_every, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
-                      keep_checkpoints=args.keep_checkpoints, resume=args.resume,
-                      activation_checkpointing=args.activation_checkpointing,
-                      allow_changed=args.allow_changed_flags, overwrite=args.force)
+    cfg = argtypes.config_from_args(TrainConfig, args, out_dir=args.out, allow_changed=args.allow_changed_flags,
+                                    overwrite=args.force)
     result = pretrain(args.data, args.tokenizer, args.preset, cfg, batch_size=args.batch_size, seq_len=args.seq_len,
                       parallel=args.parallel, eval_windows=args.eval_windows)
     if result is not None:

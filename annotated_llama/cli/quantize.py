@@ -2,7 +2,7 @@
 
 SRC is anything load_model reads (Meta, HF, GGUF, our dir). int8/int4 write DST as a dir in our
 layout (params.json, model.safetensors with int8/int4 tensors, tokenizer.model), which
-`annotated_llama.quantize.load_quantized` (and load_model) reads back; the q* modes write DST as
+`annotated_llama.transforms.quantize.load_quantized` (and load_model) reads back; the q* modes write DST as
 a GGUF file of that llama.cpp type, which llama.cpp runs as is. DST is refused if it exists
 (unless --force) or is the input, and is written under a temporary name, then renamed.
 """
@@ -24,9 +24,9 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from ..quantize import INT4_GROUP_SIZES, quantize_model, save_quantized
+    from ..core.outputs import check_output, replacing
+    from ..transforms.quantize import INT4_GROUP_SIZES, quantize_model, save_quantized
     from ..weights import load_model, save_model
-    from .outputs import check_output, replacing
 
     src = Path(args.src)
     dst = check_output(args.dst, force=args.force, inputs=[src], flag="DST")  # cli/outputs.py

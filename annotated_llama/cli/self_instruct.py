@@ -1,7 +1,7 @@
 """`annotated-llama self-instruct --seed-tasks FILE --out FILE --num N --endpoint URL --model NAME`.
 
 Generates Alpaca-format records (JSON Lines) through any OpenAI-compatible endpoint; see
-annotated_llama/self_instruct.py. Re-running the same command after an interruption resumes it.
+annotated_llama/data/self_instruct.py. Re-running the same command after an interruption resumes it.
 """
 
 import json
@@ -35,8 +35,8 @@ def run(args):
 
     from pathlib import Path
 
-    from ..self_instruct import Config, run as generate, state_path
-    from .outputs import check_output
+    from ..core.outputs import check_output
+    from ..data.self_instruct import Config, run as generate, state_path
 
     # the rule of every writer (cli/outputs.py); an --out with its state file is a run to resume
     out = Path(args.out)

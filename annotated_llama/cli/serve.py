@@ -87,7 +87,7 @@ def run(args):
     def load():
         import torch
 
-        from ..tokenizer import Tokenizer
+        from ..core.tokenizer import Tokenizer
         from ..weights import load_model
 
         model, tokenizer = load_model(path, dtype=getattr(torch, args.dtype) if args.dtype else None,
@@ -123,7 +123,7 @@ def bind(host: str, port: int):
 def make_app(args, path, model=None, tokenizer=None, **kw):
     from pathlib import Path
 
-    from ..server import create_app
+    from ..serving.server import create_app
 
     name = args.model_name or Path(str(path)).resolve().name
     hosts = list(args.allow_host)
@@ -145,7 +145,7 @@ def default_max_connections() -> int:
 def uvicorn_config(app, args, log_level: str = "info"):
     import uvicorn
 
-    from ..server_http import guarded_protocol
+    from ..serving.server_http import guarded_protocol
 
     protocol = guarded_protocol(header_timeout=getattr(args, "header_timeout", 10.0),
                                 body_timeout=getattr(args, "body_timeout", 60.0),
@@ -188,7 +188,7 @@ def run_tensor_parallel(args, path, dtype):
     import sys
     from datetime import timedelta
 
-    from .. import tp_launch
+    from ..parallel import tp_launch
 
     if "WORLD_SIZE" in os.environ and int(os.environ.get("RANK", 0)) > 0:  # a follower
         signal.signal(signal.SIGINT, signal.SIG_IGN)

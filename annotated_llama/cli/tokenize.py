@@ -1,6 +1,6 @@
 """`annotated-llama tokenize TEXT`: print the ids, separated by spaces."""
 
-from ..tokenizer import Tokenizer
+from ..core.tokenizer import Tokenizer
 from . import argtypes
 
 

@@ -135,7 +135,7 @@ def save_checkpoint(out_dir, step: int, model_state: dict, train_state: dict, wr
     return final
 
 
-def load_checkpoint(path) -> tuple[dict, dict]:
+def load_train_checkpoint(path) -> tuple[dict, dict]:
     """(model state dict, train state) of a checkpoint dir; ValueError in one line, naming the
     file, if it is truncated or corrupt."""
     path = Path(path)
@@ -165,7 +165,7 @@ def newest_intact_checkpoint(out_dir) -> tuple[Path | None, dict, dict, list[str
     problems = []
     for _, path in reversed(list_checkpoints(out_dir)):
         try:
-            model_state, train_state = load_checkpoint(path)
+            model_state, train_state = load_train_checkpoint(path)
         except ValueError as e:
             problems.append(str(e))
             continue

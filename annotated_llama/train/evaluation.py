@@ -15,24 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model import Transformer
-from ..tokenizer import Tokenizer
-from .data import check_tokenizer, documents, fixed_windows, open_tokens, read_corpus
+from ..data.pretokenize import check_tokenizer, documents, fixed_windows, open_tokens, read_corpus
 
 EVAL_SEQ_LEN = 256
 EVAL_WINDOWS = 32  # 8,192 tokens: a fast, fixed slice (the test reproduces it within 1%)
-
-
-def load_model_dir(path, dtype=torch.float32) -> tuple[Transformer, Tokenizer]:
-    """Our checkpoint dir: params.json + model.safetensors (Meta names) + tokenizer.model."""
-    path = Path(path)
-    for name in ("params.json", "model.safetensors", "tokenizer.model"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path}: {name} missing (expected params.json, model.safetensors, tokenizer.model)")
-    # the loader's checks: the config against the file's tensors before anything is built
-    from ..weights import load_model
-    model, tok = load_model(path, dtype=dtype)
-    return model.eval(), tok
 
 
 @torch.no_grad()

@@ -2,24 +2,24 @@
 16-bit to halve the size), tokenizer.model, and eval.json with the validation perplexity measured
 on the exported (rounded) weights, so the figure shipped is the one a user reproduces.
 
-    python -m annotated_llama.train.export RUN_DIR|CKPT_DIR OUT_DIR --data SHARD_DIR
+    annotated-llama export RUN_DIR|CKPT_DIR OUT_DIR --data SHARD_DIR   (cli/export.py)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..config import ModelArgs
-from .checkpoint import latest_checkpoint, load_checkpoint
-from .evaluation import EVAL_SEQ_LEN, EVAL_WINDOWS, evaluate_model, load_model_dir
+from ..core.config import ModelArgs
+from ..core.outputs import check_output
+from ..weights import load_model
+from .checkpoint import latest_checkpoint, load_train_checkpoint
+from .evaluation import EVAL_SEQ_LEN, EVAL_WINDOWS, evaluate_model
 
 FILES = ("params.json", "model.safetensors", "tokenizer.model", "eval.json")
 
@@ -27,7 +27,6 @@ FILES = ("params.json", "model.safetensors", "tokenizer.model", "eval.json")
 def export(src, out_dir, data_dir, dtype: torch.dtype = torch.bfloat16, log_path=None, force: bool = False) -> dict:
     """Write FILES into `out_dir` (a dir that may hold other files, as the package's default_model
     does); FILES already there are replaced only with `force`, and never from inside `src`."""
-    from ..cli.outputs import check_output
 
     src = Path(src)
     ckpt = src if (src / "train_state.pt").is_file() else latest_checkpoint(src)
@@ -46,8 +45,8 @@ def export(src, out_dir, data_dir, dtype: torch.dtype = torch.bfloat16, log_path
     shutil.copyfile(ckpt / "params.json", tmp / "params.json")
     shutil.copyfile(ckpt / "tokenizer.model", tmp / "tokenizer.model")
 
-    _, train_state = load_checkpoint(ckpt)  # a damaged checkpoint: one line naming its file
-    model, _ = load_model_dir(tmp)
+    _, train_state = load_train_checkpoint(ckpt)  # a damaged checkpoint: one line naming its file
+    model, _ = load_model(tmp, dtype=torch.float32)
     metrics = evaluate_model(model, data_dir, seq_len=EVAL_SEQ_LEN, max_windows=EVAL_WINDOWS)
     info = {
         **metrics,
@@ -77,26 +76,3 @@ def export(src, out_dir, data_dir, dtype: torch.dtype = torch.bfloat16, log_path
         os.replace(tmp / name, out / name)
     shutil.rmtree(tmp, ignore_errors=True)
     return info
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("src", help="run dir (its newest checkpoint) or a checkpoint dir")
-    p.add_argument("out", help="model dir to write")
-    p.add_argument("--data", required=True, help="token shard dir with val.bin")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--log", help="log.jsonl of the run (default: SRC/log.jsonl)")
-    p.add_argument("--force", action="store_true", help="replace the model files already in OUT")
-    a = p.parse_args(argv)
-    log = a.log or (Path(a.src) / "log.jsonl")
-    try:
-        info = export(a.src, a.out, a.data, getattr(torch, a.dtype), log, force=a.force)
-    except (ValueError, OSError) as e:  # as annotated-llama reports a bad input: one line
-        print(f"annotated_llama.train.export: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    print(json.dumps(info, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,7 +13,7 @@ API (kept stable; other modules call it):
 
 - `model`: an nn.Module whose `model(inputs, cache=False)` returns logits [B, T, V] (our
   Transformer), already on its device, and already wrapped for DDP/FSDP if running under torchrun
-  (see annotated_llama.distributed). Rank 0 alone writes logs and checkpoints.
+  (see annotated_llama.parallel.distributed). Rank 0 alone writes logs and checkpoints.
 - `batches`: where micro-batches come from, each `(inputs[B,T], targets[B,T])` LongTensors with
   -100 marking target positions that carry no loss (prompt tokens, padding). Either a callable
   `batches(i)` for micro-batch number i = step * grad_accum + k (a pure function of i makes resume
@@ -65,7 +65,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from tqdm import tqdm
 
-from .. import distributed as dist_utils
+from ..parallel import distributed as dist_utils
 from .checkpoint import list_checkpoints, newest_intact_checkpoint, remove_stale_temporaries, save_checkpoint
 
 # Matmul peaks measured on the 2-core Zen 4 CPU box this project is developed on (a 2048^3 square

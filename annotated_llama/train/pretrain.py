@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed as dist_utils
-from ..config import ModelArgs, estimate_flops_per_token
-from ..model import Transformer
-from .data import WindowSampler, check_tokenizer, fixed_windows, load_meta, open_tokens
+from ..core.config import ModelArgs, estimate_flops_per_token
+from ..core.model import Transformer
+from ..core.tokenizer import Tokenizer
+from ..data.pretokenize import WindowSampler, check_tokenizer, fixed_windows, open_tokens, read_shard_meta
+from ..parallel import distributed as dist_utils
 from .loop import TrainConfig, token_loss_eval, train
 
 
@@ -65,11 +66,10 @@ def init_weights(model: Transformer, seed: int):
 
 def pretrain(data_dir, tokenizer_path, preset: str, cfg: TrainConfig, *, batch_size: int, seq_len: int,
              parallel: str = "none", eval_windows: int = 32) -> dict:
-    meta = load_meta(data_dir)
+    meta = read_shard_meta(data_dir)
     tokenizer_path = Path(tokenizer_path) if tokenizer_path else Path(data_dir) / "tokenizer.model"
     if not tokenizer_path.is_file():
         raise FileNotFoundError(f"{tokenizer_path}: tokenizer not found (pass --tokenizer)")
-    from ..tokenizer import Tokenizer
     vocab = Tokenizer(tokenizer_path).n_words
     check_tokenizer(data_dir, tokenizer_path, vocab)
     args = model_args(preset, meta["vocab_size"], seq_len)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from .data import _SENTENCE_END, documents, read_corpus
+from ..data.pretokenize import _SENTENCE_END, documents, read_corpus
 
 LLAMA_TRAINER_SPEC = dict(
     model_type="bpe",

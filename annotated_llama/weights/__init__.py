@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelArgs
-from ..model import Transformer
-from ..tokenizer import Tokenizer, default_tokenizer_path
+from ..core.config import ModelArgs
+from ..core.model import Transformer
+from ..core.tokenizer import Tokenizer, default_tokenizer_path
 from .checks import check_config_against_file, check_weights
 
 FORMATS = ("hf", "meta", "gguf", "ours")
@@ -104,7 +104,7 @@ def load_checkpoint(path) -> tuple[ModelArgs, dict[str, torch.Tensor], Tokenizer
         args, sd = load_meta(path, path / "params.json", tokenizer.n_words if tokenizer else None)
         weights = path / "consolidated.00.pth"
     else:
-        from .hf import read_safetensors
+        from ..core.tensor_files import read_safetensors
         args = ModelArgs.from_params_json(path / "params.json")
         weights = path / OURS_WEIGHTS
         sd = read_safetensors(weights)
@@ -120,9 +120,8 @@ def load_checkpoint(path) -> tuple[ModelArgs, dict[str, torch.Tensor], Tokenizer
         llama32_rope_factor(args, config)
     check_state_dict(sd, args, weights, config)
     check_weights(sd, weights)  # floating point and finite (weights/checks.py)
-    if tokenizer is not None and tokenizer.n_words > args.vocab_size:
-        raise ValueError(f"{tok_path}: the tokenizer has {tokenizer.n_words} ids but the model only "
-                         f"{args.vocab_size} embeddings")
+    if tokenizer is not None:
+        tokenizer.check_fits(args.vocab_size)
     return args, sd, tokenizer
 
 
@@ -190,7 +189,7 @@ def build_model(args: ModelArgs, sd: dict[str, torch.Tensor], dtype=None, device
     return model.eval()
 
 
-def load_model(path, dtype=None, device="cpu", lora=None):
+def load_model(path, dtype=None, device="cpu"):
     """(model, tokenizer or None) from a Meta/HF/ours dir (a Hub snapshot too) or a .gguf file.
     dtype None keeps the stored dtype; a quantized GGUF then loads into the int8/int4 kernels
     (weights/gguf_load.py), tensor by tensor."""
@@ -201,27 +200,23 @@ def load_model(path, dtype=None, device="cpu", lora=None):
         model, tokenizer = load_gguf_model(p, dtype, device), gguf_tokenizer(p)
     elif p.is_dir() and (p / OURS_WEIGHTS).is_file() and _is_quantized(p / OURS_WEIGHTS):
         # written by `annotated-llama quantize`: packed int8/int4 weights, built by quantize.py
-        from ..quantize import load_quantized
+        from safetensors.torch import load_file
+
+        from ..transforms.quantize import build_quantized, read_quantization
         check_config_against_file(p / "params.json", p / OURS_WEIGHTS)  # before it builds anything
-        model = load_quantized(p, device=device, dtype=to_dtype(dtype) or torch.float32)
+        sd = load_file(str(p / OURS_WEIGHTS))
+        model = build_quantized(ModelArgs.from_params_json(p / "params.json"), sd, read_quantization(p / OURS_WEIGHTS),
+                                p / OURS_WEIGHTS, device=device, dtype=to_dtype(dtype) or torch.float32)
         tok_path = default_tokenizer_path(p)
         tokenizer = Tokenizer(tok_path) if tok_path else None
     else:
         args, sd, tokenizer = load_checkpoint(path)
         model = build_model(args, sd, dtype, device)
-    if lora is not None:
-        try:
-            from ..lora import load_adapter
-        except ModuleNotFoundError as e:
-            if e.name != __package__.rsplit(".", 1)[0] + ".lora":
-                raise
-            raise ValueError(f"--lora {lora}: LoRA support (annotated_llama/lora.py) is not available") from None
-        model = load_adapter(model, lora) or model
     return model, tokenizer
 
 
 def _is_quantized(weights: Path) -> bool:
-    from ..quantize import read_quantization
+    from ..transforms.quantize import read_quantization
     try:
         return read_quantization(weights) is not None
     except Exception:  # unreadable: load_checkpoint reports it, naming the file

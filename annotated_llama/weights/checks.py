@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+from ..core.config import ModelArgs
 
 CHUNK = 1 << 24  # elements scanned at a time: the bool mask of one chunk is 16 MB, whatever the tensor
 
@@ -51,7 +52,6 @@ def safetensors_shapes(path) -> dict[str, tuple[int, ...]]:
 def check_config_against_file(config_file, weights_file) -> None:
     """params.json against the tensors a safetensors file holds (ModelArgs.check_checkpoint), for
     loaders that build the model from the config before they read the tensors (quantized dirs)."""
-    from ..config import ModelArgs
 
     ModelArgs.from_params_json(config_file).check_checkpoint(safetensors_shapes(weights_file), weights_file,
                                                              config_file)

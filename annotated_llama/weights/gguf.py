@@ -20,26 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ModelArgs
-from ..model import rope_frequencies
-from .hf import rename
+from ..core.config import ModelArgs
+from ..core.gguf_file import read_gguf
+from ..core.layout import GGUF_TO_META, META_TO_GGUF, rename
+from ..core.model import rope_frequencies
+from ..core.tokenizer import (GGUF_BYTE, GGUF_CONTROL, GGUF_NORMAL, GGUF_UNKNOWN, GGUF_UNUSED, Tokenizer,
+                              _gpt2_bytes_to_unicode)
+from .hf import tiktoken_merges
 
 # Meta name -> GGUF name, "{}" the layer index (llama.cpp's tensor map for LLM_ARCH_LLAMA).
-META_TO_GGUF = {
-    "tok_embeddings.weight": "token_embd.weight",
-    "norm.weight": "output_norm.weight",
-    "output.weight": "output.weight",
-    "layers.{}.attention.wq.weight": "blk.{}.attn_q.weight",
-    "layers.{}.attention.wk.weight": "blk.{}.attn_k.weight",
-    "layers.{}.attention.wv.weight": "blk.{}.attn_v.weight",
-    "layers.{}.attention.wo.weight": "blk.{}.attn_output.weight",
-    "layers.{}.feed_forward.w1.weight": "blk.{}.ffn_gate.weight",
-    "layers.{}.feed_forward.w3.weight": "blk.{}.ffn_up.weight",
-    "layers.{}.feed_forward.w2.weight": "blk.{}.ffn_down.weight",
-    "layers.{}.attention_norm.weight": "blk.{}.attn_norm.weight",
-    "layers.{}.ffn_norm.weight": "blk.{}.ffn_norm.weight",
-}
-GGUF_TO_META = {v: k for k, v in META_TO_GGUF.items()}
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1's per-frequency divisors, as llama.cpp's converter writes them
 OUR_KEYS = "annotated_llama.rope."  # the 3.1 scaling parameters themselves (llama.cpp ignores these keys)
 
@@ -85,8 +74,6 @@ def _encode(t: torch.Tensor, qtype, g, head: bool = False) -> tuple[np.ndarray, 
 
 
 def _add_tokenizer(w, tokenizer, g) -> None:
-    from ..tokenizer import GGUF_BYTE, GGUF_CONTROL, GGUF_NORMAL, GGUF_UNKNOWN, GGUF_UNUSED
-
     if tokenizer.kind == "sentencepiece":
         sp = tokenizer.sp
         n = sp.get_piece_size()
@@ -105,9 +92,6 @@ def _add_tokenizer(w, tokenizer, g) -> None:
         w.add_unk_token_id(sp.unk_id())
         w.add_add_space_prefix(proto.normalizer_spec.add_dummy_prefix)
     else:
-        from ..tokenizer import _gpt2_bytes_to_unicode
-        from .hf import tiktoken_merges
-
         byte_char = _gpt2_bytes_to_unicode()
         text = {rank: "".join(byte_char[b] for b in piece) for piece, rank in tokenizer.tt._mergeable_ranks.items()}
         text.update({i: name for name, i in tokenizer.special_tokens.items()})
@@ -176,97 +160,7 @@ def save_gguf(path: Path, args: ModelArgs, sd: dict[str, torch.Tensor], tokenize
     w.close()
 
 
-# ---- reading ---------------------------------------------------------------------------------
-# The gguf package's GGUFReader builds a numpy view per vocabulary entry: 26 s for Llama 3's
-# 128k-token, 280k-merge header on this project's 2-core test machine, against 0.3 s (0.6 s with
-# the vocabulary) for the walk below, so the header is walked here directly; tests check the
-# result against GGUFReader. Layout (ggml's docs/gguf.md, v3): "GGUF", u32 version, u64 tensor
-# count, u64 kv count; kvs (string key, u32 type, value); tensor infos (string name, u32
-# n_dims, u64 dims innermost-first, u32 ggml type, u64 offset); padding to general.alignment;
-# the tensor data. Strings are u64 length + UTF-8; arrays are u32 item type, u64 count, items.
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-STRING, ARRAY = 8, 9
-
-
-def read_gguf(path: Path, vocabulary: bool = False) -> tuple[dict, dict[str, tuple], int]:
-    """(metadata, {name: (ggml type, numpy shape, raw bytes)}, the offset where the key/value
-    section ends), the bytes memory-mapped copy-on-write. The tokenizer.* arrays (the
-    vocabulary) are skipped unless `vocabulary`."""
-    import mmap
-    import struct
-
-    with open(path, "rb") as fh:
-        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-    if mm[:4] != b"GGUF":
-        raise ValueError("not a GGUF file (bad magic)")
-    if len(mm) < 24:
-        raise ValueError("truncated GGUF header")
-    version, n_tensors, n_kv = struct.unpack_from("<IQQ", mm, 4)
-    if version not in (2, 3):
-        raise ValueError(f"unsupported GGUF version {version}")
-    pos = 24
-
-    def unpack(fmt):
-        nonlocal pos
-        out = struct.unpack_from(fmt, mm, pos)
-        pos += struct.calcsize(fmt)
-        return out
-
-    def string(keep=True):
-        nonlocal pos
-        (n,) = unpack("<Q")
-        pos += n
-        if pos > len(mm):
-            raise ValueError("truncated string")
-        return mm[pos - n:pos].decode("utf-8") if keep else None
-
-    def value(kind, keep):
-        nonlocal pos
-        if kind == STRING:
-            return string(keep)
-        if kind == ARRAY:
-            item, count = unpack("<IQ")
-            if item in _SCALARS and item != 7:  # numbers: skip or read in one go
-                size = struct.calcsize(_SCALARS[item])
-                pos += size * count
-                return np.frombuffer(mm, _SCALARS[item], count, pos - size * count).tolist() if keep else None
-            return [value(item, keep) for _ in range(count)]
-        if kind not in _SCALARS:
-            raise ValueError(f"unknown GGUF value type {kind}")
-        return unpack(_SCALARS[kind])[0]
-
-    meta = {}
-    for _ in range(n_kv):
-        key = string()
-        (kind,) = unpack("<I")
-        keep = vocabulary or not (key.startswith("tokenizer.") and kind == ARRAY)
-        v = value(kind, keep)
-        if keep:
-            meta[key] = v
-    kv_end = pos
-    g = _gguf()
-    infos = []
-    for _ in range(n_tensors):
-        name = string()
-        (n_dims,) = unpack("<I")
-        dims = unpack(f"<{n_dims}Q")
-        ttype, offset = unpack("<IQ")
-        try:
-            ttype = g.GGMLQuantizationType(ttype)
-        except ValueError:
-            raise ValueError(f"tensor {name}: unknown GGML type {ttype}") from None
-        infos.append((name, ttype, tuple(reversed(dims)), offset))
-    align = meta.get("general.alignment", 32)
-    start = (pos + align - 1) // align * align
-    tensors = {}
-    for name, ttype, shape, offset in infos:
-        block, size = g.GGML_QUANT_SIZES[ttype]
-        nbytes = int(np.prod(shape)) // block * size
-        if start + offset + nbytes > len(mm):
-            raise ValueError(f"truncated: tensor {name} ends past the end of the file")
-        tensors[name] = (ttype, shape, np.frombuffer(mm, np.uint8, nbytes, start + offset))
-    return meta, tensors, kv_end
-
+# ---- reading: the header through core/gguf_file.py, the tensors here ------------------------
 
 def release_pages(raw: np.ndarray, whole_file: bool = False) -> None:
     """Drop the mapped file pages under `raw` (a view read_gguf made), or under the whole file,
@@ -378,7 +272,6 @@ def gguf_tokenizer(path: Path):
     import struct
     import tempfile
 
-    from ..tokenizer import Tokenizer
 
     _, _, kv_end = read_gguf(path)
     with open(path, "rb") as f:

@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model import Transformer
-from ..quantize import Int4Linear, Int8Embedding, _cpu_layout, int8_linear, quantize_int8
-from .gguf import FLOAT_TYPES, META_TO_GGUF, _gguf, float_tensor, open_gguf, release_pages
-from .hf import rename
+from ..core.layout import META_TO_GGUF, rename
+from ..core.model import Transformer
+from ..transforms.quantize import Int4Linear, Int8Embedding, _cpu_layout, int8_linear, quantize_int8
+from . import build_model, check_state_dict, to_dtype
+from .gguf import FLOAT_TYPES, _gguf, float_tensor, open_gguf, release_pages
 
 CHUNK = 1 << 18  # weights dequantized at a time: 1 MiB of float32
 GROUP = 32  # Int4Linear's groups for GGUF tensors: the block size of Q4_0/Q4_1, Q4_K's sub-blocks
@@ -208,7 +209,6 @@ def _matrix(ttype, shape, raw, device) -> nn.Module:
 def load_gguf_model(path, dtype=None, device="cpu") -> Transformer:
     """The model of a llama GGUF file. dtype None: quantized tensors into the kernels (the
     module docstring), float ones as stored; a float dtype: every tensor converted to it."""
-    from . import build_model, check_state_dict, to_dtype
 
     path, g = Path(path), _gguf()
     args, raw, _ = open_gguf(path)

@@ -1,62 +1,15 @@
-"""HF transformers layout <-> Meta's: one rename table plus the rotary permutation of wq/wk.
-
-Meta rotates interleaved pairs (x[2i], x[2i+1]); HF's `rotate_half` pairs x[i] with
-x[i + D/2]. HF's converter (convert_llama_weights_to_hf.py) therefore reorders the output
-rows of wq and wk within each head, so the same weights give the same attention scores.
-Forgetting it still runs, but the text turns to gibberish after ~20 tokens (transformers #25199,
-llama.cpp #2376, llama2.c PR #286).
+"""HF transformers layout <-> Meta's: the rename table and the rotary permutation of wq/wk
+(core/layout.py), and the files: config.json + model.safetensors (or shards + index).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..config import ModelArgs
-
-# Meta name -> HF name; "{}" is the layer index. Data, not code (STYLE 7).
-META_TO_HF = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "layers.{}.attention.wq.weight": "model.layers.{}.self_attn.q_proj.weight",
-    "layers.{}.attention.wk.weight": "model.layers.{}.self_attn.k_proj.weight",
-    "layers.{}.attention.wv.weight": "model.layers.{}.self_attn.v_proj.weight",
-    "layers.{}.attention.wo.weight": "model.layers.{}.self_attn.o_proj.weight",
-    "layers.{}.feed_forward.w1.weight": "model.layers.{}.mlp.gate_proj.weight",
-    "layers.{}.feed_forward.w3.weight": "model.layers.{}.mlp.up_proj.weight",
-    "layers.{}.feed_forward.w2.weight": "model.layers.{}.mlp.down_proj.weight",
-    "layers.{}.attention_norm.weight": "model.layers.{}.input_layernorm.weight",
-    "layers.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
-}
-HF_TO_META = {v: k for k, v in META_TO_HF.items()}
-
-
-def _template(name: str) -> tuple[str, str | None]:
-    # "layers.3.attention.wq.weight" -> ("layers.{}.attention.wq.weight", "3")
-    parts = name.split(".")
-    for i, p in enumerate(parts):
-        if p.isdigit():
-            return ".".join(parts[:i] + ["{}"] + parts[i + 1:]), p
-    return name, None
-
-
-def rename(name: str, table: dict[str, str]) -> str:
-    template, layer = _template(name)
-    if template not in table:
-        raise KeyError(f"unexpected tensor name {name!r}")
-    return table[template].format(layer) if layer is not None else table[template]
-
-
-def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    # Within each head, rows (0,1),(2,3),... (Meta's pairs) become rows (i, i + D/2) (HF's).
-    rows, cols = w.shape
-    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)  # (H*D, C)
-
-
-def permute_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    rows, cols = w.shape
-    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)  # (H*D, C)
-
+from ..core.config import ModelArgs
+from ..core.layout import HF_TO_META, META_TO_HF, permute_to_hf, permute_to_meta, rename
+from ..core.tensor_files import load_pth, read_safetensors
+from ..core.tokenizer import LLAMA3_PAT, _gpt2_bytes_to_unicode
 
 def meta_to_hf_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     out = {}
@@ -89,26 +42,12 @@ HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 
 
-def read_safetensors(path) -> dict[str, torch.Tensor]:
-    """Every tensor of a .safetensors file, memory-mapped (read lazily, copy-on-write)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {name: f.get_tensor(name) for name in f.keys()}
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such safetensors file") from None
-    except Exception as e:  # SafetensorError: truncated or malformed header/data
-        raise ValueError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0][:160]})") from None
-
-
 def read_hf_weights(model_dir) -> dict[str, torch.Tensor]:
     """HF's tensors from model.safetensors, or the shards an index names; older exports'
     pytorch_model.bin (+ index) go through torch.load(weights_only=True)."""
     import json
     from pathlib import Path
 
-    from .meta import load_pth
 
     model_dir = Path(model_dir)
     for weights, index, read in ((HF_WEIGHTS, HF_INDEX, read_safetensors),
@@ -197,8 +136,6 @@ def tokenizer_json(tokenizer) -> str | None:
                                           decoders.Strip(" ", 1, 0)])
         specials = [(sp.id_to_piece(i), i) for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i)]
     else:
-        from ..tokenizer import LLAMA3_PAT, _gpt2_bytes_to_unicode
-
         byte_char = _gpt2_bytes_to_unicode()
         ranks = tokenizer.tt._mergeable_ranks
         vocab = {"".join(byte_char[b] for b in piece): rank for piece, rank in ranks.items()}

@@ -15,40 +15,15 @@ included: rank r holds kv heads r*K/N .. (r+1)*K/N - 1, so K must divide by N).
 
 from __future__ import annotations
 
-import pickle
-import re
 from pathlib import Path
 
 import torch
 
-from ..config import ModelArgs
+from ..core.config import ModelArgs
+from ..core.layout import SHARD_NAME, shard_dim, vocab_parallel
+from ..core.tensor_files import load_pth
 
-# Meta name template -> the dim model-parallel ranks split it on; None: replicated.
-SHARD_DIM = {
-    "tok_embeddings.weight": 1,  # LLaMA 1/2; Llama 3 uses 0 (see embedding_dim)
-    "norm.weight": None,
-    "output.weight": 0,
-    "layers.{}.attention.wq.weight": 0,
-    "layers.{}.attention.wk.weight": 0,
-    "layers.{}.attention.wv.weight": 0,
-    "layers.{}.attention.wo.weight": 1,
-    "layers.{}.feed_forward.w1.weight": 0,
-    "layers.{}.feed_forward.w3.weight": 0,
-    "layers.{}.feed_forward.w2.weight": 1,
-    "layers.{}.attention_norm.weight": None,
-    "layers.{}.ffn_norm.weight": None,
-}
 IGNORED_KEYS = {"rope.freqs"}  # LLaMA 1 checkpoints carry the rotary table; we recompute it
-SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth$")
-
-
-def shard_dim(name: str, vocab_parallel: bool) -> int | None:
-    template = re.sub(r"\.\d+\.", ".{}.", name, count=1)
-    if template not in SHARD_DIM:
-        raise KeyError(name)
-    if template == "tok_embeddings.weight" and vocab_parallel:
-        return 0
-    return SHARD_DIM[template]
 
 
 def shard_paths(ckpt_dir: Path) -> list[Path]:
@@ -61,28 +36,6 @@ def shard_paths(ckpt_dir: Path) -> list[Path]:
     return paths
 
 
-def load_pth(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a .pth, never running pickled code: weights_only=True allows only
-    tensors and plain containers; mmap=True maps the file instead of reading it into memory."""
-    try:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # the pre-1.6 (non-zip) format cannot be memory-mapped
-            if "mmap" not in str(e) and "zip" not in str(e):
-                raise
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL (\S+)", str(e))  # the callable the file asked to import
-        what = f" ({found.group(1)})" if found else ""
-        raise ValueError(f"{path}: refused to load: the file contains pickled code or objects{what}, "
-                         "not just tensors") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:160]})") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path}: expected a dict of tensors")
-    return sd
-
-
 def merge_shards(shards: list[dict[str, torch.Tensor]], args: ModelArgs, paths: list[Path]) -> dict[str, torch.Tensor]:
     shards = [{k: v for k, v in sd.items() if k not in IGNORED_KEYS} for sd in shards]
     names = list(shards[0])
@@ -93,11 +46,11 @@ def merge_shards(shards: list[dict[str, torch.Tensor]], args: ModelArgs, paths: 
         return shards[0]  # no copy: the tensors stay memory-mapped
     # The embedding's split axis tells LLaMA 1/2 (dim 1) from Llama 3 (dim 0).
     emb = shards[0].get("tok_embeddings.weight")
-    vocab_parallel = emb is not None and emb.shape[1] == args.dim
+    by_vocab = emb is not None and vocab_parallel(emb.shape, args.dim, len(shards))
     out = {}
     for name in names:
         try:
-            dim = shard_dim(name, vocab_parallel)
+            dim = shard_dim(name, by_vocab)
         except KeyError:
             raise ValueError(f"{paths[0]}: unexpected tensor name {name!r}") from None
         parts = [sd[name] for sd in shards]

@@ -1,0 +1,1 @@
+"""The bottom layer: the model, its cache, tokenizers, chat formats and sampling."""

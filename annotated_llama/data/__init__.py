@@ -1,0 +1,1 @@
+"""Data: token shards for pretraining, Alpaca records, instruction tasks and self-instruct."""

@@ -1,0 +1,1 @@
+"""The engine and its front ends: batched generation, streaming, speculative decoding, constraints."""

@@ -1,0 +1,1 @@
+"""Parallelism: process groups, tensor-parallel layers, their checkpoint reader and launcher."""

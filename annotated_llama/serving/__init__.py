@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: schema, scheduler, jobs, metrics and the web page."""

@@ -1,0 +1,1 @@
+"""Transforms of a finished model: quantization and LoRA adapters."""
