@@ -15,7 +15,7 @@ Chapters are docs/paper/NN_*.md (Part I, the annotated paper) and docs/annotated
 
 A source excerpt is a marker line followed by a ```python source block:
 
-    <!-- source: annotated_llama/model.py::RMSNorm -->
+    <!-- source: annotated_llama/core/model.py::RMSNorm -->
     ```python source
     ...filled in from the code...
     ```

@@ -1,6 +1,6 @@
 """mkdocs hooks for the documentation site (mkdocs.yml names this file).
 
-1. Repository files. Chapters link to the code they explain (`../../annotated_llama/model.py`),
+1. Repository files. Chapters link to the code they explain (`../../annotated_llama/core/model.py`),
    which lies outside docs/. Each such file (or directory) is added to the site under `repo/`,
    and the link is rewritten to point there, so the built site is self-contained and
    `mkdocs build --strict` still checks every link. A linked directory gets a generated page
@@ -30,7 +30,7 @@ FENCE_RE = re.compile(r"^(`{3,}).*?^\1\s*$", re.M | re.S)
 FLAGGED_FENCE_RE = re.compile(r"^(`{3,}[\w+-]+)[ \t]+(?:source|no-run)[ \t]*$", re.M)
 PREFIX = "repo"  # where repository files live in the site
 
-_targets: dict[str, Path] = {}  # site path ("repo/annotated_llama/model.py") -> file on disk
+_targets: dict[str, Path] = {}  # site path ("repo/annotated_llama/core/model.py") -> file on disk
 
 
 def _outside_links(md_path: Path, text: str, docs_dir: Path):

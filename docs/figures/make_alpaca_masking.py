@@ -2,7 +2,7 @@
 
     python docs/figures/make_alpaca_masking.py [OUT_DIR]   writes OUT_DIR/alpaca_masking.png (default docs/figures/)
 
-One record rendered with stanford_alpaca's prompt template (annotated_llama.alpaca.encode_record, the package's
+One record rendered with stanford_alpaca's prompt template (annotated_llama.data.alpaca.encode_record, the package's
 code): the model reads every token (top row), but the labels (bottom row) are -100 for the prompt, which
 cross_entropy ignores, and the answer's own ids followed by EOS, so the model is trained to write answers and to
 end them. Long runs of prompt tokens are elided in the middle. The tokenizer is LLaMA 1/2's 32,000-piece
@@ -23,7 +23,7 @@ RECORD = {"instruction": "Reverse the order of this list.", "input": "bread, wat
 
 def main(out_dir: Path) -> Path:
     from annotated_llama import Tokenizer
-    from annotated_llama.alpaca import IGNORE_INDEX, encode_record
+    from annotated_llama.data.alpaca import IGNORE_INDEX, encode_record
 
     tok = Tokenizer(REPO / "tests" / "data" / "llama-spm.model")
     ex = encode_record(tok, RECORD)

@@ -26,7 +26,7 @@ from matplotlib.colors import PowerNorm  # noqa: E402
 import torch  # noqa: E402
 
 from annotated_llama import ModelArgs, Tokenizer, Transformer  # noqa: E402
-from annotated_llama.model import apply_rope  # noqa: E402
+from annotated_llama.core.model import apply_rope  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PROMPT = "In the beginning, God created the heavens and the earth. The earth was formless and empty."

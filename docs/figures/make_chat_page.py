@@ -27,8 +27,8 @@ def main(out_dir: Path) -> Path:
     from annotated_llama import load_model
     from annotated_llama.cli.serve import run_in_thread
     from annotated_llama.default_model import default_model_dir
-    from annotated_llama.scheduler import Scheduler
-    from annotated_llama.server import create_app
+    from annotated_llama.serving.scheduler import Scheduler
+    from annotated_llama.serving.server import create_app
 
     try:
         from playwright.sync_api import sync_playwright

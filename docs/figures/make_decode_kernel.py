@@ -1,4 +1,4 @@
-"""Figure: the decode kernel's loop order (annotated_llama/matvec.cpp), and the weight bytes a step reads.
+"""Figure: the decode kernel's loop order (annotated_llama/inference/matvec.cpp), and the weight bytes a step reads.
 
     python docs/figures/make_decode_kernel.py [OUT_DIR]    writes OUT_DIR/decode_kernel.png (default docs/figures/)
 

@@ -3,7 +3,7 @@
     python docs/figures/make_kv_cache.py [OUT_DIR]     writes OUT_DIR/kv_cache.png (default docs/figures/)
 
 The cache is a pool of blocks of P token slots (P = 4 here; the package's default is 16), one pool per layer for
-keys and one for values (annotated_llama/kv_cache.py, after vLLM's PagedAttention, Kwon et al. 2023). A sequence
+keys and one for values (annotated_llama/core/kv_cache.py, after vLLM's PagedAttention, Kwon et al. 2023). A sequence
 owns a block table: position p lives in slot p % P of block table[p // P]. Block 0 is the scratch block that a
 ragged batch's padding writes to.
 The block numbers are the ones the package's KVCache gives (real_tables runs it), lowest free id first.
@@ -71,7 +71,7 @@ def keys(first, last):
 
 def real_tables():
     """The block tables the package's KVCache gives for the three panels (block size 4)."""
-    from annotated_llama.kv_cache import KVCache
+    from annotated_llama.core.kv_cache import KVCache
 
     c = KVCache(1, 1, 2, max_tokens=64, block_size=P)
     c.plan(["a"], [0], [5], 5)  # the prefill of 5 tokens

@@ -6,7 +6,7 @@ Four prompts of 4, 6, 9 and 6 tokens and 10 new tokens each (the example of docs
 Left: Meta's `generate` (llama/generation.py): prompts left-aligned in a (B, total_len) grid of pad_id; the
 first call runs columns 0..3 (the shortest prompt), then one column per call; where a row still has prompt tokens
 the sampled token is discarded ("teacher forcing"). Each column after the first is one forward call: 15 in all.
-Right: the engine (annotated_llama/engine.py). Top, the one prefill call: every prompt in a (4, 9) batch, right-
+Right: the engine (annotated_llama/inference/engine.py). Top, the one prefill call: every prompt in a (4, 9) batch, right-
 padded; the padding's keys go to the cache's scratch block, which no sequence reads. Bottom, each row in its own
 positions: the number in a generated token is the forward call whose logits chose it (call 1 is the prefill, calls
 2..10 decode one token for every row, each at its own position): 10 calls in all.

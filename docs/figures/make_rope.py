@@ -9,7 +9,7 @@ score q.k of a query and a key of ones placed at three absolute positions, again
 its value at distance 0 (the three curves coincide: only the relative position counts); and RoFormer's bound
 (section 3.4.3), the mean of |S_j| with S_j = sum over l < j of exp(i d theta_l), also relative to distance 0,
 which decays with the distance d.
-All numbers come from annotated_llama.model.
+All numbers come from annotated_llama.core.model.
 """
 
 import math
@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from annotated_llama import ModelArgs  # noqa: E402
-from annotated_llama.model import apply_rope, precompute_rope, rope_frequencies  # noqa: E402
+from annotated_llama.core.model import apply_rope, precompute_rope, rope_frequencies  # noqa: E402
 
 
 def main(out_dir: Path) -> Path:
@@ -78,7 +78,7 @@ def main(out_dir: Path) -> Path:
              title=f"Scores against distance (head_dim {args.head_dim})")
     ax_s.legend(fontsize=7.5)
 
-    fig.suptitle("Rotary position embeddings in LLaMA (annotated_llama.model)", fontsize=12)
+    fig.suptitle("Rotary position embeddings in LLaMA (annotated_llama.core.model)", fontsize=12)
     fig.tight_layout()
     out = Path(out_dir) / "rope.png"
     fig.savefig(out, pil_kwargs={"optimize": True})

@@ -5,7 +5,7 @@
 The embedded default model (annotated_llama/default_model) reads "And God said, Let there be"; each panel shows
 the 25 most likely next tokens after dividing the logits by a temperature T (0.6, Meta's default; 1.0; 1.5), as
 probabilities. The tokens that top-p = 0.9 keeps (the smallest set of most likely tokens whose mass reaches 0.9;
-annotated_llama.sampling.top_p_mask, Meta's rule) are drawn dark; the rest, which top-p sets to zero, light. Each
+annotated_llama.core.sampling.top_p_mask, Meta's rule) are drawn dark; the rest, which top-p sets to zero, light. Each
 panel's title gives how many of the 4,096 tokens top-p keeps and the entropy of the distribution.
 """
 
@@ -26,7 +26,7 @@ TEMPERATURES, TOP_P, SHOWN = (0.6, 1.0, 1.5), 0.9, 25
 def main(out_dir: Path) -> Path:
     from annotated_llama import load_model
     from annotated_llama.default_model import default_model_dir
-    from annotated_llama.sampling import top_p_mask
+    from annotated_llama.core.sampling import top_p_mask
 
     model, tok = load_model(default_model_dir(), dtype=torch.float32)
     with torch.no_grad():
