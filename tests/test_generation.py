@@ -243,3 +243,13 @@ def test_chat_completion_is_metas(llama):
 def test_bad_input_raises_value_error(llama, call, message):
     with pytest.raises(ValueError, match=message):
         call(llama)
+
+
+def test_generate_with_text_says_it_takes_token_ids():
+    llm = Llama.build(backend="eager")
+    for bad in ("hello", ["hello"], [["h", "i"]]):
+        with pytest.raises(TypeError, match="token ids"):
+            llm.generate(bad, max_gen_len=2)
+    ids = llm.tokenizer.encode("hello", bos=True, eos=False)
+    assert llm.generate([torch.tensor(ids)], max_gen_len=2, temperature=0)[0] == \
+        llm.generate([ids], max_gen_len=2, temperature=0)[0]

@@ -124,6 +124,10 @@ class Llama:
         prompt, cut before the first stop id. `seed` (ours): row i seeded with seed + i, so the
         same call gives the same samples. Further SamplingParams fields (presence_penalty,
         frequency_penalty, logit_bias, ...) pass through `sampling`."""
+        if isinstance(prompt_tokens, str) or any(isinstance(p, str) or not all(hasattr(t, "__index__") for t in p)
+                                                 for p in prompt_tokens):
+            raise TypeError("generate takes token ids, a list of lists of ints (Meta's API); for text, use "
+                            "text_completion or tokenizer.encode")
         params = self.params(max_gen_len, temperature, top_p, top_k, repetition_penalty, ignore_eos, seed,
                              logprobs=logprobs, echo=echo, **sampling)
         seqs = self._run(prompt_tokens, params)
