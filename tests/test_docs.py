@@ -508,7 +508,7 @@ def _check_speed(ns):
     # The decode kernel's loop order, written in Python, on shapes other than the chapter's, against F.linear
     # (and the kernel itself where it is built, which tests/test_backends.py requires).
     import torch.nn.functional as F
-    from annotated_llama import matvec
+    from annotated_llama.inference import matvec
     g = torch.Generator().manual_seed(4)
     for N, K, M, rows, chunk in ((7, 33, 2, 4, 16), (64, 1000, 5, 4, 256), (130, 300, 16, 3, 64)):
         w, x = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g)
