@@ -110,26 +110,15 @@ def test_sampling_flags_take_the_engines_ranges():
 
 # ---- text that is not UTF-8 ------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_tokenizer_path):  # noqa: F811
-    tok = Tokenizer(tiny_tokenizer_path)
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs.from_name("tiny", vocab_size=tok.n_words, max_seq_len=128))
-    d = tmp_path_factory.mktemp("model") / "tiny"
-    from annotated_llama.weights import save_model
-    save_model(model, tok, d, format="ours")
-    return d
-
-
-def test_invalid_utf8_on_stdin_and_in_arguments(capsys, monkeypatch, model_dir, tiny_tokenizer_path,  # noqa: F811
+def test_invalid_utf8_on_stdin_and_in_arguments(capsys, monkeypatch, base_dir, tiny_tokenizer_path,  # noqa: F811
                                                 tmp_path):
-    line = refused(capsys, "generate", "--model", model_dir, "--max-new-tokens", 2, stdin=b"In the \xffbeginning",
+    line = refused(capsys, "generate", "--model", base_dir, "--max-new-tokens", 2, stdin=b"In the \xffbeginning",
                    monkeypatch=monkeypatch, needles=["stdin", "not valid UTF-8", "0xff", "offset 7"])
     assert line.startswith("annotated-llama generate: error:")
     for bad in (b"\xc3(", b"\xed\xa0\x80 (a UTF-8-encoded surrogate)", b"ok\xf8\x88\x80\x80\x80"):
-        refused(capsys, "generate", "--model", model_dir, stdin=bad, monkeypatch=monkeypatch, needles=["stdin"])
+        refused(capsys, "generate", "--model", base_dir, stdin=bad, monkeypatch=monkeypatch, needles=["stdin"])
     # chat: a bad line is one error line, and the conversation goes on
-    rc, out, err = call(capsys, "chat", "--model", model_dir, "--temperature", 0, "--max-new-tokens", 3,
+    rc, out, err = call(capsys, "chat", "--model", base_dir, "--temperature", 0, "--max-new-tokens", 3,
                         stdin=b"hello\n\xff\xfe\nthanks\n", monkeypatch=monkeypatch)
     assert rc == 0 and len(err) == 1 and "stdin: not valid UTF-8" in err[0] and len(out.splitlines()) == 2
     # lone surrogates (invalid UTF-8 in argv, as Python decodes it) in tokenize's TEXT
@@ -147,7 +136,7 @@ def test_invalid_utf8_on_stdin_and_in_arguments(capsys, monkeypatch, model_dir, 
         refused(capsys, "pretokenize", corpus_file, "--tokenizer", tiny_tokenizer_path, "--out", tmp_path / "s",
                 needles=[corpus_file])
         refused(capsys, "train-tokenizer", corpus_file, "--out", tmp_path / "t", needles=[corpus_file])
-        refused(capsys, "evaluate", "--model", model_dir, "--data", corpus_file, needles=[corpus_file])
+        refused(capsys, "evaluate", "--model", base_dir, "--data", corpus_file, needles=[corpus_file])
         assert tree(tmp_path) == before
 
 
@@ -161,7 +150,7 @@ class Evil:  # unpickling this would run a shell command
         return (__import__("os").system, (f"touch {self.marker}",))
 
 
-def test_pickled_adapters_and_shards_are_refused_without_torchs_advice(capsys, model_dir, tmp_path):
+def test_pickled_adapters_and_shards_are_refused_without_torchs_advice(capsys, base_dir, tmp_path):
     marker = tmp_path / "pwned"
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -172,7 +161,7 @@ def test_pickled_adapters_and_shards_are_refused_without_torchs_advice(capsys, m
         extra = ["--data", tmp_path / "none.json"] if command == "eval-instruct" else ["hi"]
         if command == "eval-instruct":
             (tmp_path / "none.json").write_text(json.dumps(RECORDS))
-        line = refused(capsys, command, *extra, "--model", model_dir, "--lora", adapter,
+        line = refused(capsys, command, *extra, "--model", base_dir, "--lora", adapter,
                        needles=["adapter_model.bin", "pickled"])
         assert "weights_only" not in line
     shard_dir = tmp_path / "meta"
@@ -186,11 +175,11 @@ def test_pickled_adapters_and_shards_are_refused_without_torchs_advice(capsys, m
 
 
 @pytest.mark.parametrize("poison", ["int32", "int64", "nan", "inf", "-inf", "bool"])
-def test_weights_that_are_not_finite_floats_are_refused_naming_the_tensor(capsys, model_dir, tmp_path, poison):
+def test_weights_that_are_not_finite_floats_are_refused_naming_the_tensor(capsys, base_dir, tmp_path, poison):
     from safetensors.torch import load_file
 
     src = tmp_path / "poisoned"
-    shutil.copytree(model_dir, src)
+    shutil.copytree(base_dir, src)
     sd = load_file(src / "model.safetensors")
     name = "layers.1.feed_forward.w2.weight"
     if poison in ("int32", "int64", "bool"):
@@ -225,9 +214,9 @@ def _own_input(capsys, root, argv):
     assert tree(root) == before
 
 
-def test_convert_and_quantize(capsys, model_dir, tmp_path):
+def test_convert_and_quantize(capsys, base_dir, tmp_path):
     src = tmp_path / "src"
-    shutil.copytree(model_dir, src)
+    shutil.copytree(base_dir, src)
     cases = 0
     for command, extra in (("convert", ["--to", "hf"]), ("convert", ["--to", "gguf"]),
                            ("quantize", ["--mode", "int8"])):
@@ -252,18 +241,18 @@ def test_pretokenize_and_train_tokenizer(capsys, corpus, tokenizer_path, tmp_pat
     _own_input(capsys, tmp_path, ["train-tokenizer", text / "tokenizer.model", "--vocab-size", 400, "--out", text])
 
 
-def test_merge_lora_and_export(capsys, model_dir, corpus, tokenizer_path, tmp_path):  # noqa: F811
+def test_merge_lora_and_export(capsys, base_dir, corpus, tokenizer_path, tmp_path):  # noqa: F811
     from annotated_llama.transforms.lora import apply_lora, save_adapter
     from annotated_llama.train.checkpoint import save_checkpoint
     from annotated_llama.data.pretokenize import pretokenize
     from annotated_llama.weights import load_model
 
-    model, _ = load_model(model_dir)
+    model, _ = load_model(base_dir)
     apply_lora(model, "wq,wv", r=4)
     adapter = tmp_path / "adapter"
     save_adapter(model, adapter)
     base = tmp_path / "base"
-    shutil.copytree(model_dir, base)
+    shutil.copytree(base_dir, base)
     _twice(capsys, tmp_path, lambda o: ["merge-lora", base, adapter, o], tmp_path / "merged")
     _own_input(capsys, tmp_path, ["merge-lora", base, adapter, base])
     _own_input(capsys, tmp_path, ["merge-lora", base, adapter, adapter])
