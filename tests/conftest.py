@@ -9,7 +9,7 @@ import torch
 from annotated_llama import ModelArgs, Tokenizer, Transformer
 from annotated_llama.data import pretokenize as tdata
 from annotated_llama.data.alpaca import render_prompt
-from fixtures import RECORDS, REPO, TINY
+from fixtures import RECORDS, REPO, TINY, FileServer
 
 DATA = Path(__file__).parent / "data"
 
@@ -28,6 +28,14 @@ def _one_thread():
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def server():
+    """A local HTTP server that drops, stalls, lies and attacks on request (fixtures.FileServer)."""
+    s = FileServer()
+    yield s
+    s.close()
 
 
 @pytest.fixture(scope="session")

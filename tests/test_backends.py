@@ -14,13 +14,8 @@ from annotated_llama.inference import matvec
 from annotated_llama.inference.backends import CompiledRunner, DecodeLinear, decode_view, make_runner, runner_state
 from annotated_llama.inference.engine import Engine
 
+from fixtures import NumberVocab
 
-class Vocab:  # what the engine reads of a tokenizer
-    def __init__(self, n):
-        self.n_words, self.stop_ids = n, set()
-
-    def decode(self, ids):
-        return " ".join(map(str, ids))
 
 
 @pytest.mark.parametrize("H,K", [(8, 8), (8, 2), (8, 1)])
@@ -95,7 +90,7 @@ def test_compiled_decode_equals_eager_for_one_row_and_continuous_batches():
             with torch.no_grad():
                 p.normal_(0, 0.1)
     model.eval()
-    vocab = Vocab(model.params.vocab_size)
+    vocab = NumberVocab(model.params.vocab_size)
     prompts = [[1, 5, 9, 33, 2], [7, 8], [100] * 9, list(range(20, 60))]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     with torch.inference_mode():

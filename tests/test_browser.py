@@ -16,9 +16,11 @@ import httpx
 import pytest
 import torch
 
-from annotated_llama import ModelArgs, Tokenizer, Transformer
+from annotated_llama import Tokenizer
 from annotated_llama.cli.serve import run_in_thread
 from annotated_llama.serving.server import create_app
+
+from fixtures import tiny_model
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -32,9 +34,7 @@ pytestmark = pytest.mark.slow
 def server(spm_path):
     old = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: more threads only contend on a shared box
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=32000, multiple_of=32,
-                                  max_seq_len=N_CTX)).eval()
+    model = tiny_model(max_seq_len=N_CTX)
     # step_delay makes the answer arrive over ~1 s, so "text appears while streaming" and Stop
     # are observable; it changes no token.
     app = create_app(model, Tokenizer(spm_path), model_name="tiny-random", template="llama-2", step_delay=0.03)

@@ -11,7 +11,7 @@ import transformers
 from annotated_llama import Tokenizer
 from annotated_llama.core.chat_format import (default_template, encode_dialog, encode_llama2_dialog, encode_prompt,
                                          render_dialog, template_stops)
-from conftest import DATA
+from fixtures import DATA
 
 TEMPLATES = {p.stem: p.read_text() for p in (DATA / "chat_templates").glob("*.jinja")}
 

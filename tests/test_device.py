@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from annotated_llama import ModelArgs, Transformer
 from annotated_llama.transforms.quantize import Int4Linear, Int8Linear, quantize_model
+
+from fixtures import NumberVocab
 
 ROOT = Path(__file__).resolve().parents[1]
 # Read at collection time too: compiled-step tests exist only where they exercise CUDA graphs
@@ -200,7 +201,7 @@ def test_engine_float32_greedy_on_random_models(device, name):
     from annotated_llama.inference.engine import Engine
     from annotated_llama.core.sampling import SamplingParams
     model = _random_model(name, seed=4)
-    engine = Engine(_on(model, device), _Vocab(model.params.vocab_size), runner=None)
+    engine = Engine(_on(model, device), NumberVocab(model.params.vocab_size), runner=None)
     prompts = [[1, 5, 9, 33, 2], [7, 8], [100] * 9]
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     alone = [engine.run([p], params)[0].output for p in prompts]
@@ -210,14 +211,6 @@ def test_engine_float32_greedy_on_random_models(device, name):
         assert _worst_deficit(model, p, a) < F32_TIE, ("alone", p)
         assert _worst_deficit(model, p, b) < F32_TIE, ("batched", p)
 
-
-class _Vocab:
-    # what the engine reads of a tokenizer, for random-weight models with no vocabulary of their own
-    def __init__(self, n):
-        self.n_words, self.stop_ids = n, set()
-
-    def decode(self, ids):
-        return " ".join(map(str, ids))
 
 
 # Per-step deficits measured on a CPU (default model, 4 prompts x 32 tokens): bfloat16 0.003,

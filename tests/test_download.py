@@ -1,89 +1,12 @@
 """Downloads against a local HTTP server that drops, stalls, corrupts and refuses."""
 
-import hashlib
 import os
-import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from annotated_llama.__main__ import main
 
-
-class Server:
-    """Serves `files` ({"/path": bytes}) with Range support. `plans[path]` lists what to do on
-    successive requests: "ok", "drop:N" (send N bytes of the body, then hang up), "stall:N"
-    (send N bytes, then go silent), "corrupt", "ignore-range", 403, 404."""
-
-    def __init__(self):
-        self.files, self.plans, self.log = {}, {}, []
-        self.release = threading.Event()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                path, _, query = self.path.partition("?")
-                server.log.append((path, self.headers.get("Range"), query))
-                plan = server.plans.get(path) or ["ok"]
-                action = plan.pop(0) if len(plan) > 1 else plan[0]
-                if action in (403, 404) or path not in server.files:
-                    self.send_error(action if action in (403, 404) else 404)
-                    return
-                data = server.files[path]
-                match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-                start = int(match.group(1)) if match and action != "ignore-range" else 0
-                if start >= len(data) and start:  # RFC 9110 15.5.17: 416 states the length
-                    self.send_response(416)
-                    self.send_header("Content-Range", f"bytes */{len(data)}")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                body = data[start:]
-                if action == "corrupt":
-                    body = body[:10] + bytes([body[10] ^ 0xFF]) + body[11:]
-                self.send_response(206 if start else 200)
-                self.send_header("Content-Length", str(len(body)))
-                if start:
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                self.end_headers()
-                kind, _, n = str(action).partition(":")
-                if kind in ("drop", "stall"):
-                    self.wfile.write(body[:int(n)])
-                    self.wfile.flush()
-                    if kind == "stall":
-                        server.release.wait(30)  # silent, connection open, far past the client's timeout
-                    self.close_connection = True
-                    return
-                self.wfile.write(body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def requests(self, path):
-        return [rng for p, rng, _ in self.log if p == path]
-
-
-@pytest.fixture
-def server():
-    s = Server()
-    yield s
-    s.release.set()
-    s.httpd.shutdown()
-    s.httpd.server_close()
-
-
-def payload(n, seed=0):
-    return bytes((i * 7919 + seed * 31 + (i >> 8)) % 251 for i in range(n))
-
-
-def md5(data):
-    return hashlib.md5(data).hexdigest()
+from fixtures import md5, payload
 
 
 def download(*argv):

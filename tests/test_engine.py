@@ -8,11 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from annotated_llama import ModelArgs, Tokenizer, Transformer
+from annotated_llama import Tokenizer
 from annotated_llama.inference.engine import Engine
 from annotated_llama.core.sampling import SamplingParams
 
-ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=32, max_seq_len=96)
+from fixtures import tiny_model
+
+ARGS = dict(n_kv_heads=2, max_seq_len=96)
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +24,7 @@ def tok(spm_path):
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = Transformer(ModelArgs(**ARGS))
-    with torch.no_grad():  # logits spread enough that argmax has no near-ties
-        m.output.weight.mul_(4)
-    return m.eval()
+    return tiny_model(0, sharpen=4, **ARGS)
 
 
 def prompts(lengths, seed=1):
@@ -53,12 +51,7 @@ def run(engine, ps, params):
 
 @pytest.fixture(scope="module")
 def echoing():
-    # a model that likes to repeat what it reads (its output head is its embedding): penalties show
-    torch.manual_seed(1)
-    m = Transformer(ModelArgs(**ARGS))
-    with torch.no_grad():
-        m.output.weight.copy_(m.tok_embeddings.weight * 0.05)
-    return m.eval()
+    return tiny_model(1, echo=0.05, **ARGS)  # it repeats what it reads: penalties show
 
 
 def test_penalties_and_logit_bias_match_references_row_by_row(echoing, tok):

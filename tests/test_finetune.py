@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from annotated_llama import ModelArgs, Transformer, Tokenizer
+from annotated_llama import ModelArgs, Transformer
 from annotated_llama.__main__ import main
 from annotated_llama.data.alpaca import render_prompt
 from annotated_llama.data.instruct_tasks import evaluate

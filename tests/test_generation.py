@@ -4,14 +4,14 @@ against HF transformers' generate, against Meta's algorithm, and against each pr
 import pytest
 import torch
 
-from annotated_llama import ModelArgs, Tokenizer, Transformer
+from annotated_llama import Tokenizer
 from annotated_llama.inference.generation import Llama
 from annotated_llama.inference.streaming import IncrementalDecoder, StopStringHolder, decode_continuation
 
+import fixtures
 from fixtures import meta_generate
 
 
-ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=32, max_seq_len=128)
 
 
 @pytest.fixture(scope="module")
@@ -20,14 +20,7 @@ def spm(spm_path):
 
 
 def tiny_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    model = Transformer(ModelArgs(**{**ARGS, **overrides}))
-    with torch.no_grad():  # non-trivial norms, and logits spread enough that argmax has no near-ties
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-        model.output.weight.mul_(4)
-    return model.eval()
+    return fixtures.tiny_model(seed, norm_noise=0.1, sharpen=4, **{"n_kv_heads": 2, **overrides})
 
 
 @pytest.fixture(scope="module")

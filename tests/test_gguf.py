@@ -10,6 +10,8 @@ import torch
 from annotated_llama import ModelArgs, Tokenizer, Transformer
 from annotated_llama.weights import load_model, save_model
 
+from fixtures import cli
+
 gguf = pytest.importorskip("gguf")
 T = gguf.GGMLQuantizationType
 
@@ -234,11 +236,10 @@ def test_llama3_vocabulary_is_embedded_as_bpe(tmp_path, llama3_tokenizer):
 
 
 def test_gguf_convert_cli_and_bad_files(tmp_path, spm_model, written):
-    from test_weights import cli as run
 
     model, tok = spm_model
     save_model(model, tok, tmp_path / "ours", format="ours")
-    r = run("convert", tmp_path / "ours", tmp_path / "m.gguf", "--to", "gguf", "--dtype", "q8_0")
+    r = cli("convert", tmp_path / "ours", tmp_path / "m.gguf", "--to", "gguf", "--dtype", "q8_0", check=False)
     assert r.returncode == 0, r.stderr
     from annotated_llama.weights.gguf import read_gguf
     via_cli, via_api = read_gguf(tmp_path / "m.gguf")[1], read_gguf(written("q8_0")[0])[1]
@@ -246,7 +247,7 @@ def test_gguf_convert_cli_and_bad_files(tmp_path, spm_model, written):
     assert all(np.array_equal(via_cli[k][2], via_api[k][2]) for k in via_cli)
     data = (tmp_path / "m.gguf").read_bytes()
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 2])
-    r = run("convert", tmp_path / "cut.gguf", tmp_path / "out", "--to", "hf")
+    r = cli("convert", tmp_path / "cut.gguf", tmp_path / "out", "--to", "hf", check=False)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "cut.gguf" in r.stderr
     assert "truncated" in r.stderr and not (tmp_path / "out").exists()
 
@@ -272,41 +273,40 @@ def test_llama_cpp_runs_our_gguf_with_the_same_greedy_tokens(spm_model, written)
 
 
 def test_quantize_and_convert_write_gguf_types_and_protect_files(tmp_path, spm_model):
-    from test_weights import cli as run
     from annotated_llama.weights.gguf import read_gguf
 
     model, tok = spm_model
     save_model(model, tok, tmp_path / "ours", format="ours")
     out = tmp_path / "m-q4_0.gguf"
-    r = run("quantize", tmp_path / "ours", out, "--mode", "q4_0")
+    r = cli("quantize", tmp_path / "ours", out, "--mode", "q4_0", check=False)
     assert r.returncode == 0, r.stderr
     assert {t[0].name for t in read_gguf(out)[1].values()} == {"F32", "Q4_0", "Q8_0"}
     before = out.read_bytes()
     # an existing output is refused without --force, and left as it was
     for argv in (("quantize", tmp_path / "ours", out, "--mode", "q4_1"),
                  ("convert", tmp_path / "ours", out, "--to", "gguf", "--dtype", "q4_1")):
-        r = run(*argv)
+        r = cli(*argv, check=False)
         assert r.returncode == 2 and "--force" in r.stderr and len(r.stderr.strip().splitlines()) == 1
         assert out.read_bytes() == before
-    r = run("convert", tmp_path / "ours", out, "--to", "gguf", "--dtype", "q4_1", "--force")
+    r = cli("convert", tmp_path / "ours", out, "--to", "gguf", "--dtype", "q4_1", "--force", check=False)
     assert r.returncode == 0 and {t[0].name for t in read_gguf(out)[1].values()} == {"F32", "Q4_1", "Q8_0"}
     # never the input, even with --force; no temporary file left behind
     for argv in (("quantize", out, out, "--mode", "q8_0", "--force"), ("convert", out, out, "--to", "gguf", "--force"),
                  ("quantize", tmp_path / "ours", tmp_path, "--mode", "int8", "--force")):
-        r = run(*argv)
+        r = cli(*argv, check=False)
         assert r.returncode == 2 and "this command's input" in r.stderr, r.stderr
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
     # from a quantized GGUF: int8 dirs and float layouts read its dequantized values (float32)
-    r = run("quantize", out, tmp_path / "q8dir", "--mode", "int8")
+    r = cli("quantize", out, tmp_path / "q8dir", "--mode", "int8", check=False)
     assert r.returncode == 0, r.stderr
-    r = run("convert", out, tmp_path / "hf", "--to", "hf")
+    r = cli("convert", out, tmp_path / "hf", "--to", "hf", check=False)
     assert r.returncode == 0, r.stderr
     hf, _ = load_model(tmp_path / "hf")
     floats, _ = load_model(out, dtype="f32")
     assert hf.tok_embeddings.weight.dtype == torch.float32
     assert torch.equal(hf.layers[0].attention.wv.weight, floats.layers[0].attention.wv.weight)
-    r = run("quantize", tmp_path / "ours", tmp_path / "q8dir", "--mode", "int4", "--force")
+    r = cli("quantize", tmp_path / "ours", tmp_path / "q8dir", "--mode", "int4", "--force", check=False)
     assert r.returncode == 0, r.stderr
     assert not [p for p in tmp_path.iterdir() if ".old-" in p.name or ".tmp-" in p.name]
-    r = run("convert", tmp_path / "ours", tmp_path / "x", "--to", "hf", "--dtype", "q4_0")
+    r = cli("convert", tmp_path / "ours", tmp_path / "x", "--to", "hf", "--dtype", "q4_0", check=False)
     assert r.returncode == 2 and "--dtype q4_0" in r.stderr

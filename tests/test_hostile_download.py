@@ -16,107 +16,14 @@ import pytest
 
 from annotated_llama.__main__ import main
 
+from fixtures import md5, payload
+
 # Names a remote side might send, each of which must be refused. Several encodings of the same
 # escape: plain, absolute, Windows separators, percent-encoded, Unicode look-alikes, NUL.
 TRAVERSALS = ["../evil", "../../evil", "a/../../evil", "/tmp/evil-abs", "..\\evil", "a\\..\\..\\evil", "C:evil",
               "%2e%2e/evil", "%2e%2e%2fevil", "..%2fevil", "\uff0e\uff0e/evil", "\u2024\u2024/evil",
               "a\u2215..\u2215evil", "\uff0e\uff0e\uff0fevil", "evil\x00.txt", ".", "..", "", "a//b", "./../evil",
               "a/./b", "x" * 300]
-
-
-def payload(n, seed=0):
-    return bytes((i * 7919 + seed * 31 + (i >> 8)) % 251 for i in range(n))
-
-
-def md5(data):
-    return hashlib.md5(data).hexdigest()
-
-
-class Hostile:
-    """Serves `files` ({path: bytes}); `plans[path]` lists behaviours for successive requests:
-    "ok", "no-length" (no Content-Length, close-delimited), "no-length-cut:N", "no-range" (ignore Range),
-    "bad-length" (Content-Length: abc), "short-length:N" (claims N bytes, sends N: a lie about the
-    file), "long-length" (claims 1000 more than it sends), "chunked-cut:N", "stall-headers",
-    "stall:N", "bad-total" (206 whose Content-Range total is too small), "cd:VALUE" (a
-    Content-Disposition header)."""
-
-    def __init__(self):
-        self.files, self.plans, self.log = {}, {}, []
-        self.release = threading.Event()
-        srv = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                path = self.path.partition("?")[0]
-                srv.log.append((path, self.headers.get("Range")))
-                plan = srv.plans.get(path) or ["ok"]
-                action = plan.pop(0) if len(plan) > 1 else plan[0]
-                kind, _, arg = action.partition(":")
-                if path not in srv.files:
-                    self.send_error(404)
-                    return
-                data = srv.files[path]
-                if kind == "stall-headers":
-                    srv.release.wait(30)
-                    return
-                m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-                start = int(m.group(1)) if m and kind not in ("no-range", "no-length", "no-length-cut") else 0
-                if start >= len(data) and start:
-                    self.send_response(416)
-                    self.send_header("Content-Range", f"bytes */{len(data)}")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                body = data[start:]
-                self.send_response(206 if start else 200)
-                if start:
-                    total = len(data) if kind != "bad-total" else start + 1
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{total}")
-                if kind == "cd":
-                    self.send_header("Content-Disposition", arg)
-                if kind == "bad-length":
-                    self.send_header("Content-Length", "abc")
-                elif kind == "short-length":
-                    body = body[:int(arg)]
-                    self.send_header("Content-Length", arg)
-                elif kind == "long-length":
-                    self.send_header("Content-Length", str(len(body) + 1000))
-                elif kind == "chunked-cut":
-                    self.send_header("Transfer-Encoding", "chunked")
-                elif kind not in ("no-length", "no-length-cut"):
-                    self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if kind == "chunked-cut":
-                    self.wfile.write(b"%x\r\n" % int(arg) + body[:int(arg)] + b"\r\n")  # and never the last chunk
-                elif kind == "no-length-cut":
-                    self.wfile.write(body[:int(arg)])
-                elif kind == "stall":
-                    self.wfile.write(body[:int(arg)])
-                    self.wfile.flush()
-                    srv.release.wait(30)
-                else:
-                    self.wfile.write(body)
-                self.close_connection = True
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads, self.httpd.block_on_close = True, False
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def requests(self, path):
-        return [rng for p, rng in self.log if p == path]
-
-
-@pytest.fixture
-def server():
-    s = Hostile()
-    yield s
-    s.release.set()
-    s.httpd.shutdown()
-    s.httpd.server_close()
 
 
 @pytest.fixture
@@ -172,7 +79,7 @@ def test_checklist_names_that_leave_dest_are_refused(server, box, capsys):
         assert rc == 2 and len(err) == 1, (name, err)
         assert "refused" in err[0] and "checklist.chk" in err[0], (name, err)
         assert snapshot() == before, name  # nothing outside dest written or changed
-        assert not any("evil" in p for p, _ in server.log), name  # and the name never fetched
+        assert not any("evil" in p for p, _, _ in server.log), name  # and the name never fetched
         assert not (dest / "7B" / "consolidated.00.pth").exists(), name  # refused before any file was fetched
         tried += 1
     assert tried >= 19

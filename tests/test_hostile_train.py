@@ -203,7 +203,7 @@ def test_disk_full_on_a_small_tmpfs(shards, params_json, tmp_path):  # noqa: F81
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     script = (f"import json, os, sys; sys.path.insert(0, {str(REPO / 'tests')!r})\n"
-              "from test_train import cli\n"
+              "from fixtures import cli\n"
               f"argv = {[str(a) for a in args6(shards, params_json, mnt / 'run', 8)]!r}\n"
               "proc = cli(*argv, check=False)\n"
               f"names = sorted(os.listdir({str(mnt / 'run')!r}))\n"

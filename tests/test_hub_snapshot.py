@@ -12,7 +12,7 @@ import transformers
 
 from annotated_llama import Llama, Tokenizer
 from annotated_llama.weights import detect_format, load_model, save_model
-from conftest import DATA
+from fixtures import DATA
 
 from fixtures import golden_cases, random_strings
 

@@ -13,7 +13,7 @@ from annotated_llama import ModelArgs, Transformer
 from annotated_llama.__main__ import main
 from annotated_llama.weights import load_model, save_model
 from annotated_llama.core.layout import META_TO_HF, rename
-from conftest import DATA
+from fixtures import DATA, tiny_model
 
 
 def info(*argv):
@@ -83,8 +83,7 @@ def test_a_llama_32_1b_snapshot_from_its_header_alone(tmp_path, llama3_tokenizer
 
 
 def tiny_tied():
-    torch.manual_seed(0)
-    return Transformer(ModelArgs.from_name("tiny-llama3", tie_word_embeddings=True))
+    return tiny_model(0, "tiny-llama3", tie_word_embeddings=True)
 
 
 @pytest.mark.parametrize("fmt", ["meta", "ours", "hf"])

@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 
-from annotated_llama import ModelArgs, Transformer
 from annotated_llama.transforms.lora import (LoRALinear, apply_lora, is_lora_parameter, load_adapter, lora_modules,
                                   merge_and_unload, merge_lora, parse_targets, save_adapter, unmerge_lora)
 
+from fixtures import tiny_model
+
 def tiny(name="tiny", **kw):
-    torch.manual_seed(0)
-    return Transformer(ModelArgs.from_name(name, **kw)).eval()
+    return tiny_model(0, name, **kw)
 
 
 def randomize_adapters(model, seed=1):

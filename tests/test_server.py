@@ -14,19 +14,20 @@ import openai
 import pytest
 import torch
 
-from annotated_llama import ModelArgs, Tokenizer, Transformer
+from annotated_llama import Tokenizer, Transformer
 from annotated_llama.cli.serve import run_in_thread
 from annotated_llama.serving.server import create_app
 
-TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=32, max_seq_len=192)
+import fixtures
+
+TINY = dict(n_kv_heads=2, max_seq_len=192)
 PROMPTS = ["The capital of France is", "Once upon a time", "1 2 3 4", "def main():", "In the beginning",
            "Hello, my name is", "The quick brown fox", "To be or not to be", "Water boils at", "Dear Sir,",
            "Il était une fois", "SELECT * FROM", "Roses are red", "The answer is", "A B C", "Why is the sky"]
 
 
 def tiny_model(seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(ModelArgs(**TINY)).eval()
+    return fixtures.tiny_model(seed, **TINY)
 
 
 def greedy_reference(model, tokenizer, prompt: str, n: int) -> str:
@@ -330,8 +331,7 @@ def test_a_failing_request_does_not_stop_the_server(tokenizer):
             if (tokens == 31999).any():
                 raise RuntimeError("boom")
             return super().step(tokens, *args, **kw)
-    torch.manual_seed(0)
-    model = Flaky(ModelArgs(**TINY)).eval()
+    model = fixtures.tiny_model(0, cls=Flaky, **TINY)
     with TestClient(create_app(model, tokenizer)) as c:
         bad = c.post("/v1/completions", json={"prompt": [1, 31999], "max_tokens": 3})
         good = c.post("/v1/completions", json={"prompt": PROMPTS[5], "max_tokens": 5, "temperature": 0})

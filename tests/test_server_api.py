@@ -15,11 +15,13 @@ import torch
 from openai.types import completion_create_params
 from openai.types.chat import completion_create_params as chat_create_params
 
-from annotated_llama import ModelArgs, Tokenizer, Transformer
+from annotated_llama import Tokenizer
 from annotated_llama.cli.serve import run_in_thread
 from annotated_llama.serving.openai_responses import ChatCompletion, ChatCompletionChunk, Completion
 from annotated_llama.serving.openai_schema import UNSUPPORTED, ChatRequest, CompletionRequest
 from annotated_llama.serving.server import create_app
+
+from fixtures import tiny_model
 
 EXTENSIONS = {"top_k", "repetition_penalty", "ignore_eos", "template"}
 
@@ -31,9 +33,7 @@ def tokenizer(spm_path):
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=32000, multiple_of=32,
-                                 max_seq_len=128)).eval()
+    return tiny_model()
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,12 @@ import os
 
 import openai
 import pytest
-import torch
 
-from annotated_llama import ModelArgs, Tokenizer, Transformer
+from annotated_llama import Tokenizer
 from annotated_llama.cli.serve import run_in_thread
 from annotated_llama.serving.server import create_app
+
+from fixtures import tiny_model
 
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"  # before litellm is imported anywhere
 os.environ.setdefault("LITELLM_TELEMETRY", "False")
@@ -26,9 +27,7 @@ QUESTION = "Name three colours."
 
 @pytest.fixture(scope="module")
 def url(spm_path):
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=32000, multiple_of=32,
-                                  max_seq_len=160)).eval()
+    model = tiny_model(max_seq_len=160)
     with run_in_thread(create_app(model, Tokenizer(spm_path), model_name="tiny", max_batch_size=4)) as base:
         yield base
 

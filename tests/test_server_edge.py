@@ -14,11 +14,12 @@ import time
 
 import httpx
 import pytest
-import torch
 
-from annotated_llama import ModelArgs, Tokenizer, Transformer
+from annotated_llama import Tokenizer
 from annotated_llama.cli.serve import run_in_thread
 from annotated_llama.serving.server import create_app
+
+from fixtures import RawHTTP, tiny_model
 
 N_CTX = 96
 
@@ -28,16 +29,10 @@ def tokenizer(spm_path):
     return Tokenizer(spm_path)
 
 
-def tiny_model():
-    torch.manual_seed(0)
-    return Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=32000, multiple_of=32,
-                                 max_seq_len=N_CTX)).eval()
-
-
 @pytest.fixture(scope="module")
 def guarded(tokenizer):
     """A server with short timeouts, 8 connections at most, and serve's Host allow-list."""
-    app = create_app(tiny_model(), tokenizer, model_name="tiny", allowed_hosts=(),
+    app = create_app(tiny_model(max_seq_len=N_CTX), tokenizer, model_name="tiny", allowed_hosts=(),
                      allowed_origins=["https://app.example"])
     with run_in_thread(app, header_timeout=1.0, body_timeout=1.5, max_connections=8) as url:
         yield url
@@ -141,7 +136,7 @@ def test_foreign_origin_refused_own_and_allowed_origins_served(guarded):
 
 
 def test_cors_off_by_default(tokenizer):
-    with run_in_thread(create_app(tiny_model(), tokenizer)) as url:
+    with run_in_thread(create_app(tiny_model(max_seq_len=N_CTX), tokenizer)) as url:
         r = httpx.get(url + "/health", headers={"Origin": "https://app.example"})
         assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
         assert httpx.get(url + "/health", headers={"Host": "anything.example"}).status_code == 200  # library default
@@ -152,7 +147,7 @@ def test_health_is_503_while_loading_then_200(tokenizer):
 
     def loader():
         release.wait(30)
-        return tiny_model(), tokenizer
+        return tiny_model(max_seq_len=N_CTX), tokenizer
     with run_in_thread(create_app(loader=loader, model_name="late")) as url:
         r = httpx.get(url + "/health")
         assert r.status_code == 503 and r.json()["status"] == "loading"
@@ -215,7 +210,7 @@ def test_serve_port_in_use_is_one_line(capsys):
 
 @pytest.fixture(scope="module")
 def plain(tokenizer):
-    app = create_app(tiny_model(), tokenizer, model_name="tiny", max_batch_size=2)
+    app = create_app(tiny_model(max_seq_len=N_CTX), tokenizer, model_name="tiny", max_batch_size=2)
     with run_in_thread(app) as url:
         yield url, app
 
@@ -292,11 +287,10 @@ def test_openapi_has_the_real_models(plain):
 
 
 def test_an_exception_in_a_handler_is_a_500_on_a_kept_connection(tokenizer):
-    from test_server_hostile import Raw
-    app = create_app(tiny_model(), tokenizer)
+    app = create_app(tiny_model(max_seq_len=N_CTX), tokenizer)
     real = app.state.scheduler.submit
     with run_in_thread(app) as url:
-        raw = Raw(url)
+        raw = RawHTTP(url)
         try:
             app.state.scheduler.submit = lambda *a, **k: {}["boom"]  # a KeyError nobody expected
             status, data = raw.request("POST", "/v1/completions", {"Content-Type": "application/json"},

@@ -6,17 +6,15 @@ tiny random model with a 48-token context, a few dozen examples per route."""
 from __future__ import annotations
 
 import schemathesis
-import torch
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import (content_type_conformance, not_a_server_error, response_schema_conformance,
                                  status_code_conformance)
 
-from annotated_llama import ModelArgs, Tokenizer, Transformer
+from annotated_llama import Tokenizer
 from annotated_llama.serving.server import create_app
-from conftest import DATA
+from fixtures import DATA, tiny_model
 
-torch.manual_seed(0)
-MODEL = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=32000, multiple_of=32, max_seq_len=48)).eval()
+MODEL = tiny_model(dim=32, n_layers=1, n_heads=2, max_seq_len=48)
 APP = create_app(MODEL, Tokenizer(DATA / "llama-spm.model"), model_name="tiny", max_batch_size=4, max_queue=16)
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]

@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import socket
 import time
 
-import h11
 
 import httpx
 import pytest
-import torch
 
-from annotated_llama import ModelArgs, Tokenizer, Transformer
+from annotated_llama import Tokenizer
 from annotated_llama.cli.serve import run_in_thread
 from annotated_llama.serving.server import create_app
+
+from fixtures import RawHTTP, tiny_model
 
 KEY = "sk-test-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -34,15 +33,9 @@ def tokenizer(spm_path):
     return Tokenizer(spm_path)
 
 
-def tiny_model():
-    torch.manual_seed(0)
-    return Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=32000, multiple_of=32,
-                                 max_seq_len=N_CTX)).eval()
-
-
 @pytest.fixture(scope="module")
 def url(tokenizer):
-    app = create_app(tiny_model(), tokenizer, api_key=KEY, max_batch_size=4, max_body_bytes=1 << 20, kv_budget=64,
+    app = create_app(tiny_model(max_seq_len=N_CTX), tokenizer, api_key=KEY, max_batch_size=4, max_body_bytes=1 << 20, kv_budget=64,
                      model_name="tiny")
     with run_in_thread(app) as base:
         yield base
@@ -212,49 +205,10 @@ CASES = [
 ]
 
 
-class Raw:
-    """One HTTP/1.1 connection driven with h11, so a test sees exactly whether the server keeps it
-    open after a response (h11 refuses a second request on a connection the server has closed)."""
-
-    def __init__(self, base: str):
-        host, port = base.removeprefix("http://").split(":")
-        self.host = f"{host}:{port}"
-        self.sock = socket.create_connection((host, int(port)), timeout=60)
-        self.conn = h11.Connection(h11.CLIENT)
-
-    def request(self, method, path, headers=None, body=None):
-        headers = {"Host": self.host, **(headers or {})}
-        chunks = body() if callable(body) else None
-        if chunks is None:
-            headers["Content-Length"] = str(len(body or b""))
-        else:
-            headers["Transfer-Encoding"] = "chunked"
-        out = self.conn.send(h11.Request(method=method, target=path, headers=list(headers.items())))
-        for part in (chunks if chunks is not None else [body] if body else []):
-            out += self.conn.send(h11.Data(data=part))
-        self.sock.sendall(out + self.conn.send(h11.EndOfMessage()))
-        status, data = None, b""
-        while True:
-            event = self.conn.next_event()
-            if event is h11.NEED_DATA:
-                self.conn.receive_data(self.sock.recv(1 << 16))
-            elif isinstance(event, h11.Response):
-                status, reply_headers = event.status_code, dict(event.headers)
-            elif isinstance(event, h11.Data):
-                data += event.data
-            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                break
-        assert reply_headers.get(b"connection") != b"close", "the server closed the connection"
-        self.conn.start_next_cycle()  # raises if either side cannot go on with this connection
-        return status, data
-
-    def close(self):
-        self.sock.close()
-
 
 @pytest.mark.parametrize("name,method,path,headers,body,status,code,param", CASES, ids=[c[0] for c in CASES])
 def test_hostile_request_then_valid_one(url, name, method, path, headers, body, status, code, param):
-    raw = Raw(url)
+    raw = RawHTTP(url)
     try:
         got, data = raw.request(method, path, headers, body)
         assert got == status, (name, data[:300])
@@ -297,7 +251,7 @@ def test_identifiers_accepted_logged_and_health_open(url, http, caplog):
 
 def test_errors_on_a_kept_alive_connection_in_a_row(url):
     """Thirty bad requests, one after another on one connection, then a good one."""
-    raw = Raw(url)
+    raw = RawHTTP(url)
     try:
         for name, method, path, headers, body, status, *_ in CASES[:30]:
             assert raw.request(method, path, headers, body)[0] == status, name
@@ -307,7 +261,7 @@ def test_errors_on_a_kept_alive_connection_in_a_row(url):
 
 
 def test_full_queue_answers_503_with_retry_after(tokenizer):
-    app = create_app(tiny_model(), tokenizer, max_batch_size=1, max_queue=1, step_delay=0.02)
+    app = create_app(tiny_model(max_seq_len=N_CTX), tokenizer, max_batch_size=1, max_queue=1, step_delay=0.02)
     with run_in_thread(app) as base:
         slow = {"prompt": "hi", "max_tokens": 24, "ignore_eos": True}
 

@@ -13,12 +13,13 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
-from annotated_llama import ModelArgs, Tokenizer, Transformer
+from annotated_llama import Tokenizer
 from annotated_llama.cli.serve import run_in_thread
 from annotated_llama.serving.server import create_app
 from annotated_llama.weights import save_model
+
+from fixtures import tiny_model
 
 TASK_DIR = Path(__file__).parent / "data" / "lm_eval"
 
@@ -27,9 +28,7 @@ TASK_DIR = Path(__file__).parent / "data" / "lm_eval"
 def setup(tmp_path_factory, spm_path):
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     root = tmp_path_factory.mktemp("lm_eval")
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=32000, multiple_of=32,
-                                  max_seq_len=128)).eval()
+    model = tiny_model()
     tokenizer = Tokenizer(spm_path)
     hf_dir = save_model(model, tokenizer, root / "hf", format="hf")
     tasks = root / "tasks"

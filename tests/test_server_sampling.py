@@ -13,14 +13,15 @@ import openai
 import pytest
 import torch
 
-from annotated_llama import ModelArgs, Tokenizer, Transformer
+from annotated_llama import Tokenizer
 from annotated_llama.cli.serve import run_in_thread
 from annotated_llama.inference.engine import Engine
 from annotated_llama.core.sampling import SamplingParams
 from annotated_llama.serving.server import create_app
 from annotated_llama.inference.streaming import decode_continuation
 
-ARGS = dict(dim=64, n_layers=2, n_heads=4, vocab_size=32000, multiple_of=32, max_seq_len=128)
+from fixtures import tiny_model
+
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +31,7 @@ def tok(spm_path):
 
 @pytest.fixture(scope="module")
 def model():
-    # a model that likes to repeat what it reads (its output head is its embedding): penalties show
-    torch.manual_seed(1)
-    m = Transformer(ModelArgs(**ARGS))
-    with torch.no_grad():
-        m.output.weight.copy_(m.tok_embeddings.weight * 0.05)
-    return m.eval()
+    return tiny_model(1, echo=0.05)  # it repeats what it reads: penalties show
 
 
 @pytest.fixture(scope="module")

@@ -13,22 +13,19 @@ import json
 import jsonschema
 import openai
 import pytest
-import torch
 
-from annotated_llama import ModelArgs, Tokenizer, Transformer
+from annotated_llama import Tokenizer
 from annotated_llama.cli.serve import run_in_thread
 from annotated_llama.serving.server import create_app
 
-from fixtures import SCHEMAS, obj
+from fixtures import SCHEMAS, obj, tiny_model
 
 PER_SCHEMA = 20  # x 5 schemas: 100 replies
 
 
 @pytest.fixture(scope="module")
 def client(spm_path):
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=32000, multiple_of=32,
-                                  max_seq_len=256)).eval()
+    model = tiny_model(max_seq_len=256)
     with run_in_thread(create_app(model, Tokenizer(spm_path), model_name="tiny", max_batch_size=16,
                                   max_queue=256)) as url:
         yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
@@ -107,9 +104,7 @@ SCHEMA_OF = {"get_weather": WEATHER, "get_time": TIME, "noop": obj({})}  # no pa
 
 @pytest.fixture(scope="module")
 def tools_client(llama3_tokenizer):
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=llama3_tokenizer.n_words,
-                                  multiple_of=32, max_seq_len=768)).eval()
+    model = tiny_model(dim=32, n_layers=1, n_heads=2, vocab_size=llama3_tokenizer.n_words, max_seq_len=768)
     with run_in_thread(create_app(model, llama3_tokenizer, model_name="tools", max_batch_size=16)) as url:
         yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
 

@@ -15,10 +15,12 @@ import openai
 import pytest
 import torch
 
-from annotated_llama import ModelArgs, Transformer
+from annotated_llama import Transformer
 from annotated_llama.cli.serve import run_in_thread
 from annotated_llama.serving.server import create_app
 from annotated_llama.serving.tools import ToolCallStream, encode_tool_dialog, parse_tool_calls
+
+from fixtures import tiny_model
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
@@ -123,9 +125,7 @@ class Scripted(Transformer):
 @pytest.fixture(scope="module")
 def served(llama3_tokenizer):
     from annotated_llama.serving.scheduler import Scheduler
-    torch.manual_seed(0)
-    model = Scripted(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=llama3_tokenizer.n_words, multiple_of=32,
-                               max_seq_len=512)).eval()
+    model = tiny_model(dim=32, n_layers=1, n_heads=2, vocab_size=llama3_tokenizer.n_words, max_seq_len=512, cls=Scripted)
     model.eot = llama3_tokenizer.special_id("<|eot_id|>")
     scheduler = Scheduler(model, llama3_tokenizer, max_batch_size=2, backend="eager")  # step as written, not compiled
     with run_in_thread(create_app(scheduler, model_name="tools")) as url:

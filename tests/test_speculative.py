@@ -3,30 +3,20 @@
 import pytest
 import torch
 
-from annotated_llama import ModelArgs, Transformer
 from annotated_llama.inference.speculative import speculative_generate
 
-from fixtures import greedy_reference
+from fixtures import greedy_reference, tiny_model
 
-
-
-def _model(name="tiny", seed=0, **kw):
-    torch.manual_seed(seed)
-    return Transformer(ModelArgs.from_name(name, **kw)).eval()
 
 
 @pytest.fixture(scope="module")
 def target():
-    m = _model("tiny", seed=1, n_layers=3)
-    # sharper logits, so greedy ties (which float rounding could flip) do not occur
-    with torch.no_grad():
-        m.output.weight.mul_(8)
-    return m
+    return tiny_model(1, "tiny", n_layers=3, sharpen=8)
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_greedy_equals_plain_greedy_with_an_unrelated_draft(target, k):
-    draft = _model("tiny", seed=7, n_layers=1)
+    draft = tiny_model(7, "tiny", n_layers=1)
     prompt = [3, 17, 99, 4]
     ref = greedy_reference(target, prompt, 40)
     out, stats = speculative_generate(target, draft, prompt, 40, k=k)
@@ -47,7 +37,7 @@ def test_a_perfect_draft_accepts_everything_and_saves_target_calls(target):
 
 def test_a_similar_draft_is_accepted_often(target):
     # the target with its last layer removed: a cheap draft that mostly agrees
-    draft = _model("tiny", seed=1, n_layers=2)
+    draft = tiny_model(1, "tiny", n_layers=2)
     draft.load_state_dict({k: v for k, v in target.state_dict().items() if not k.startswith("layers.2.")})
     prompt = [11, 12, 13, 14]
     ref = greedy_reference(target, prompt, 30)
@@ -57,8 +47,8 @@ def test_a_similar_draft_is_accepted_often(target):
 
 
 def test_gqa_and_stop_ids(target):
-    t = _model("tiny-gqa", seed=3)
-    d = _model("tiny-gqa", seed=4, n_layers=1)
+    t = tiny_model(3, "tiny-gqa")
+    d = tiny_model(4, "tiny-gqa", n_layers=1)
     prompt = [1, 2, 3]
     ref = greedy_reference(t, prompt, 25)
     stop = ref[10]
@@ -81,8 +71,8 @@ def test_sampling_keeps_the_target_distribution():
     # Leviathan et al.'s acceptance rule: speculative samples are distributed as the target's
     # softmax, whatever the draft. The 2nd new token is the first one the rule decides.
     V = 8
-    t = _model("tiny", seed=5, vocab_size=V)
-    d = _model("tiny", seed=6, vocab_size=V, n_layers=1)
+    t = tiny_model(5, "tiny", vocab_size=V)
+    d = tiny_model(6, "tiny", vocab_size=V, n_layers=1)
     with torch.no_grad():  # peaked, and different, distributions: a wrong rule would show
         t.output.weight.mul_(6)
         d.output.weight.mul_(6)

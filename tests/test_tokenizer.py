@@ -6,7 +6,7 @@ import pytest
 import sentencepiece as spm
 
 from annotated_llama import Tokenizer
-from conftest import DATA
+from fixtures import DATA
 
 from fixtures import golden_cases, random_strings
 

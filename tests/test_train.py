@@ -1,16 +1,12 @@
 """Pretraining: tokenizer training, token shards, the loop's recipe, checkpoints and exact resume, bad input."""
 
-import contextlib
-import io
 import json
-import lzma
 import math
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +20,8 @@ from annotated_llama import ModelArgs, Tokenizer, Transformer
 from annotated_llama.data import pretokenize as tdata
 from annotated_llama.train.loop import TrainConfig, lr_at, param_groups, token_loss_eval, train
 
-from fixtures import cli, pretrain_args, read_log
+import fixtures
+from fixtures import TINY, cli, pretrain_args, read_log
 
 
 # ---- tokenizer training -------------------------------------------------------------------
@@ -127,8 +124,7 @@ def repeated_batches(vocab=64, B=4, T=16):
 
 
 def tiny_model(vocab=64, seed=0):
-    torch.manual_seed(seed)
-    return Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=vocab, multiple_of=16, max_seq_len=32))
+    return fixtures.tiny_model(seed, **{**TINY, "vocab_size": vocab, "max_seq_len": 32}).train()
 
 
 @pytest.mark.slow
