@@ -63,10 +63,9 @@ TRAINING_CHOICES = {"dtype": ["float32", "bfloat16"]}
 # A type named in an annotation -> the argparse type used when no range is given: still checked
 # (no NaN, no 5,000-digit int). str: argparse's own (None).
 BY_ANNOTATION = {"int": argtypes.int_range(-argtypes.INT64_MAX - 1), "float": argtypes.finite_float,
-                 "str": None, "bool": bool}
-MISSING = object()
-
-
+                 "str": None, "bool": None}  # bool: a switch, no type
+MISSING = object()  # a field without a default: a required flag
+UNREADABLE = object()  # a default that is not a literal (a call, an expression): no flag default
 
 
 class ConfigField(NamedTuple):
@@ -75,9 +74,6 @@ class ConfigField(NamedTuple):
     optional: bool  # Optional[X] / X | None
     default: object  # MISSING: required; UNREADABLE: not a literal (a call, an expression)
     comment: str
-
-
-UNREADABLE = object()
 
 
 @functools.cache
@@ -133,7 +129,7 @@ def _literal(node):
         return MISSING
     try:
         return ast.literal_eval(node)
-    except ValueError:
+    except (ValueError, TypeError, SyntaxError):
         return UNREADABLE
 
 
