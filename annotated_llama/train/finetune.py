@@ -31,29 +31,31 @@ from .loop import TrainConfig, train
 
 @dataclass
 class FinetuneConfig:
-    model: str
-    data: str
-    out: str
-    lora: bool = False
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
-    lora_targets: str = "wq,wv"
-    max_steps: int | None = None  # None: `epochs` passes over the data
-    epochs: float = 3.0
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float | None = None  # None: 3e-4 with LoRA, 2e-5 without
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_len: int = 512
-    seed: int = 0
+    model: str  # base model: any checkpoint load_model reads
+    data: str  # Alpaca records: a JSON list or JSON Lines file
+    out: str  # output dir (an adapter with `lora`, else a checkpoint); never `model` itself
+    lora: bool = False  # train a LoRA adapter instead of all weights
+    lora_r: int = 8  # rank of each adapter (alpaca-lora: 8)
+    lora_alpha: float = 16.0  # adapter scale alpha / r (alpaca-lora: 16)
+    lora_dropout: float = 0.05  # dropout on the adapter's input (alpaca-lora: 0.05)
+    lora_targets: str = "wq,wv"  # comma-separated wq,wk,wv,wo,w1,w2,w3 (or HF names), or 'all'
+    max_steps: int | None = None  # optimizer steps; None: `epochs` passes over the data
+    epochs: float = 3.0  # passes over the data, when `max_steps` is not given (stanford_alpaca: 3)
+    batch_size: int = 4  # records per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float | None = None  # peak learning rate; None: 3e-4 with LoRA, 2e-5 without
+    warmup_ratio: float = 0.03  # linear warm-up over this fraction of the steps, then cosine to 0
+    weight_decay: float = 0.0  # AdamW's (stanford_alpaca: 0)
+    max_len: int = 512  # tokens per record (prompt + output + EOS); longer ones are truncated
+    seed: int = 0  # data order and the adapters' initialisation follow from it
     dtype: str = "bfloat16"  # the loop's autocast dtype; weights stay as loaded
-    device: str = "cpu"
-    log_every: int = 10
-    template: str = "alpaca"
-    progress: bool = True
-    ckpt_every: int = 0  # 0: a checkpoint (and, with LoRA, an adapter in it) only at the end
+    device: str = "cpu"  # cpu, cuda or cuda:N
+    log_every: int = 10  # steps between log.jsonl records
+    template: str = "alpaca"  # prompt template
+    progress: bool = True  # a tqdm bar when stderr is a terminal
+    # steps between checkpoints (with LoRA, each holds the adapter and its optimizer state only);
+    # 0: only at the end
+    ckpt_every: int = 0
     resume: bool = False  # continue from the newest checkpoint in `out` (the loop's exact resume)
     allow_changed: bool = False  # resume even if run-defining settings changed (they are named otherwise)
     force: bool = False  # replace a run or model already in `out` (never `model` itself: refused)
@@ -71,6 +73,17 @@ def run_flags(cfg: FinetuneConfig, max_steps: int, lr: float) -> dict:
     if cfg.lora:
         names += ["lora_r", "lora_alpha", "lora_dropout", "lora_targets"]
     return {**flags, **{"--" + n.replace("_", "-"): getattr(cfg, n) for n in names}}
+
+
+def train_config(cfg: FinetuneConfig, max_steps: int, lr: float) -> TrainConfig:
+    """The loop's config: every field the two configs share by name passes through; written out
+    are only those that differ (steps from epochs, warm-up from a ratio, out -> out_dir...)."""
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(cfg, f.name)}
+    return TrainConfig(**{
+        **shared, "out_dir": str(cfg.out), "max_steps": max_steps, "lr": lr,
+        "min_lr_ratio": 0.0,  # stanford_alpaca: cosine to 0
+        "warmup_steps": max(1, round(cfg.warmup_ratio * max_steps)), "keep_checkpoints": 1,
+        "overwrite": cfg.force, "run": run_flags(cfg, max_steps, lr)})
 
 
 def own_weights(model):
@@ -118,12 +131,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     steps_per_epoch = max(1, batches.per_epoch // cfg.grad_accum)
     max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     lr = cfg.lr if cfg.lr is not None else (3e-4 if cfg.lora else 2e-5)
-    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(cfg, f.name)}
-    train_cfg = TrainConfig(**{
-        **shared, "out_dir": str(out), "max_steps": max_steps, "lr": lr,
-        "min_lr_ratio": 0.0,  # stanford_alpaca: cosine to 0
-        "warmup_steps": max(1, round(cfg.warmup_ratio * max_steps)), "keep_checkpoints": 1,
-        "overwrite": cfg.force, "run": run_flags(cfg, max_steps, lr)})
+    train_cfg = train_config(cfg, max_steps, lr)
 
     def write_files(d: Path):  # into each checkpoint: an adapter, or what load_model needs
         if cfg.lora:

@@ -76,29 +76,29 @@ PEAK_FLOPS = {("cpu", "bfloat16"): 410e9, ("cpu", "float32"): 170e9,
 
 @dataclass
 class TrainConfig:
-    out_dir: str
-    max_steps: int = 1000
+    out_dir: str  # run dir: log.jsonl and ckpt-NNNNNNN checkpoints
+    max_steps: int = 1000  # optimizer steps (each of `grad_accum` micro-batches)
     lr: float = 3e-4  # peak learning rate (LLaMA 7B/13B: 3e-4, 33B/65B: 1.5e-4)
     min_lr_ratio: float = 0.1  # cosine decays to 10% of the peak (paper 2.3)
-    warmup_steps: Optional[int] = None  # None: 5% of max_steps, at most the paper's 2,000
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-5
-    grad_clip: float = 1.0  # 0 disables
-    grad_accum: int = 1
+    warmup_steps: Optional[int] = None  # None: 5% of `max_steps`, at most the paper's 2,000
+    weight_decay: float = 0.1  # AdamW's, on the weight matrices only (param_groups)
+    beta1: float = 0.9  # AdamW's first-moment decay (paper 2.3)
+    beta2: float = 0.95  # AdamW's second-moment decay (paper 2.3)
+    eps: float = 1e-5  # AdamW's epsilon (Llama 2, paper 2.2)
+    grad_clip: float = 1.0  # max global gradient norm (paper 2.3); 0 disables
+    grad_accum: int = 1  # micro-batches per optimizer step
     dtype: str = "bfloat16"  # autocast dtype for matmuls ("float32": no autocast); weights stay float32
-    device: str = "cpu"
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 0  # 0: only at the end (if an evaluate function is given)
-    ckpt_every: int = 0  # 0: only at the end
-    keep_checkpoints: int = 2
-    resume: bool = False
-    activation_checkpointing: bool = False
+    device: str = "cpu"  # cpu, cuda or cuda:N
+    seed: int = 0  # model init, data order and dropout all follow from it
+    log_every: int = 10  # steps between log.jsonl records
+    eval_every: int = 0  # steps between evaluations; 0: only at the end (if an evaluate function is given)
+    ckpt_every: int = 0  # steps between checkpoints; 0: only at the end
+    keep_checkpoints: int = 2  # newest checkpoints kept; older ones are removed
+    resume: bool = False  # continue from the newest intact checkpoint in `out_dir`
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
     progress: bool = True  # a tqdm bar on rank 0 when stderr is a terminal
     flops_per_token: Optional[float] = None  # for MFU; None: not reported
-    peak_flops: Optional[float] = None  # None: PEAK_FLOPS for (device, dtype)
+    peak_flops: Optional[float] = None  # the hardware's peak FLOP/s, for MFU; None: PEAK_FLOPS for (device, dtype)
     # What defines the run, as {flag: value} (the caller's command-line flags: data, model,
     # batch size...); saved in each checkpoint and compared on resume. None: the schedule and
     # optimizer fields below (RUN_FIELDS) are compared instead.
