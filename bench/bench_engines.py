@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engines import agreement, load_engine, reference_greedy  # noqa: E402
 from servers import commit_and_time, write_new  # noqa: E402
 
-TOKENIZER = ROOT / "tests" / "data" / "llama-spm.model"
+TOKENIZER = ROOT / "tests" / "assets" / "llama-spm.model"
 
 # engine: (family, precision, bytes per weight read at batch-1 decode)
 ENGINES = {

@@ -61,7 +61,7 @@ def prepare(name: str, precisions: list[str], wd: Path, seed: int):
     else:
         torch.manual_seed(seed)
         model = Transformer(ModelArgs.from_name(name)).eval()
-        tok = Tokenizer(ROOT / "tests" / "data" / "llama-spm.model")
+        tok = Tokenizer(ROOT / "tests" / "assets" / "llama-spm.model")
     wd.mkdir(parents=True, exist_ok=True)
     ours_f32 = save_model(model, tok, wd / "ours-f32", format="ours", dtype="f32")
     out = {}

@@ -77,7 +77,7 @@ def main() -> None:
     out = Path(args.keep or tempfile.mkdtemp(prefix="gguf-memory-"))
     out.mkdir(parents=True, exist_ok=True)
     src = out / f"{args.preset}-F16.gguf"
-    save_model(model, Tokenizer(root / "tests" / "data" / "llama-spm.model"), src, format="gguf", dtype="f16")
+    save_model(model, Tokenizer(root / "tests" / "assets" / "llama-spm.model"), src, format="gguf", dtype="f16")
     del model
     print(f"{args.preset}: {margs.num_params() / 1e6:.0f}M parameters, random weights; files by llama.cpp "
           f"(llama-cpp-python {llama_cpp.__version__}); load_model(path) in a fresh process each")

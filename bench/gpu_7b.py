@@ -42,7 +42,7 @@ from annotated_llama import Llama, ModelArgs, Tokenizer, Transformer  # noqa: E4
 from annotated_llama.transforms.quantize import quantize_model  # noqa: E402
 
 # the engine needs a tokenizer for its stop ids and vocabulary clip; ignore_eos makes stops moot
-TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "data" / "llama-spm.model"
+TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "assets" / "llama-spm.model"
 
 # bytes per weight in HBM (scales excluded: int8 +2 bytes per row, int4 +4 bytes per 128-group)
 BYTES_PER_WEIGHT = {"bfloat16": 2.0, "float32": 4.0, "float16": 2.0, "int8": 1.0, "int4": 0.5}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check of issue 8, in one call (ends within GPU_CHECK_BUDGET seconds, default 330):
 #   1. the environment: nvidia-smi -L, torch/CUDA/transformers versions, which optional packages exist;
-#   2. the tests on CUDA: tests/test_device.py with ANNOTATED_LLAMA_TEST_DEVICE=cuda (compiled decode
+#   2. the tests on CUDA: tests/inference/test_device.py with ANNOTATED_LLAMA_TEST_DEVICE=cuda (compiled decode
 #      step with CUDA graphs included), then device-agnostic test files as a check of this image's
 #      torch/transformers/peft versions (at most 150 s);
 #   3. bench/gpu_7b.py: llama-7b-shaped random model built on the GPU; decode tok/s for bfloat16
@@ -12,7 +12,7 @@
 #
 #   PYTHONUNBUFFERED=1 bash bench/gpu_check.sh          # on the GPU machine, from the repo root
 #   GPU_CHECK_SMALL=1 OUT=/tmp/gc bash bench/gpu_check.sh   # dry run on a CPU: tiny preset, no compile
-# GPU_CHECK_PYTEST_ARGS replaces the test selection (tests/test_device.py runs a dry run with one test).
+# GPU_CHECK_PYTEST_ARGS replaces the test selection (tests/inference/test_device.py runs a dry run with one test).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
@@ -35,9 +35,9 @@ if [ -n "${GPU_CHECK_PYTEST_ARGS:-}" ]; then
 else
     # test_device first: it is the point. The others run on the CPU whatever the device (their
     # imports exist on the GPU image).
-    TESTS=(tests/test_device.py tests/test_model.py tests/test_engine.py tests/test_kv_cache.py
-           tests/test_quantize.py tests/test_lora.py tests/test_sampling.py tests/test_speculative.py
-           tests/test_peft_interop.py)
+    TESTS=(tests/inference/test_device.py tests/core/test_model.py tests/inference/test_engine.py tests/core/test_kv_cache.py
+           tests/transforms/test_quantize.py tests/transforms/test_lora.py tests/core/test_sampling.py tests/inference/test_speculative.py
+           tests/transforms/test_peft_interop.py)
 fi
 
 # ---- 1. environment ----

@@ -61,7 +61,7 @@ def main() -> None:
 
     from annotated_llama import ModelArgs, Tokenizer, Transformer
 
-    spm = Path(__file__).resolve().parents[1] / "tests" / "data" / "llama-spm.model"
+    spm = Path(__file__).resolve().parents[1] / "tests" / "assets" / "llama-spm.model"
     margs = ModelArgs(dim=args.dim, n_layers=args.layers, n_heads=args.dim // 64, vocab_size=32000, max_seq_len=512)
     model = Transformer(margs).to(torch.bfloat16)
     tok = Tokenizer(spm)

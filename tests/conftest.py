@@ -11,7 +11,7 @@ from annotated_llama.data import pretokenize as tdata
 from annotated_llama.data.alpaca import render_prompt
 from fixtures import RECORDS, REPO, TINY, FileServer
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent / "assets"
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -61,7 +61,7 @@ def llama3_tokenizer(llama3_gguf_path):
 
 @pytest.fixture(scope="session")
 def device() -> torch.device:
-    """The device of tests/test_device.py: env ANNOTATED_LLAMA_TEST_DEVICE (default "cpu";
+    """The device of tests/inference/test_device.py: env ANNOTATED_LLAMA_TEST_DEVICE (default "cpu";
     "cuda" on a GPU machine, see bench/gpu_check.sh). A device that is not there fails the tests."""
     name = os.environ.get("ANNOTATED_LLAMA_TEST_DEVICE", "cpu")
     try:

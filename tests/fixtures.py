@@ -293,7 +293,7 @@ class RawHTTP:
 # ---- shared data and helpers of the training, fine-tuning, tokenizer and grammar tests ----------
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent / "assets"
 
 
 TINY = {"dim": 32, "n_layers": 2, "n_heads": 4, "vocab_size": -1, "multiple_of": 16, "max_seq_len": 64}

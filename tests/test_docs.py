@@ -506,7 +506,7 @@ def _check_tokenizer(ns):
 
 def _check_speed(ns):
     # The decode kernel's loop order, written in Python, on shapes other than the chapter's, against F.linear
-    # (and the kernel itself where it is built, which tests/test_backends.py requires).
+    # (and the kernel itself where it is built, which tests/inference/test_backends.py requires).
     import torch.nn.functional as F
     from annotated_llama.inference import matvec
     g = torch.Generator().manual_seed(4)

@@ -35,6 +35,18 @@ def test_every_package_has_a_layer():
     assert flat == {"__init__", "__main__"}, "a module outside the packages has no layer"
 
 
+def test_the_tests_mirror_the_packages():
+    # tests/<package>/ holds the tests of annotated_llama/<package>/; tests/ itself only the checks
+    # of the whole project (layers, docs, README, site) and the shared fixtures and assets
+    tests = Path(__file__).parent
+    dirs = {p.name for p in tests.iterdir() if p.is_dir() and p.name not in ("assets", "__pycache__")}
+    assert dirs == set(RANK) - {"default_model"}, "a test folder that names no package, or a package with no tests"
+    for d in dirs:
+        assert list((tests / d).glob("test_*.py")), d
+    assert {p.stem for p in tests.glob("test_*.py")} == {"test_layers", "test_docs", "test_readme", "test_site",
+                                                       "test_self_contained"}
+
+
 def test_layers_run_in_order():
     # the rule can fail: a package that imported a higher one would show up here
     assert RANK["core"] < RANK["weights"] < RANK["inference"] < RANK["serving"] < RANK["cli"]

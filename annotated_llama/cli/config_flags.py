@@ -12,7 +12,7 @@ excluded: a new field then fails loudly at `--help` instead of silently having n
 
 The class is read from its source file, not imported: train/loop.py pulls in torch.distributed
 and train/finetune.py the weight readers, and `--help` or a mistyped flag should not wait for
-them. tests/test_config_flags.py holds the result against the imported dataclass.
+them. tests/cli/test_config_flags.py holds the result against the imported dataclass.
 """
 
 from __future__ import annotations

@@ -242,7 +242,7 @@ class ModelArgs:
 # ---- presets --------------------------------------------------------------------------
 # Real sizes from the params.json files of Meta's releases (as HF's convert_llama_weights_to_hf.py
 # and llama.cpp's converters reproduce them) and the config.json files on the Hugging Face Hub;
-# vocab_size as shipped with each tokenizer. tests/test_config.py checks each released preset's
+# vocab_size as shipped with each tokenizer. tests/core/test_config.py checks each released preset's
 # parameter count and config.json against the published ones. Tiny presets are for tests and
 # documentation on a CPU.
 PRESETS: dict[str, dict] = {

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 # The gguf package's GGUFReader builds a numpy view per vocabulary entry: 13.6 s for Llama 3's
-# 128k-token, 280k-merge header (tests/data/llama3-bpe.gguf.xz) on this project's 2-core test
+# 128k-token, 280k-merge header (tests/assets/llama3-bpe.gguf.xz) on this project's 2-core test
 # machine, against 0.33 s with the vocabulary for the walk below, so the header is walked here
 # directly; tests check the result against GGUFReader. Layout (ggml's docs/gguf.md, v3): "GGUF", u32 version, u64 tensor
 # count, u64 kv count; kvs (string key, u32 type, value); tensor infos (string name, u32

@@ -59,7 +59,7 @@ def init_from_env(device: str = "cpu") -> tuple[int, int, str]:
 def teardown():
     if is_distributed():
         # a barrier first: destroying the group while a peer still runs a collective aborts
-        # (seen with gloo on CPU processes, tests/test_train_distributed.py)
+        # (seen with gloo on CPU processes, tests/train/test_train_distributed.py)
         dist.barrier()
         dist.destroy_process_group()
 

@@ -3,7 +3,7 @@
 The handlers read their bodies themselves (openai_schema.read_json: size limit, strict JSON), so
 FastAPI cannot infer the request schemas from their signatures; they are attached here, with the
 response bodies of each route and the error object every route may answer with. Clients (code
-generators) and fuzzers (schemathesis, in tests/test_server_fuzz.py) read this document.
+generators) and fuzzers (schemathesis, in tests/serving/test_server_fuzz.py) read this document.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ One record rendered with stanford_alpaca's prompt template (annotated_llama.data
 code): the model reads every token (top row), but the labels (bottom row) are -100 for the prompt, which
 cross_entropy ignores, and the answer's own ids followed by EOS, so the model is trained to write answers and to
 end them. Long runs of prompt tokens are elided in the middle. The tokenizer is LLaMA 1/2's 32,000-piece
-SentencePiece model shipped in tests/data.
+SentencePiece model shipped in tests/assets.
 """
 
 import sys
@@ -25,7 +25,7 @@ def main(out_dir: Path) -> Path:
     from annotated_llama import Tokenizer
     from annotated_llama.data.alpaca import IGNORE_INDEX, encode_record
 
-    tok = Tokenizer(REPO / "tests" / "data" / "llama-spm.model")
+    tok = Tokenizer(REPO / "tests" / "assets" / "llama-spm.model")
     ex = encode_record(tok, RECORD)
     n_prompt = ex.labels.count(IGNORE_INDEX)
     keep = list(range(8)) + [None] + list(range(n_prompt - 9, len(ex.ids)))  # elide the middle of the prompt

@@ -4,7 +4,7 @@
 
 Serves the trained default model (annotated_llama/default_model: 6.9M parameters, World English Bible) on
 127.0.0.1 with the package's own server, drives the page in Debian's headless Chromium through Playwright (no
-browser is downloaded; as tests/test_browser.py does), sends one prompt with the "none" template (the default
+browser is downloaded; as tests/serving/test_browser.py does), sends one prompt with the "none" template (the default
 model is a base model: it continues text) at a fixed seed, waits for the streamed answer to finish, and takes a
 screenshot. The answer shown is the model's, so it is the same on every run. A missing browser is an error.
 """

@@ -2,7 +2,7 @@
 
     python docs/figures/make_tokenization.py [OUT_DIR]   writes OUT_DIR/tokenization.png (default docs/figures/)
 
-Top: LLaMA 1/2's 32,000-piece SentencePiece BPE (tests/data/llama-spm.model). Bottom: the default model's
+Top: LLaMA 1/2's 32,000-piece SentencePiece BPE (tests/assets/llama-spm.model). Bottom: the default model's
 4,096-piece BPE, trained with LLaMA's settings on the World English Bible only
 (annotated_llama/default_model/tokenizer.model). Boxes show each piece as SentencePiece stores it (the leading
 space as an underscore-like mark, digits alone, unknown characters as UTF-8 byte pieces); colours cycle by
@@ -44,7 +44,7 @@ def main(out_dir: Path) -> Path:
     from annotated_llama.default_model import default_model_dir
 
     fig, ax = canvas(16, 7.0)
-    y = row(ax, 5.9, Tokenizer(REPO / "tests" / "data" / "llama-spm.model"), "LLaMA's 32,000-piece vocabulary")
+    y = row(ax, 5.9, Tokenizer(REPO / "tests" / "assets" / "llama-spm.model"), "LLaMA's 32,000-piece vocabulary")
     row(ax, y - 1.9, Tokenizer(default_model_dir() / "tokenizer.model"), "the default model's 4,096-piece vocabulary")
     shown = TEXT.replace("\U0001F999", "[U+1F999 LLAMA]")  # the font has no llama glyph; the boxes show its bytes
     ax.text(0.3, 0.2, f"text: {shown!r}", fontsize=8.5, color="#4a5568", family="DejaVu Sans Mono")

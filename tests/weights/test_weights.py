@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from annotated_llama import ModelArgs, Tokenizer, Transformer
 from annotated_llama import load_model, save_model
 
-from fixtures import cli
+from fixtures import DATA, cli
 
 transformers = pytest.importorskip("transformers")
 
@@ -177,7 +177,7 @@ def test_our_hf_export_loads_in_transformers(tmp_path, spm_path, monkeypatch):
     assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"] == 2
 
 
-DATA_TEXTS = [t for t in (__import__("pathlib").Path(__file__).parent / "data" / "llama-spm.inp")
+DATA_TEXTS = [t for t in (DATA / "llama-spm.inp")
               .read_text().split("\n__ggml_vocab_test__\n") if t]
 
 
@@ -274,7 +274,7 @@ def test_llama3_hf_export_tokenizes_like_tiktoken(tmp_path, llama3_tokenizer):
     args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=llama3_tokenizer.n_words, multiple_of=32)
     save_model(Transformer(args), llama3_tokenizer, tmp_path / "hf", format="hf", dtype="bf16")
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    texts = (__import__("pathlib").Path(__file__).parent / "data" / "llama3-bpe.inp").read_text()
+    texts = (DATA / "llama3-bpe.inp").read_text()
     for text in [t for t in texts.split("\n__ggml_vocab_test__\n") if t] + ["  x = 12345;\n\tnew line"]:
         assert auto(text)["input_ids"] == llama3_tokenizer.encode(text, bos=True, eos=False), repr(text)
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())

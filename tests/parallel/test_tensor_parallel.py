@@ -1,6 +1,6 @@
 """Tensor parallelism (annotated_llama/parallel/tensor_parallel.py, tp_checkpoint.py, tp_launch.py) on 2 and 4
 CPU processes under torchrun (gloo), against the single-process model. This file is also the worker script torchrun runs:
-`python tests/test_tensor_parallel.py MODE DIR`.
+`python tests/parallel/test_tensor_parallel.py MODE DIR`.
 
 The checkpoints are written here from one random tiny model, split by Meta's rules as this file
 states them (meta-llama/llama model.py's fairscale layers; HF convert_llama_weights_to_hf.py), independently of the module under test.
@@ -20,6 +20,9 @@ import pytest
 import torch
 
 from annotated_llama import ModelArgs, Transformer
+
+# tests/assets (not fixtures.DATA: torchrun runs this file as a script, without tests/ on the path)
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
 # GQA with H/K = 2, and everything divisible by 4 so a 4-shard checkpoint exists.
@@ -218,7 +221,7 @@ def checkpoints(tmp_path_factory):
     save_file({k: v.contiguous() for k, v in meta_to_hf_state_dict(sd, args).items()}, root / "hf" / "model.safetensors")
     cli = random_model({**TINY, "vocab_size": 32000}, seed=2)  # LLaMA's 32k tokenizer fits it
     save_meta(cli.state_dict(), cli.params, root / "cli", 2)
-    (root / "cli" / "tokenizer.model").write_bytes((Path(__file__).parent / "data" / "llama-spm.model").read_bytes())
+    (root / "cli" / "tokenizer.model").write_bytes((ASSETS / "llama-spm.model").read_bytes())
     big = random_model(MEMORY, seed=1)
     save_meta(big.state_dict(), big.params, root / "memory", 1)
     return root, exercise(model)

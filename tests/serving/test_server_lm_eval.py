@@ -1,5 +1,5 @@
 """EleutherAI's lm-evaluation-harness against the server: its `local-completions` model on a small
-local loglikelihood task (tests/data/lm_eval: which ending completes a King James Bible verse)
+local loglikelihood task (tests/assets/lm_eval: which ending completes a King James Bible verse)
 must give, item by item, the loglikelihoods that lm-eval's own `hf` model computes with
 transformers on our HF export of the same weights (within 1e-4).
 
@@ -19,9 +19,9 @@ from annotated_llama.cli.serve import run_in_thread
 from annotated_llama.serving.server import create_app
 from annotated_llama.weights import save_model
 
-from fixtures import tiny_model
+from fixtures import DATA, tiny_model
 
-TASK_DIR = Path(__file__).parent / "data" / "lm_eval"
+TASK_DIR = DATA / "lm_eval"
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,8 @@ from safetensors.torch import load_file
 
 from annotated_llama import ModelArgs, Tokenizer, Transformer
 
-from fixtures import RECORDS, cli
+from fixtures import RECORDS, REPO, cli
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def args6(shards, params_json, out, steps=6, *extra):  # noqa: F811

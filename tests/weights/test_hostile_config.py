@@ -16,7 +16,8 @@ import pytest
 
 from annotated_llama.core.config import LIMITS, ModelArgs
 
-REPO = Path(__file__).resolve().parents[1]
+from fixtures import REPO
+
 
 # (field in our/Meta's params.json, field in HF's config.json, GGUF key, absurd value)
 FIELDS = [

@@ -4,7 +4,6 @@ perplexity of a quantized model against the float model, checkpoints, the CLI.""
 import copy
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,9 @@ from annotated_llama.transforms.quantize import (Int4Linear, Int8Linear, pack_ni
                                       quantize_int8, quantize_model, read_quantization, save_quantized,
                                       unpack_nibbles)
 
-ROOT = Path(__file__).resolve().parents[1]
+from fixtures import REPO
+
+ROOT = REPO
 
 
 @pytest.fixture(scope="module")

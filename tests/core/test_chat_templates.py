@@ -1,5 +1,5 @@
 """The model's own chat template (template "model") against transformers' apply_chat_template on the
-same template strings (tests/data/chat_templates, sources in its SOURCES.md): rendered text and token
+same template strings (tests/assets/chat_templates, sources in its SOURCES.md): rendered text and token
 ids, tools and tool calls, special-token text inside messages, and the stop strings a template needs."""
 
 import json

@@ -12,9 +12,8 @@ from annotated_llama import ModelArgs, Tokenizer, load_model
 from annotated_llama.default_model import default_model_dir
 from annotated_llama.data.pretokenize import check_tokenizer, pretokenize
 
-from fixtures import cli
+from fixtures import REPO, cli
 
-REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "data/world-english-bible.txt.xz"
 
 

@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +18,10 @@ from rouge_score import rouge_scorer
 from annotated_llama.__main__ import main
 from annotated_llama.data.self_instruct import Config, Deduplicator, discard_reason, parse_reply, run, state_path
 
+from fixtures import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+
+ROOT = REPO
 SEEDS = ROOT / "data" / "seed_tasks.jsonl"
 
 

@@ -1,7 +1,7 @@
 """GGUF tensors into the int8/int4 kernels (weights/gguf_load.py): every type the `gguf` package
 dequantizes, checked against the package's own values; the per-tensor choice; files mixing types;
 tied embeddings; the loaded size. Files here are written with the package's GGUFWriter from raw
-blocks (the package cannot quantize K- and IQ-types; tests/test_gguf_llama_cpp.py uses llama.cpp's
+blocks (the package cannot quantize K- and IQ-types; tests/weights/test_gguf_llama_cpp.py uses llama.cpp's
 own quantizer)."""
 
 import numpy as np

@@ -28,7 +28,9 @@ from annotated_llama.transforms.quantize import Int4Linear, Int8Linear
 from annotated_llama.weights import load_model, save_model
 from annotated_llama.weights.gguf import read_gguf
 
-ROOT = Path(__file__).resolve().parents[1]
+from fixtures import REPO
+
+ROOT = REPO
 # (llama.cpp file type, the bound on max |logit difference| / max |logit|): types whose values our
 # kernels hold exactly or per row in int8 within 3%; the types re-fit into int4 (fit_int4) within 8%
 TYPES = {"Q8_0": 0.03, "Q6_K": 0.03, "Q5_K_M": 0.03, "Q5_K_S": 0.03, "Q5_1": 0.03, "Q5_0": 0.03,

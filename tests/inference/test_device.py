@@ -3,7 +3,7 @@ ANNOTATED_LLAMA_TEST_DEVICE (default cpu, so CI runs every test; `cuda` on a GPU
 bench/gpu_check.sh does), each checked against a CPU float32 reference computed in the test.
 
 Stated bounds (max |error| relative to the range of the reference logits unless said otherwise):
-float32 on the device 1e-4 absolute (as tests/test_model.py against HF); a bfloat16 model 0.02;
+float32 on the device 1e-4 absolute (as tests/core/test_model.py against HF); a bfloat16 model 0.02;
 int8 0.02 and int4 0.15 from float32 (a CPU measures 0.005 and 0.06 on the default model), and
 0.02 between the same quantized weights on the device and on the CPU. Greedy tokens: at every
 step, the token a path chose is within `tol` of the CPU float32 model's best logit (given the
@@ -22,9 +22,9 @@ import torch
 from annotated_llama import ModelArgs, Transformer
 from annotated_llama.transforms.quantize import Int4Linear, Int8Linear, quantize_model
 
-from fixtures import NumberVocab
+from fixtures import NumberVocab, REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 # Read at collection time too: compiled-step tests exist only where they exercise CUDA graphs
 # (on a CPU, inductor's C++ build takes tens of seconds per model).
 ON_CUDA = os.environ.get("ANNOTATED_LLAMA_TEST_DEVICE", "cpu").startswith("cuda")
@@ -356,7 +356,7 @@ if not ON_CUDA and not os.environ.get("GPU_CHECK_RUNNING"):  # not from inside t
         import json
         import subprocess
         env = {**os.environ, "GPU_CHECK_SMALL": "1", "OUT": str(tmp_path),
-               "GPU_CHECK_PYTEST_ARGS": "tests/test_device.py::test_device_is_the_one_asked_for"}
+               "GPU_CHECK_PYTEST_ARGS": "tests/inference/test_device.py::test_device_is_the_one_asked_for"}
         proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], env=env, capture_output=True,
                               text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]

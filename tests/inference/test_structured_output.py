@@ -16,15 +16,14 @@ from annotated_llama import ModelArgs, Tokenizer, Transformer
 from annotated_llama.inference.structured_output import (Constraint, check_strict_schema, response_format_grammar,
                                                token_bytes, tool_call_grammar, vocabulary)
 
-from fixtures import SCHEMAS, obj
+from fixtures import DATA, SCHEMAS, obj
 
 ROWS = 100
 
 
 @pytest.fixture(scope="module")
 def spm():
-    from pathlib import Path
-    return Tokenizer(Path(__file__).parent / "data" / "llama-spm.model")
+    return Tokenizer(DATA / "llama-spm.model")
 
 
 @pytest.fixture(scope="module")
@@ -122,9 +121,8 @@ BACKENDS = ["sentencepiece", "gguf-sentencepiece", "gguf-tiktoken", "json-byte-l
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_vocabulary_for_each_backend(backend, spm, llama3_tokenizer, request):
-    from pathlib import Path
     tok = {"sentencepiece": lambda: spm, "gguf-tiktoken": lambda: llama3_tokenizer,
-           "gguf-sentencepiece": lambda: Tokenizer(Path(__file__).parent / "data" / "llama-spm.gguf"),
+           "gguf-sentencepiece": lambda: Tokenizer(DATA / "llama-spm.gguf"),
            "json-byte-level": lambda: Tokenizer(request.getfixturevalue("llama3_tokenizer_json")),
            "json-sentencepiece": lambda: Tokenizer(request.getfixturevalue("llama2_tokenizer_json"))}[backend]()
     vocab = vocabulary(tok)

@@ -13,7 +13,7 @@ from annotated_llama.data.alpaca import render_prompt
 from annotated_llama.data.instruct_tasks import evaluate
 from annotated_llama.transforms.lora import lora_modules
 
-from fixtures import RECORDS, greedy_reference
+from fixtures import RECORDS, REPO, greedy_reference
 
 
 
@@ -167,11 +167,10 @@ def test_more_train_leaves_the_heldout_split_and_never_leaks():
 
 
 def test_committed_training_split_shows_no_heldout_question():
-    from pathlib import Path
 
     from annotated_llama.data.alpaca import load_records
 
-    root = Path(__file__).resolve().parents[1] / "data" / "instruct"
+    root = REPO / "data" / "instruct"
     train, held = load_records(root / "train.jsonl"), load_records(root / "heldout.jsonl")
     assert len(held) == 210 and len(train) > 10_000
     pairs = {(r["instruction"], r["input"]) for r in held}

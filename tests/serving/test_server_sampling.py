@@ -86,7 +86,7 @@ def test_penalties_and_logit_bias_equal_the_reference_and_the_engine(served, cli
     with concurrent.futures.ThreadPoolExecutor(3) as pool:  # one batch: each row with its own settings
         got = [r.choices[0].text for r in pool.map(ask, settings)]
     assert got == [decode_continuation(tok, prompt, w) for w in wants]
-    engine = Engine(model, tok, max_batch_size=4)  # the engine itself, as tests/test_engine.py checks it
+    engine = Engine(model, tok, max_batch_size=4)  # the engine itself, as tests/inference/test_engine.py checks it
     params = [SamplingParams(temperature=0, max_tokens=12, **s) for s in settings]
     with torch.inference_mode():
         assert [s.output for s in engine.run([prompt] * 3, params)] == wants
