@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import pickle
 import sys
 
 COMMANDS = {  # name: (module under annotated_llama.cli, one-line help)
@@ -83,15 +84,11 @@ def main(argv=None) -> int:
 
 
 def _is_user_error(e: BaseException) -> bool:
-    import pickle
-
     ours = type(e).__module__.split(".")[0] == __package__
     return isinstance(e, USER_ERRORS + (pickle.UnpicklingError,)) or ours or _peer_gone(e)
 
 
 def _one_line(e: BaseException) -> str:
-    import pickle
-
     if isinstance(e, pickle.UnpicklingError):  # torch's text advises weights_only=False: never
         return "refused to load a file holding pickled code or objects, not just tensors"
     if _peer_gone(e):

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import math
 import re
+import sys
 
 from ..core.sampling import LIMITS
 
@@ -135,8 +136,6 @@ def decode_utf8(data: bytes, what: str = "stdin") -> str:
 
 def read_stdin(line: bool = False) -> str:
     """All of stdin (or one line of it), decoded strictly as UTF-8; "" at the end of input."""
-    import sys
-
     buffer = getattr(sys.stdin, "buffer", None)
     if buffer is None:  # already a text stream (an embedding program's, a test's StringIO)
         return sys.stdin.readline() if line else sys.stdin.read()

@@ -9,6 +9,8 @@ files are kept (verified), partial ones resume. Every file name the remote side 
 inside --dest; a different file already there is replaced only with --force.
 """
 
+from pathlib import Path
+
 from . import argtypes
 
 
@@ -36,8 +38,6 @@ def add_arguments(p):
 
 
 def run(args):
-    from pathlib import Path
-
     from ..weights.download import download_file, download_meta, remote_name, safe_path
 
     for flag, value, mode in (("--revision", args.revision, args.hf), ("--include", args.include, args.hf),

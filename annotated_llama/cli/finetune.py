@@ -8,7 +8,6 @@ import json
 
 from . import argtypes, config_flags
 
-
 CONFIG = "annotated_llama.train.finetune:FinetuneConfig"
 RENAME = {"allow_changed": "--allow-changed-flags"}
 HELP = {"allow_changed": "with --resume: continue even if run-defining flags (--lr, --batch-size...) changed"}

@@ -8,9 +8,9 @@ a bad input is one line); or under `torchrun --nproc_per_node N -m annotated_lla
 import json
 import os
 import sys
+from pathlib import Path
 
 from . import argtypes, config_flags
-
 
 CONFIG = "annotated_llama.train.loop:TrainConfig"  # its fields are the training flags (cli/config_flags.py)
 # Fields the command sets itself: the run's identity (data, model, flags) and the model's FLOPs
@@ -46,8 +46,6 @@ def add_arguments(p):
 
 def run(args):
     import torch
-
-    from pathlib import Path
 
     from ..core.outputs import check_output
     from ..train.loop import TrainConfig

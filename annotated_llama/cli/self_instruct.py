@@ -4,7 +4,10 @@ Generates Alpaca-format records (JSON Lines) through any OpenAI-compatible endpo
 annotated_llama/data/self_instruct.py. Re-running the same command after an interruption resumes it.
 """
 
+import importlib.util
 import json
+import sys
+from pathlib import Path
 
 
 def add_arguments(p):
@@ -31,12 +34,10 @@ def add_arguments(p):
 
 
 def run(args):
-    import importlib.util
-
-    from pathlib import Path
 
     from ..core.outputs import check_output
-    from ..data.self_instruct import Config, run as generate, state_path
+    from ..data.self_instruct import Config, state_path
+    from ..data.self_instruct import run as generate
 
     # the rule of every writer (cli/outputs.py); an --out with its state file is a run to resume
     out = Path(args.out)
@@ -57,7 +58,6 @@ def run(args):
     report = generate(cfg)
     print(json.dumps(report))
     reasons = ", ".join(f"{k} {v}" for k, v in report["discarded"].items()) or "none"
-    import sys
     print(f"self-instruct: requested {report['requested']}, parsed {report['parsed']}, kept {report['kept']}; "
           f"discarded: {reasons}; retries {report['retries']}", file=sys.stderr)
     if not report["complete"]:

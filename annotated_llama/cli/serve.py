@@ -14,8 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import resource
+import signal
+import socket
+import sys
 import threading
 import time
+import types
+from datetime import timedelta
+from pathlib import Path
 
 
 def add_arguments(p):
@@ -69,7 +77,6 @@ def check_args(args):
 
 def run(args):
     check_args(args)
-    from pathlib import Path
 
     path = args.model
     if path is None:
@@ -106,8 +113,6 @@ def run(args):
 
 def bind(host: str, port: int):
     """A listening socket on host:port, or a one-line OSError (port in use, unknown host)."""
-    import socket
-
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                              flags=socket.AI_PASSIVE)[0]
@@ -121,8 +126,6 @@ def bind(host: str, port: int):
 
 
 def make_app(args, path, model=None, tokenizer=None, **kw):
-    from pathlib import Path
-
     from ..serving.server import create_app
 
     name = args.model_name or Path(str(path)).resolve().name
@@ -136,8 +139,6 @@ def make_app(args, path, model=None, tokenizer=None, **kw):
 
 
 def default_max_connections() -> int:
-    import resource
-
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return max(16, min(512, soft // 2 if soft != resource.RLIM_INFINITY else 512))
 
@@ -183,11 +184,6 @@ def run_tensor_parallel(args, path, dtype):
     (an idle server may wait for days), so they ignore SIGINT/SIGTERM: Ctrl-C or a SIGTERM reaches
     rank 0 (sent on by the relaunching process, tp_launch.relaunch, or by torchrun), which stops
     uvicorn and then tells the followers to stop."""
-    import os
-    import signal
-    import sys
-    from datetime import timedelta
-
     from ..parallel import tp_launch
 
     if "WORLD_SIZE" in os.environ and int(os.environ.get("RANK", 0)) > 0:  # a follower
@@ -210,8 +206,6 @@ def run_in_thread(app, host: str = "127.0.0.1", port: int = 0, log_level: str = 
     """A real uvicorn server for `app` on a background thread (tests, benchmarks, docs), with the
     same protocol limits as `serve` (`limits`: header_timeout, body_timeout, max_connections);
     yields its base URL. port 0: any free port."""
-    import types
-
     import uvicorn
 
     config = uvicorn_config(app, types.SimpleNamespace(**limits), log_level=log_level)

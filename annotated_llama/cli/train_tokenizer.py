@@ -15,10 +15,9 @@ def add_arguments(p):
 
 
 def run(args):
+    from ..core.outputs import check_output
     from ..core.tokenizer import Tokenizer
     from ..train.tokenizer_training import train_tokenizer
-
-    from ..core.outputs import check_output
 
     check_output(Path(args.out) / "tokenizer.model", force=args.force, inputs=args.corpus)
     path = train_tokenizer(args.corpus, args.vocab_size, args.out, character_coverage=args.character_coverage)

@@ -38,6 +38,15 @@ class CacheFull(RuntimeError):
     """The cache has no room for what was asked (its `max_tokens` budget is spent)."""
 
 
+class ContextFull(ValueError):
+    """A request's prompt + max_tokens beyond the model's context (Engine.check with exact=True)."""
+
+    def __init__(self, n_ctx: int, prompt_len: int, max_tokens: int):
+        super().__init__(f"the prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceed the context "
+                         f"of {n_ctx} tokens")
+        self.n_ctx, self.prompt_len, self.max_tokens = n_ctx, prompt_len, max_tokens
+
+
 class KVCache:
     """Paged keys and values for `n_layers` layers: `KVCache(n_layers, n_kv_heads, head_dim,
     max_tokens=4096)`. Sequences are named by any hashable id."""

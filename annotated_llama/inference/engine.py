@@ -35,7 +35,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..core.kv_cache import CacheFull, KVCache
+from ..core.kv_cache import CacheFull, ContextFull, KVCache
 from ..core.sampling import (SamplingParams, apply_logit_bias, apply_openai_penalties, apply_repetition_penalty,
                        make_generator, sample)
 from .streaming import TextStream
@@ -92,11 +92,9 @@ class Sequence:
 
 class Engine:
     """`Engine(model, tokenizer, max_batch_size=8)`; `add(prompt_ids, SamplingParams(...))`; call
-    `step()` until `has_work` is false (or `run(...)` for the whole batch).
-
-    kv_tokens: the cache budget in token positions (default max_batch_size x the context; memory
-    is only taken as tokens arrive). seed: the generator that seeds requests without a seed.
-    """
+    `step()` until `has_work` is false (or `run(...)` for the whole batch). kv_tokens: the cache
+    budget in token positions (default max_batch_size x the context; memory is only taken as tokens
+    arrive). seed: the generator that seeds requests without a seed."""
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, kv_tokens: Optional[int] = None,
                  block_size: int = 16, prefill_chunk: int = PREFILL_CHUNK, seed: int = 1,
@@ -122,12 +120,15 @@ class Engine:
 
     # ---- requests --------------------------------------------------------------------------
 
-    def check(self, prompt: list[int], params: SamplingParams) -> int:
-        """Raise ValueError for a request that can never run; else its budget of new tokens."""
+    def check(self, prompt: list[int], params: SamplingParams, exact: bool = False) -> int:
+        """The one context check: ValueError for a request that can never run, else its budget of new
+        tokens: max_tokens cut to the context (Meta's generate), or with `exact` ContextFull (OpenAI's)."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         if len(prompt) == 0:
             raise ValueError("the prompt is empty: it needs at least one token (e.g. BOS)")
+        if exact and len(prompt) + (params.max_tokens or 1) > self.max_seq_len:
+            raise ContextFull(self.max_seq_len, len(prompt), params.max_tokens or 1)
         if len(prompt) >= self.max_seq_len:
             raise ValueError(f"the prompt has {len(prompt)} tokens but the context is {self.max_seq_len} tokens: "
                              "no room to generate (shorten the prompt or raise max_seq_len)")

@@ -27,6 +27,7 @@ from typing import Optional
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from ..core.kv_cache import ContextFull
 from .openai_logprobs import chat_logprobs, completion_logprobs, mean_logprob
 from .openai_schema import APIError
 from .scheduler import Event, QueueFull, SamplingParams
@@ -62,6 +63,22 @@ class Shape:
     obfuscate: bool = False
     rid: str = field(default="")
     created: int = 0
+
+
+def check_fits(engine, ids: list[int], max_tokens: int, chat: bool):
+    """The engine's context check with OpenAI's rule (prompt + max_tokens must fit) and its error text,
+    before any grammar is compiled or a job submitted."""
+    where = "messages" if chat else "prompt"
+    try:
+        engine.check(ids, SamplingParams(max_tokens=max_tokens), exact=True)
+    except ContextFull as e:
+        raise APIError(400, f"This model's maximum context length is {e.n_ctx} tokens. However, you requested "
+                            f"{e.prompt_len + e.max_tokens} tokens ({e.prompt_len} in the {where}, {e.max_tokens} "
+                            f"in the completion). Please reduce the length of the {where} or completion.",
+                       param=where, code="context_length_exceeded") from None
+    except ValueError as e:  # over the KV budget: it can never be admitted
+        raise APIError(400, f"{e}; reduce max_tokens or the {where}", param="max_tokens",
+                       code="context_length_exceeded") from None
 
 
 def usage(prompt: int, completion: int) -> dict:

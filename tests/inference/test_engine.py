@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from annotated_llama import Tokenizer
+from annotated_llama.core.kv_cache import ContextFull
 from annotated_llama.inference.engine import Engine
 from annotated_llama.core.sampling import SamplingParams
 
@@ -253,3 +254,16 @@ def test_the_divisors_of_the_logits_refuse_subnormals(model, tok, name, value, o
     with torch.inference_mode():  # and what is allowed samples real tokens (no NaN reaches the draw)
         (s,) = Engine(model, tok).run(prompts([5]), params)
     assert len(s.output) == 4
+
+
+def test_the_one_context_check_clamps_or_refuses(model, tok):
+    # Meta's generate cuts max_tokens to the context; OpenAI's API refuses (exact=True): one rule, two policies
+    engine = Engine(model, tok, max_batch_size=2)
+    prompt = prompts([10])[0]
+    assert engine.check(prompt, SamplingParams(max_tokens=90)) == 96 - 10
+    assert engine.check(prompt, SamplingParams(max_tokens=86), exact=True) == 86
+    with pytest.raises(ContextFull) as e:
+        engine.check(prompt, SamplingParams(max_tokens=87), exact=True)
+    assert (e.value.n_ctx, e.value.prompt_len, e.value.max_tokens) == (96, 10, 87)
+    with pytest.raises(ValueError, match="no room"):
+        engine.check(prompts([96])[0], SamplingParams(max_tokens=1))
