@@ -69,7 +69,7 @@ def context_window(client, cfg) -> int | None:
 def token_counter(cfg):
     """count(prompt) -> tokens as the endpoint will see the request: its /tokenize (ours, vLLM's),
     with the chat template for the chat API; else an estimate of two bytes a token plus 16."""
-    import httpx
+    import httpx  # here: comes with the self-instruct extra (openai), not a dependency of the package
 
     url = _root(cfg) + "/tokenize"
     headers = {"Authorization": f"Bearer {cfg.api_key or os.environ.get('OPENAI_API_KEY') or 'none'}"}
