@@ -10,15 +10,20 @@ to `token_embd.weight` (llama.cpp's llama-model.cpp falls back to it; Llama 3.2 
 
 Types written (gguf.quants.quantize): F32, F16, BF16 and the 32-weight block types Q8_0, Q5_1,
 Q5_0, Q4_1, Q4_0 (blocks of ggml-common.h: e.g. Q8_0 is w ~ d * q, q int8, one fp16 d per 32
-weights). Reading every type into our kernels, one tensor at a time: gguf_load.py.
+weights). Reading the tensors (as a float state dict, or into our kernels one tensor at a time):
+gguf_load.py.
 """
 
 from __future__ import annotations
 
+import mmap
+import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from sentencepiece import sentencepiece_model_pb2 as pb
 
 from ..core.config import ModelArgs
 from ..core.gguf_file import read_gguf
@@ -34,7 +39,9 @@ OUR_KEYS = "annotated_llama.rope."  # the 3.1 scaling parameters themselves (lla
 
 
 def _gguf():
-    import gguf  # llama.cpp's package: imported on use, so the rest of the package never needs it
+    # llama.cpp's package, imported on first use: ~150 ms (it loads yaml), which loading any other
+    # format (and `annotated-llama generate` with the embedded model) would pay for nothing
+    import gguf
 
     return gguf
 
@@ -81,8 +88,6 @@ def _add_tokenizer(w, tokenizer, g) -> None:
         scores = [sp.get_score(i) for i in range(n)]
         types = [GGUF_CONTROL if sp.is_control(i) else GGUF_UNKNOWN if sp.is_unknown(i) else GGUF_BYTE
                  if sp.is_byte(i) else GGUF_UNUSED if sp.is_unused(i) else GGUF_NORMAL for i in range(n)]
-        from sentencepiece import sentencepiece_model_pb2 as pb
-
         proto = pb.ModelProto.FromString(sp.serialized_model_proto())
         w.add_tokenizer_model("llama")  # SentencePiece BPE with scores
         w.add_tokenizer_pre("default")
@@ -160,15 +165,13 @@ def save_gguf(path: Path, args: ModelArgs, sd: dict[str, torch.Tensor], tokenize
     w.close()
 
 
-# ---- reading: the header through core/gguf_file.py, the tensors here ------------------------
+# ---- reading: the header (core/gguf_file.py) and tensor table; the tensors: gguf_load.py -----
 
 def release_pages(raw: np.ndarray, whole_file: bool = False) -> None:
     """Drop the mapped file pages under `raw` (a view read_gguf made), or under the whole file,
     from this process's resident memory: they stay in the page cache, and a later read maps them
     again. Only while loading, when no mapped byte has been written (madvise(MADV_DONTNEED) on a
     private mapping would discard written pages)."""
-    import mmap
-
     view = raw
     while not isinstance(view, memoryview):  # slices of np.frombuffer(mm), itself a view of a memoryview
         view = view.base
@@ -197,7 +200,7 @@ def open_gguf(path: Path):
     g = _gguf()
     try:
         meta, tensors, _ = read_gguf(path)
-    except (ValueError, OSError, UnicodeDecodeError, __import__("struct").error) as e:
+    except (ValueError, OSError, UnicodeDecodeError, struct.error) as e:
         raise ValueError(f"{path}: not a readable GGUF file ({e})") from None
 
     def get(key, default=None):
@@ -247,19 +250,6 @@ def open_gguf(path: Path):
     return args, raw, rope_freqs
 
 
-def load_gguf(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """(args, state dict): float tensors mapped as stored, quantized ones dequantized to
-    float32 (the whole model: load_model reads a quantized file into kernels instead)."""
-    from .gguf_load import check_types, dequantize
-
-    g = _gguf()
-    args, raw, _ = open_gguf(path)
-    check_types(raw, path)
-    sd = {name: float_tensor(*entry, g) if entry[0].name in FLOAT_TYPES else dequantize(*entry)
-          for name, entry in raw.items()}
-    return args, sd  # tied: no output.weight (build_model ties it)
-
-
 def is_quantized(path: Path) -> bool:
     """Whether a GGUF file holds any quantized (not F32/F16/BF16) tensor."""
     return any(t[0].name not in FLOAT_TYPES for t in open_gguf(path)[1].values())
@@ -269,10 +259,6 @@ def gguf_tokenizer(path: Path):
     """The Tokenizer of a GGUF file without reading its tensor data: Tokenizer(path) reads the
     whole file (S bytes, twice over), so hand it a vocabulary-only copy of the header instead
     (magic, version, zero tensors, the key/value section)."""
-    import struct
-    import tempfile
-
-
     _, _, kv_end = read_gguf(path)
     with open(path, "rb") as f:
         header = f.read(kv_end)
