@@ -88,9 +88,8 @@ def _read(mm, vocabulary: bool, tensors: bool):
     kv_end = pos
     if not tensors:
         return meta, {}, kv_end
-    # llama.cpp's package, for the GGML types and their block sizes; imported here, not at the top:
-    # it costs ~150 ms (it loads yaml) and `import annotated_llama` reads vocabularies through this module
-    import gguf as g
+    # llama.cpp's package: the GGML types and their block sizes
+    import gguf as g  # here: ~150 ms to import (yaml), and `import annotated_llama` loads this module
     infos = []
     for _ in range(n_tensors):
         name = string()

@@ -39,9 +39,7 @@ OUR_KEYS = "annotated_llama.rope."  # the 3.1 scaling parameters themselves (lla
 
 
 def _gguf():
-    # llama.cpp's package, imported on first use: ~150 ms (it loads yaml), which loading any other
-    # format (and `annotated-llama generate` with the embedded model) would pay for nothing
-    import gguf
+    import gguf  # here: ~150 ms to import (yaml), which loading any other format would pay for nothing
 
     return gguf
 
