@@ -113,13 +113,20 @@ def _add_tokenizer(w, tokenizer, g) -> None:
     w.add_add_eos_token(False)
 
 
-def save_gguf(path: Path, args: ModelArgs, sd: dict[str, torch.Tensor], tokenizer, dtype=None) -> None:
+def save_gguf(path: Path, args: ModelArgs, sd: dict[str, torch.Tensor | tuple[np.ndarray, object]], tokenizer,
+              dtype=None) -> None:
     """Write a GGUF file llama.cpp runs as is. dtype: a key of file_types() (None: the
-    model's own 16-bit type, else f32). A tied model writes no output.weight."""
+    model's own 16-bit type, else f32). A tied model writes no output.weight.
+
+    A value of `sd` may instead be a tensor already in a GGML type, (array, GGMLQuantizationType),
+    written as it is: a block type's raw bytes (uint8, a row of bytes per matrix row, as
+    gguf.quants.quantize returns them) or a plain array of a float or integer type. A file then
+    mixes types as llama.cpp's quantizer makes them, K- and IQ-types included."""
     g = _gguf()
     if tokenizer is None:
         raise ValueError(f"{path}: GGUF embeds the vocabulary; a tokenizer is needed")
-    stored = sd["tok_embeddings.weight"].dtype
+    emb = sd["tok_embeddings.weight"]
+    stored = emb.dtype if isinstance(emb, torch.Tensor) else torch.float32
     key = str(dtype).lower() if dtype is not None else {torch.float16: "f16", torch.bfloat16: "bf16"}.get(stored, "f32")
     key = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "torch.float32": "f32",
            "torch.float16": "f16", "torch.bfloat16": "bf16"}.get(key, key)
@@ -155,7 +162,7 @@ def save_gguf(path: Path, args: ModelArgs, sd: dict[str, torch.Tensor], tokenize
         tensors.pop("output.weight", None)
     for name, t in tensors.items():
         head = name == "output.weight" or (tied and name == "tok_embeddings.weight")
-        array, ttype = _encode(t.detach().cpu(), qtype, g, head)
+        array, ttype = t if isinstance(t, tuple) else _encode(t.detach().cpu(), qtype, g, head)
         w.add_tensor(name if name == ROPE_FREQS else rename(name, META_TO_GGUF), array, raw_dtype=ttype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
