@@ -8,12 +8,11 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 
 def read_safetensors(path) -> dict[str, torch.Tensor]:
     """Every tensor of a .safetensors file, memory-mapped (read lazily, copy-on-write)."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             return {name: f.get_tensor(name) for name in f.keys()}

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 import tiktoken
+from sentencepiece import sentencepiece_model_pb2 as pb
+from tokenizers import Tokenizer as HFTokenizer
 
 from .gguf_file import read_gguf
 from .hf_files import eos_ids, read_model_files, sampling_defaults, token_text
@@ -106,8 +108,6 @@ class Tokenizer:
         self.stop_ids = {specials[name] for name in STOP_NAMES if name in specials}
 
     def _init_tokenizers(self, data: bytes):
-        from tokenizers import Tokenizer as HFTokenizer
-
         try:
             self._json = data.decode("utf-8")
             self.hf = HFTokenizer.from_str(self._json)
@@ -244,7 +244,6 @@ class Tokenizer:
         the special id, as transformers tokenizes apply_chat_template's output. Never for user text."""
         if self.hf is not None:
             if self._hf_templates is None:
-                from tokenizers import Tokenizer as HFTokenizer
                 self._hf_templates = HFTokenizer.from_str(self._json)  # encode_special_tokens off
             return self._hf_templates.encode(text, add_special_tokens=False).ids
         # SentencePiece and tiktoken: cut at the specials' text, encode the rest as text
@@ -266,8 +265,6 @@ class Tokenizer:
             elif self.tt is not None:
                 tokens = dict(self.special_tokens)
             else:
-                from sentencepiece import sentencepiece_model_pb2 as pb
-
                 m = pb.ModelProto()
                 m.ParseFromString(self.sp.serialized_model_proto())  # the Python API has no is_user_defined
                 kinds = (m.SentencePiece.CONTROL, m.SentencePiece.UNKNOWN, m.SentencePiece.USER_DEFINED)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
+from sentencepiece import sentencepiece_model_pb2 as pb
+
 # GGUF token types (llama.cpp's llama_token_type)
 GGUF_NORMAL, GGUF_UNKNOWN, GGUF_CONTROL, GGUF_USER_DEFINED, GGUF_UNUSED, GGUF_BYTE = 1, 2, 3, 4, 5, 6
 
@@ -46,8 +48,6 @@ def _gpt2_bytes_to_unicode() -> dict[int, str]:
 def _sentencepiece_proto(tokens, scores, types, unk_id, bos_id, eos_id, add_space_prefix) -> bytes:
     # Rebuild a SentencePiece ModelProto with LLaMA's trainer and normalizer settings
     # (BPE, split digits, byte fallback, identity normalization, dummy prefix).
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
     m = pb.ModelProto()
     kinds = {GGUF_NORMAL: pb.ModelProto.SentencePiece.NORMAL, GGUF_UNKNOWN: pb.ModelProto.SentencePiece.UNKNOWN,
              GGUF_CONTROL: pb.ModelProto.SentencePiece.CONTROL,

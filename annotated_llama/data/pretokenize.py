@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
 from ..core.tokenizer import Tokenizer
 
 VAL_OFFSET = 7  # which residue of the document index goes to validation
@@ -43,7 +47,6 @@ def read_corpus(paths) -> str:
     for p in map(Path, paths):
         if not p.is_file():
             raise FileNotFoundError(f"{p}: corpus file not found")
-        import lzma
         try:
             if p.suffix == ".xz":
                 with lzma.open(p) as f:
@@ -123,9 +126,6 @@ def _write_tokens(path: Path, ids: np.ndarray):
 
 def pretokenize(corpora, tokenizer_path, out_dir, val_every: int = 40, progress: bool = True) -> dict:
     """Encode `corpora` with the tokenizer at `tokenizer_path` into OUT/{train,val}.bin + meta.json."""
-    from tqdm import tqdm
-
-
     tok = Tokenizer(tokenizer_path)
     docs = documents(read_corpus(corpora))
     train_docs, val_docs = split_train_val(docs, val_every)
@@ -147,7 +147,6 @@ def pretokenize(corpora, tokenizer_path, out_dir, val_every: int = 40, progress:
             "val_documents": len(val_docs), "val_every": val_every, "val_offset": VAL_OFFSET,
             "corpora": [Path(c).name for c in corpora]}
     if Path(tokenizer_path).resolve() != (out / "tokenizer.model").resolve():
-        import shutil
         shutil.copyfile(tokenizer_path, out / "tokenizer.model.tmp")
         os.replace(out / "tokenizer.model.tmp", out / "tokenizer.model")  # pretrain finds it here
     tmp = out / "meta.json.tmp"

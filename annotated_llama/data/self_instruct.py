@@ -96,7 +96,7 @@ class Deduplicator:
     """ROUGE-L F-measure against every instruction kept so far (rouge-score's tokenizer)."""
 
     def __init__(self, threshold: float = ROUGE_THRESHOLD):
-        from rouge_score import rouge_scorer
+        from rouge_score import rouge_scorer  # here: the self-instruct extra, not installed by default (and ~2 s)
 
         self.scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
         self.threshold = threshold
@@ -169,7 +169,7 @@ class EndpointError(OSError):
 
 
 def _client(cfg: Config):
-    from openai import OpenAI
+    from openai import OpenAI  # here: the self-instruct extra, not installed by default (and ~1 s)
 
     base = cfg.endpoint.rstrip("/")
     if re.fullmatch(r"https?://[^/]+", base):  # a bare host: the API lives under /v1
@@ -182,7 +182,7 @@ def _client(cfg: Config):
 def request(client, cfg: Config, prompt: str, lead: str, stats: Counter, max_tokens: int | None = None
             ) -> tuple[str, str]:
     """(reply text including the task header the prompt ended with, finish_reason), with retries."""
-    import openai
+    import openai  # here: the self-instruct extra, not installed by default
 
     for attempt in range(cfg.max_retries + 1):
         try:

@@ -10,7 +10,10 @@ example, and about a hundred tokens of reply.
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
+import urllib.request
 
 NO_INPUT = "<noinput>"
 
@@ -69,21 +72,22 @@ def context_window(client, cfg) -> int | None:
 def token_counter(cfg):
     """count(prompt) -> tokens as the endpoint will see the request: its /tokenize (ours, vLLM's),
     with the chat template for the chat API; else an estimate of two bytes a token plus 16."""
-    import httpx
-
     url = _root(cfg) + "/tokenize"
-    headers = {"Authorization": f"Bearer {cfg.api_key or os.environ.get('OPENAI_API_KEY') or 'none'}"}
+    headers = {"Authorization": f"Bearer {cfg.api_key or os.environ.get('OPENAI_API_KEY') or 'none'}",
+               "Content-Type": "application/json"}
     works = [True]
 
     def count(prompt: str) -> int:
         if works[0]:
             body = {"model": cfg.model, **({"prompt": prompt} if cfg.api == "completions" else
                                            {"messages": [{"role": "user", "content": prompt}]})}
-            try:
-                r = httpx.post(url, json=body, headers=headers, timeout=cfg.timeout)
-                if r.status_code == 200 and isinstance(r.json().get("count"), int):
-                    return r.json()["count"]
-            except (httpx.HTTPError, ValueError):
+            request = urllib.request.Request(url, json.dumps(body).encode(), headers, method="POST")
+            try:  # a 4xx/5xx answer is an HTTPError: an OSError, as a refused connection or a timeout is
+                with urllib.request.urlopen(request, timeout=cfg.timeout) as r:
+                    reply = json.loads(r.read()) if r.status == 200 else None
+                if isinstance(reply, dict) and isinstance(reply.get("count"), int):
+                    return reply["count"]
+            except (OSError, ValueError, http.client.HTTPException):
                 pass
             works[0] = False  # no /tokenize here: estimate from now on
         return len(prompt.encode("utf-8")) // 2 + 16

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 import threading
 import time
 import types
@@ -177,8 +178,7 @@ def _compile_options(model) -> dict:
 
 def compile_available() -> bool:
     """Whether "auto" may compile: inductor needs a C++ compiler on the CPU (Triton on a GPU)."""
-    from shutil import which
-    return any(which(c) for c in ("g++", "c++", "clang++"))
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 
 
 def runner_state(runner) -> dict:

@@ -42,7 +42,9 @@ import threading
 import weakref
 from typing import Optional
 
+import llguidance
 import torch
+
 from ..core.tokenizer_formats import _gpt2_bytes_to_unicode
 
 OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -116,8 +118,6 @@ class _Wrapper:
 def vocabulary(tokenizer):
     """llguidance's LLTokenizer for our Tokenizer (SentencePiece, tiktoken, GGUF or tokenizer.json),
     once per tokenizer object: ~0.1 s for 32k pieces, ~1 s for Llama 3's 128k."""
-    import llguidance
-
     with _lock:
         if tokenizer not in _cache:
             stops = sorted(tokenizer.stop_ids)
@@ -159,8 +159,6 @@ class Grammar:
     """A compiled grammar for one request; `constraint()` gives each row its own state."""
 
     def __init__(self, grammar: str, tokenizer):
-        import llguidance
-
         self.text, self.tokenizer = grammar, tokenizer
         self.vocab = vocabulary(tokenizer)
         error = llguidance.LLMatcher.validate_grammar(grammar, self.vocab)
@@ -168,8 +166,6 @@ class Grammar:
             raise ValueError(error.strip().splitlines()[0])
 
     def constraint(self) -> Constraint:
-        import llguidance
-
         matcher = llguidance.LLMatcher(self.vocab, self.text, log_level=0)
         if matcher.is_error():
             raise ValueError(matcher.get_error().strip().splitlines()[0])
@@ -177,8 +173,6 @@ class Grammar:
 
 
 def _json_grammar(schema: dict, tokenizer) -> Grammar:
-    import llguidance
-
     schema = {**schema, "x-guidance": OPTIONS}  # our options, whatever the client put there
     return Grammar(llguidance.LLMatcher.grammar_from_lark('start: " "? value\nvalue: %json ' + json.dumps(schema)),
                    tokenizer)

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from ..core.config import ModelArgs
 from ..core.layout import META_TO_HF, SHARD_NAME, permute_to_meta, rename, shard_dim, vocab_parallel
@@ -118,9 +119,6 @@ def _read_meta(path: Path, args: ModelArgs, S: int, N: int, rank: int, convert):
 
 
 def _read_safetensors(path: Path, args: ModelArgs, N: int, rank: int, convert, hf: bool):
-    from safetensors import safe_open
-
-
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]

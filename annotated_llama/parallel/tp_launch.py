@@ -15,6 +15,7 @@ would SIGINT every rank at once and print a traceback of its own.
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import signal
@@ -123,9 +124,6 @@ def run_tensor_parallel(model_path, tp: int, front_end, *, device="cpu", dtype=N
 def build_llama(args):
     """`generate`/`chat --tp N`: a `Llama` on rank 0 over its slice of the model. The other ranks
     follow rank 0 and exit when it does; outside torchrun this relaunches the command under it."""
-    import atexit
-
-
     if args.model is None:
         args.model = str(default_model_dir())
     if getattr(args, "lora", None):

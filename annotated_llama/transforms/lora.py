@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
 from ..core.layout import LINEARS, permute_to_hf, permute_to_meta
@@ -191,8 +192,6 @@ def _hf_module(layer: int, target: str) -> str:
 
 def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None = None):
     """Write `adapter_config.json` + `adapter_model.safetensors` (PEFT's format) to out_dir."""
-    from safetensors.torch import save_file
-
     mods = lora_modules(model)
     if not mods:
         raise ValueError("the model has no LoRA adapters to save")

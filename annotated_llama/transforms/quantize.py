@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from ..core.config import ModelArgs
@@ -311,7 +313,6 @@ def quantized_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 
 def save_quantized(model: Transformer, out_dir, tokenizer_model: bytes | None = None):
     """Write our checkpoint dir (params.json, model.safetensors, tokenizer.model) with quantized weights."""
-    from safetensors.torch import save_file
     q = getattr(model, "quantization", None)
     if q is None:
         raise ValueError("the model is not quantized: call quantize_model first")
@@ -334,7 +335,6 @@ def save_quantized(model: Transformer, out_dir, tokenizer_model: bytes | None = 
 
 def read_quantization(path) -> dict | None:
     """{"mode", "group_size"} from a model.safetensors header, or None for a float checkpoint."""
-    from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     return {"mode": meta["quantization"], "group_size": int(meta.get("group_size", 128))} if "quantization" in meta else None

@@ -4,7 +4,7 @@ files under original/), llama.cpp's GGUF, and our own dir (params.json + model.s
 Meta's names).
 
 Every format is read into one thing, an (args, state dict with Meta's names) pair, and the model
-is built from that pair in one place (`build_model`):
+is built from that pair in one place (`build_model`, weights/build.py):
   - safely: .pth files go through `torch.load(weights_only=True)`, which refuses pickled code;
     everything else is safetensors or GGUF, which hold only data;
   - lazily: tensors are memory-mapped from the files, the model is created on the "meta" device
@@ -24,25 +24,21 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from ..core.config import ModelArgs
-from ..core.model import Transformer
+from ..core.tensor_files import read_safetensors
 from ..core.tokenizer import Tokenizer, default_tokenizer_path
+from ..transforms.quantize import build_quantized, read_quantization
+from .build import build_model, check_state_dict, resolve_tied_output, to_dtype
 from .checks import check_config_against_file, check_weights
+from .gguf import gguf_tokenizer, save_gguf
+from .gguf_load import load_gguf, load_gguf_model
+from .hf import load_hf, save_hf
+from .meta import llama32_rope_factor, load_meta, save_meta
 
 FORMATS = ("hf", "meta", "gguf", "ours")
-DTYPES = {"f32": torch.float32, "float32": torch.float32, "fp32": torch.float32,
-          "f16": torch.float16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 OURS_WEIGHTS = "model.safetensors"
-
-
-def to_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if str(dtype).lower() not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of f32, f16, bf16")
-    return DTYPES[str(dtype).lower()]
 
 
 def detect_format(path) -> str:
@@ -85,7 +81,6 @@ def load_checkpoint(path) -> tuple[ModelArgs, dict[str, torch.Tensor], Tokenizer
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "gguf":
-        from .gguf import gguf_tokenizer, load_gguf
         args, sd = load_gguf(path)  # (its metadata checked against its tensors' shapes)
         check_weights(sd, path)
         return args, sd, gguf_tokenizer(path)  # the vocabulary is inside the file
@@ -96,15 +91,12 @@ def load_checkpoint(path) -> tuple[ModelArgs, dict[str, torch.Tensor], Tokenizer
     tok_path = default_tokenizer_path(path, parent=fmt != "hf")
     tokenizer = Tokenizer(tok_path) if tok_path is not None else None
     if fmt == "hf":
-        from .hf import load_hf
         args, sd = load_hf(path)
         weights = path / "model.safetensors"
     elif fmt == "meta":
-        from .meta import load_meta
         args, sd = load_meta(path, path / "params.json", tokenizer.n_words if tokenizer else None)
         weights = path / "consolidated.00.pth"
     else:
-        from ..core.tensor_files import read_safetensors
         args = ModelArgs.from_params_json(path / "params.json")
         weights = path / OURS_WEIGHTS
         sd = read_safetensors(weights)
@@ -116,7 +108,6 @@ def load_checkpoint(path) -> tuple[ModelArgs, dict[str, torch.Tensor], Tokenizer
     # Meta's files store a tied output as a copy of the embedding (its params.json has no flag)
     resolve_tied_output(sd, args, weights, config, detect=fmt == "meta")
     if fmt == "meta":
-        from .meta import llama32_rope_factor
         llama32_rope_factor(args, config)
     check_state_dict(sd, args, weights, config)
     check_weights(sd, weights)  # floating point and finite (weights/checks.py)
@@ -125,84 +116,15 @@ def load_checkpoint(path) -> tuple[ModelArgs, dict[str, torch.Tensor], Tokenizer
     return args, sd, tokenizer
 
 
-def _same_matrix(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    # the first row settles the usual (untied) case without reading two whole V x C matrices
-    return bool(torch.equal(a[:1], b[:1])) and bool(torch.equal(a, b))
-
-
-def resolve_tied_output(sd: dict[str, torch.Tensor], args: ModelArgs, weights_file, config_file,
-                        detect: bool = False) -> None:
-    """Bring `sd` to the tied form (no output.weight) when `args` ties the embeddings, or when
-    `detect` and the file's output.weight equals the embedding (then `args` is set tied)."""
-    out, emb = sd.get("output.weight"), sd.get("tok_embeddings.weight")
-    if out is None or emb is None:
-        return
-    if args.tie_word_embeddings:
-        if not _same_matrix(out, emb):
-            raise ValueError(f"{weights_file}: the output matrix differs from the embedding, but {config_file} "
-                             "ties them (tie_word_embeddings)")
-        del sd["output.weight"]
-    elif detect and _same_matrix(out, emb):
-        args.tie_word_embeddings = True
-        del sd["output.weight"]
-
-
-def check_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs, weights_file, config_file) -> None:
-    """Every tensor the architecture needs, with the shape `config_file` implies; nothing else.
-    A tied model's output head is its embedding: no output.weight of its own."""
-    if args.vocab_size < 1:
-        raise ValueError(f"{config_file}: vocab_size is -1 and no tokenizer or embedding gives it")
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
-    if args.tie_word_embeddings:
-        del expected["output.weight"]
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise ValueError(f"{weights_file}: tensor {missing[0]!r}{more} missing for the architecture in {config_file}")
-    if unexpected:
-        raise ValueError(f"{weights_file}: unexpected tensor {unexpected[0]!r} for the architecture in {config_file}")
-    for name, shape in expected.items():
-        if tuple(sd[name].shape) != shape:
-            raise ValueError(f"{weights_file}: {name} has shape {tuple(sd[name].shape)} but {config_file} "
-                             f"implies {shape}")
-
-
-def build_model(args: ModelArgs, sd: dict[str, torch.Tensor], dtype=None, device="cpu") -> Transformer:
-    """A Transformer that adopts `sd`'s tensors (cast only where dtype/device differ)."""
-    dtype = to_dtype(dtype) or sd["tok_embeddings.weight"].dtype
-    if not dtype.is_floating_point:
-        dtype = torch.float32
-    with torch.device("meta"):  # shapes only: no memory, no random init to throw away
-        model = Transformer(args)
-    # .to() is a no-op (returns the mapped tensor itself) when nothing changes
-    tensors = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
-    if args.tie_word_embeddings:
-        tensors["output.weight"] = tensors["tok_embeddings.weight"]
-    model.load_state_dict(tensors, assign=True)
-    if args.tie_word_embeddings:  # assign=True gave each module its own Parameter: share one again
-        model.output.weight = model.tok_embeddings.weight
-    model.reset_rope()  # non-persistent buffers were left on the meta device
-    return model.eval()
-
-
 def load_model(path, dtype=None, device="cpu"):
     """(model, tokenizer or None) from a Meta/HF/ours dir (a Hub snapshot too) or a .gguf file.
     dtype None keeps the stored dtype; a quantized GGUF then loads into the int8/int4 kernels
     (weights/gguf_load.py), tensor by tensor."""
     p = Path(path)
     if p.is_file() and detect_format(p) == "gguf":
-        from .gguf import gguf_tokenizer
-        from .gguf_load import load_gguf_model
         model, tokenizer = load_gguf_model(p, dtype, device), gguf_tokenizer(p)
     elif p.is_dir() and (p / OURS_WEIGHTS).is_file() and _is_quantized(p / OURS_WEIGHTS):
         # written by `annotated-llama quantize`: packed int8/int4 weights, built by quantize.py
-        from safetensors.torch import load_file
-
-        from ..transforms.quantize import build_quantized, read_quantization
         check_config_against_file(p / "params.json", p / OURS_WEIGHTS)  # before it builds anything
         sd = load_file(str(p / OURS_WEIGHTS))
         model = build_quantized(ModelArgs.from_params_json(p / "params.json"), sd, read_quantization(p / OURS_WEIGHTS),
@@ -216,7 +138,6 @@ def load_model(path, dtype=None, device="cpu"):
 
 
 def _is_quantized(weights: Path) -> bool:
-    from ..transforms.quantize import read_quantization
     try:
         return read_quantization(weights) is not None
     except Exception:  # unreadable: load_checkpoint reports it, naming the file
@@ -251,7 +172,6 @@ def save_model(model, tokenizer, path, format="hf", dtype=None, *, shards: int =
     if not overwrite and path.exists() and (path.is_file() or any(path.iterdir())):
         raise FileExistsError(f"{path}: already exists (pass --force / overwrite=True to replace it)")
     if format == "gguf":
-        from .gguf import save_gguf
         sd = _state_dict_for_saving(model, None)  # cast per tensor while writing (norms stay F32)
         if path.is_dir():
             raise IsADirectoryError(f"{path}: is a directory; GGUF output is a single file")
@@ -271,13 +191,10 @@ def save_model(model, tokenizer, path, format="hf", dtype=None, *, shards: int =
     tmp.mkdir()
     try:
         if format == "hf":
-            from .hf import save_hf
             save_hf(tmp, model.params, sd, tokenizer)
         elif format == "meta":
-            from .meta import save_meta
             save_meta(tmp, model.params, sd, tokenizer, shards)
         else:
-            from safetensors.torch import save_file
             (tmp / "params.json").write_text(json.dumps(model.params.to_params_json(), indent=2))
             save_file({k: v.contiguous() for k, v in sd.items()}, tmp / OURS_WEIGHTS, metadata={"format": "pt"})
             if tokenizer is not None:

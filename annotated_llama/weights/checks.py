@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 
 import torch
+from safetensors import safe_open
+
 from ..core.config import ModelArgs
 
 CHUNK = 1 << 24  # elements scanned at a time: the bool mask of one chunk is 16 MB, whatever the tensor
@@ -40,8 +42,6 @@ def check_weights(sd: dict[str, torch.Tensor], weights_file) -> None:
 
 def safetensors_shapes(path) -> dict[str, tuple[int, ...]]:
     """name -> shape from a .safetensors header, without reading any tensor data."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}

@@ -31,7 +31,10 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from email.message import Message
 from pathlib import Path
+
+from tqdm import tqdm
 
 CHUNK = 1 << 20  # bytes per read (and per md5 update)
 # Model-parallel shard counts of Meta's releases (meta-llama/llama download.sh), by size in billions.
@@ -91,8 +94,6 @@ def safe_path(dest, name: str, source: str) -> Path:
 
 
 def _progress(name: str, total: int | None, offset: int, quiet: bool):
-    from tqdm import tqdm
-
     # A bar only on a terminal; logs and pipes get the one-line messages alone.
     return tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
                 disable=quiet or not sys.stderr.isatty(), leave=False, dynamic_ncols=True)
@@ -297,8 +298,6 @@ def download_file(url: str, dest, md5: str | None = None, *, timeout: float = 30
 def remote_name(url: str, timeout: float) -> str:
     """The name a URL's file goes by: its Content-Disposition filename, else the URL path's last
     segment (percent-decoded); checked by the caller with safe_path."""
-    from email.message import Message
-
     try:
         with _open(url, 0, timeout) as response:  # headers only: the body is not read
             disposition = response.headers.get("Content-Disposition")

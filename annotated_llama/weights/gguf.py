@@ -10,15 +10,20 @@ to `token_embd.weight` (llama.cpp's llama-model.cpp falls back to it; Llama 3.2 
 
 Types written (gguf.quants.quantize): F32, F16, BF16 and the 32-weight block types Q8_0, Q5_1,
 Q5_0, Q4_1, Q4_0 (blocks of ggml-common.h: e.g. Q8_0 is w ~ d * q, q int8, one fp16 d per 32
-weights). Reading every type into our kernels, one tensor at a time: gguf_load.py.
+weights). Reading the tensors (as a float state dict, or into our kernels one tensor at a time):
+gguf_load.py.
 """
 
 from __future__ import annotations
 
+import mmap
+import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from sentencepiece import sentencepiece_model_pb2 as pb
 
 from ..core.config import ModelArgs
 from ..core.gguf_file import read_gguf
@@ -34,7 +39,7 @@ OUR_KEYS = "annotated_llama.rope."  # the 3.1 scaling parameters themselves (lla
 
 
 def _gguf():
-    import gguf  # llama.cpp's package: imported on use, so the rest of the package never needs it
+    import gguf  # here: ~150 ms to import (yaml), which loading any other format would pay for nothing
 
     return gguf
 
@@ -81,8 +86,6 @@ def _add_tokenizer(w, tokenizer, g) -> None:
         scores = [sp.get_score(i) for i in range(n)]
         types = [GGUF_CONTROL if sp.is_control(i) else GGUF_UNKNOWN if sp.is_unknown(i) else GGUF_BYTE
                  if sp.is_byte(i) else GGUF_UNUSED if sp.is_unused(i) else GGUF_NORMAL for i in range(n)]
-        from sentencepiece import sentencepiece_model_pb2 as pb
-
         proto = pb.ModelProto.FromString(sp.serialized_model_proto())
         w.add_tokenizer_model("llama")  # SentencePiece BPE with scores
         w.add_tokenizer_pre("default")
@@ -110,13 +113,20 @@ def _add_tokenizer(w, tokenizer, g) -> None:
     w.add_add_eos_token(False)
 
 
-def save_gguf(path: Path, args: ModelArgs, sd: dict[str, torch.Tensor], tokenizer, dtype=None) -> None:
+def save_gguf(path: Path, args: ModelArgs, sd: dict[str, torch.Tensor | tuple[np.ndarray, object]], tokenizer,
+              dtype=None) -> None:
     """Write a GGUF file llama.cpp runs as is. dtype: a key of file_types() (None: the
-    model's own 16-bit type, else f32). A tied model writes no output.weight."""
+    model's own 16-bit type, else f32). A tied model writes no output.weight.
+
+    A value of `sd` may instead be a tensor already in a GGML type, (array, GGMLQuantizationType),
+    written as it is: a block type's raw bytes (uint8, a row of bytes per matrix row, as
+    gguf.quants.quantize returns them) or a plain array of a float or integer type. A file then
+    mixes types as llama.cpp's quantizer makes them, K- and IQ-types included."""
     g = _gguf()
     if tokenizer is None:
         raise ValueError(f"{path}: GGUF embeds the vocabulary; a tokenizer is needed")
-    stored = sd["tok_embeddings.weight"].dtype
+    emb = sd["tok_embeddings.weight"]
+    stored = emb.dtype if isinstance(emb, torch.Tensor) else torch.float32
     key = str(dtype).lower() if dtype is not None else {torch.float16: "f16", torch.bfloat16: "bf16"}.get(stored, "f32")
     key = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "torch.float32": "f32",
            "torch.float16": "f16", "torch.bfloat16": "bf16"}.get(key, key)
@@ -152,7 +162,7 @@ def save_gguf(path: Path, args: ModelArgs, sd: dict[str, torch.Tensor], tokenize
         tensors.pop("output.weight", None)
     for name, t in tensors.items():
         head = name == "output.weight" or (tied and name == "tok_embeddings.weight")
-        array, ttype = _encode(t.detach().cpu(), qtype, g, head)
+        array, ttype = t if isinstance(t, tuple) else _encode(t.detach().cpu(), qtype, g, head)
         w.add_tensor(name if name == ROPE_FREQS else rename(name, META_TO_GGUF), array, raw_dtype=ttype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -160,15 +170,13 @@ def save_gguf(path: Path, args: ModelArgs, sd: dict[str, torch.Tensor], tokenize
     w.close()
 
 
-# ---- reading: the header through core/gguf_file.py, the tensors here ------------------------
+# ---- reading: the header (core/gguf_file.py) and tensor table; the tensors: gguf_load.py -----
 
 def release_pages(raw: np.ndarray, whole_file: bool = False) -> None:
     """Drop the mapped file pages under `raw` (a view read_gguf made), or under the whole file,
     from this process's resident memory: they stay in the page cache, and a later read maps them
     again. Only while loading, when no mapped byte has been written (madvise(MADV_DONTNEED) on a
     private mapping would discard written pages)."""
-    import mmap
-
     view = raw
     while not isinstance(view, memoryview):  # slices of np.frombuffer(mm), itself a view of a memoryview
         view = view.base
@@ -197,7 +205,7 @@ def open_gguf(path: Path):
     g = _gguf()
     try:
         meta, tensors, _ = read_gguf(path)
-    except (ValueError, OSError, UnicodeDecodeError, __import__("struct").error) as e:
+    except (ValueError, OSError, UnicodeDecodeError, struct.error) as e:
         raise ValueError(f"{path}: not a readable GGUF file ({e})") from None
 
     def get(key, default=None):
@@ -247,19 +255,6 @@ def open_gguf(path: Path):
     return args, raw, rope_freqs
 
 
-def load_gguf(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """(args, state dict): float tensors mapped as stored, quantized ones dequantized to
-    float32 (the whole model: load_model reads a quantized file into kernels instead)."""
-    from .gguf_load import check_types, dequantize
-
-    g = _gguf()
-    args, raw, _ = open_gguf(path)
-    check_types(raw, path)
-    sd = {name: float_tensor(*entry, g) if entry[0].name in FLOAT_TYPES else dequantize(*entry)
-          for name, entry in raw.items()}
-    return args, sd  # tied: no output.weight (build_model ties it)
-
-
 def is_quantized(path: Path) -> bool:
     """Whether a GGUF file holds any quantized (not F32/F16/BF16) tensor."""
     return any(t[0].name not in FLOAT_TYPES for t in open_gguf(path)[1].values())
@@ -269,10 +264,6 @@ def gguf_tokenizer(path: Path):
     """The Tokenizer of a GGUF file without reading its tensor data: Tokenizer(path) reads the
     whole file (S bytes, twice over), so hand it a vocabulary-only copy of the header instead
     (magic, version, zero tensors, the key/value section)."""
-    import struct
-    import tempfile
-
-
     _, _, kv_end = read_gguf(path)
     with open(path, "rb") as f:
         header = f.read(kv_end)

@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.config import ModelArgs
 from ..core.layout import META_TO_GGUF, rename
 from ..core.model import Transformer
 from ..transforms.quantize import Int4Linear, Int8Embedding, _cpu_layout, int8_linear, quantize_int8
-from . import build_model, check_state_dict, to_dtype
+from .build import build_model, check_state_dict, to_dtype
 from .gguf import FLOAT_TYPES, _gguf, float_tensor, open_gguf, release_pages
 
 CHUNK = 1 << 18  # weights dequantized at a time: 1 MiB of float32
@@ -108,6 +109,17 @@ def dequantize(ttype, shape, raw: np.ndarray, dtype=torch.float32) -> torch.Tens
     for a, b in _row_chunks(rows.shape, raw):
         rows[a:b] = dequantize_rows(ttype, rows.shape, raw, a, b)
     return out
+
+
+def load_gguf(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """(args, state dict): float tensors mapped as stored, quantized ones dequantized to
+    float32 (the whole model: load_model reads a quantized file into kernels instead)."""
+    g = _gguf()
+    args, raw, _ = open_gguf(path)
+    check_types(raw, path)
+    sd = {name: float_tensor(*entry, g) if entry[0].name in FLOAT_TYPES else dequantize(*entry)
+          for name, entry in raw.items()}
+    return args, sd  # tied: no output.weight (build_model ties it)
 
 
 def _q4_grid(ttype, data: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,12 +4,19 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+from safetensors.torch import save_file
+from tokenizers import (AddedToken, Regex, Tokenizer as FastTokenizer, decoders, models, normalizers, pre_tokenizers,
+                        processors)
 
 from ..core.config import ModelArgs
 from ..core.layout import HF_TO_META, META_TO_HF, permute_to_hf, permute_to_meta, rename
 from ..core.tensor_files import load_pth, read_safetensors
 from ..core.tokenizer import LLAMA3_PAT, _gpt2_bytes_to_unicode
+
 
 def meta_to_hf_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     out = {}
@@ -45,10 +52,6 @@ HF_INDEX = "model.safetensors.index.json"
 def read_hf_weights(model_dir) -> dict[str, torch.Tensor]:
     """HF's tensors from model.safetensors, or the shards an index names; older exports'
     pytorch_model.bin (+ index) go through torch.load(weights_only=True)."""
-    import json
-    from pathlib import Path
-
-
     model_dir = Path(model_dir)
     for weights, index, read in ((HF_WEIGHTS, HF_INDEX, read_safetensors),
                                  ("pytorch_model.bin", "pytorch_model.bin.index.json", load_pth)):
@@ -77,9 +80,6 @@ def read_hf_weights(model_dir) -> dict[str, torch.Tensor]:
 
 def load_hf(model_dir) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     """(args, Meta-named state dict) from an HF LlamaForCausalLM directory."""
-    import json
-    from pathlib import Path
-
     config_path = Path(model_dir) / "config.json"
     try:
         config = json.loads(config_path.read_text())
@@ -106,17 +106,12 @@ def tiktoken_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     return [(a, b) for _, a, b in merges]
 
 
-def tokenizer_json(tokenizer) -> str | None:
-    """HF's fast-tokenizer file (tokenizer.json) equivalent to our tokenizer, or None when the
-    `tokenizers` package is absent. transformers can derive one from tokenizer.model itself,
+def tokenizer_json(tokenizer) -> str:
+    """HF's fast-tokenizer file (tokenizer.json) equivalent to our tokenizer. transformers can derive one from tokenizer.model itself,
     but its SentencePiece -> BPE conversion orders merges by id, not by score, and so splits
     runs of spaces differently from SentencePiece ("  lead" -> "▁▁" "le" "ad" instead of
     "▁" "▁lead"). Here the merges are ranked as SentencePiece's BPE applies them: by the
     score of the merged piece (Llama 3's tiktoken: by rank)."""
-    try:
-        from tokenizers import Regex, Tokenizer as FastTokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    except ImportError:
-        return None
     vocab, merges = {}, []
     if tokenizer.kind == "sentencepiece":
         sp = tokenizer.sp
@@ -146,8 +141,6 @@ def tokenizer_json(tokenizer) -> str | None:
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         fast.decoder = decoders.ByteLevel()
         specials = sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1])
-    from tokenizers import AddedToken
-
     fast.add_special_tokens([AddedToken(name, special=True, normalized=False) for name, _ in specials])
     bos = tokenizer.id_to_piece(tokenizer.bos_id) if tokenizer.kind == "sentencepiece" else "<|begin_of_text|>"
     fast.post_processor = processors.TemplateProcessing(
@@ -155,7 +148,7 @@ def tokenizer_json(tokenizer) -> str | None:
     return fast.to_str()
 
 
-def tokenizer_files(tokenizer, max_len: int, fast: bool) -> dict[str, dict]:
+def tokenizer_files(tokenizer, max_len: int) -> dict[str, dict]:
     """tokenizer_config.json and special_tokens_map.json: add BOS, not EOS; no pad token (LLaMA
     has none: early conversions that set bos 0 / eos 1 or pad 0 made fine-tunes that never stop,
     transformers #22239, #22520, tloen/alpaca-lora #279)."""
@@ -165,7 +158,7 @@ def tokenizer_files(tokenizer, max_len: int, fast: bool) -> dict[str, dict]:
         special["unk_token"] = piece(tokenizer.sp.unk_id())
     # With our tokenizer.json, the generic fast class uses it as is; LlamaTokenizer would
     # rebuild the normalizer and pre-tokenizer around it.
-    config = {"tokenizer_class": "PreTrainedTokenizerFast" if fast else "LlamaTokenizer",
+    config = {"tokenizer_class": "PreTrainedTokenizerFast",
               "add_bos_token": True, "add_eos_token": False, **special, "pad_token": None,
               "legacy": True, "model_max_length": max_len, "clean_up_tokenization_spaces": False}
     if tokenizer.kind == "tokenizers" and tokenizer.hf_config is not None:
@@ -178,11 +171,6 @@ def tokenizer_files(tokenizer, max_len: int, fast: bool) -> dict[str, dict]:
 def save_hf(out_dir, args: ModelArgs, sd: dict[str, torch.Tensor], tokenizer) -> None:
     """Write an HF LlamaForCausalLM dir (config.json, model.safetensors, generation_config.json,
     and the tokenizer files) into out_dir, which must exist."""
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     dtype = next(iter(sd.values())).dtype
     bos, eos = (tokenizer.bos_id, tokenizer.eos_id) if tokenizer is not None else (1, 2)
@@ -204,7 +192,6 @@ def save_hf(out_dir, args: ModelArgs, sd: dict[str, torch.Tensor], tokenizer) ->
     else:
         (out_dir / "tokenizer.model").write_bytes(tokenizer.model_bytes())
         fast = tokenizer_json(tokenizer)
-    if fast is not None:
-        (out_dir / "tokenizer.json").write_text(fast)
-    for name, content in tokenizer_files(tokenizer, args.max_seq_len, fast is not None).items():
+    (out_dir / "tokenizer.json").write_text(fast)
+    for name, content in tokenizer_files(tokenizer, args.max_seq_len).items():
         (out_dir / name).write_text(json.dumps(content, indent=2))

@@ -16,9 +16,15 @@ HF_ENDPOINT chooses another server (a mirror, or the tests' local one).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
+
+import huggingface_hub.errors as hub_errors
+from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub.utils import disable_progress_bars, enable_progress_bars, filter_repo_objects
+from huggingface_hub.utils import logging as hub_logging
 
 from .download import DownloadError, safe_path
 
@@ -31,10 +37,6 @@ def _token_hint(repo: str) -> str:
 
 def _errors(repo: str, revision: str | None, endpoint: str):
     """A context manager turning huggingface_hub's exceptions into one-line DownloadErrors."""
-    import contextlib
-
-    import huggingface_hub.errors as hub_errors
-
     @contextlib.contextmanager
     def translate():
         try:
@@ -77,10 +79,6 @@ def download_hub(repo: str, dest, *, revision: str | None = None, include=None, 
                  force: bool = False, quiet: bool = False) -> list[Path]:
     """Files of Hub repo `repo` at `revision` (default: its main branch), those matching the
     fnmatch patterns `include` (default: all), into `dest`. Returns their paths."""
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars, filter_repo_objects
-    from huggingface_hub.utils import logging as hub_logging
-
     if not REPO_ID.fullmatch(repo or ""):
         raise DownloadError(f"--hf {repo!r}: expected a repo id such as meta-llama/Llama-3.2-1B")
     dest = Path(dest)

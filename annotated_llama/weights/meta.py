@@ -15,6 +15,7 @@ included: rank r holds kv heads r*K/N .. (r+1)*K/N - 1, so K must divide by N).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -123,16 +124,12 @@ def llama32_rope_factor(args: ModelArgs, params_path: Path) -> None:
     reference code applied 8, which is wrong for these two: their factor is 32, as their HF
     config.json says (meta-llama/llama-models #166, #241). Tied embeddings tell them apart from
     every other Llama 3 release, so a tied model whose params.json names no factor gets 32."""
-    import json
-
     if args.tie_word_embeddings and args.use_scaled_rope and "rope_scale_factor" not in json.loads(
             Path(params_path).read_text()):
         args.rope_scale_factor = 32.0
 
 
 def save_meta(out_dir: Path, args: ModelArgs, sd: dict[str, torch.Tensor], tokenizer, shards: int = 1):
-    import json
-
     vocab_parallel = tokenizer is not None and tokenizer.kind == "tiktoken" or args.vocab_size >= 128000
     vocab = -1 if tokenizer is not None and tokenizer.n_words == args.vocab_size else args.vocab_size
     (out_dir / "params.json").write_text(json.dumps(meta_params(args, vocab)))

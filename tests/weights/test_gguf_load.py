@@ -1,19 +1,20 @@
 """GGUF tensors into the int8/int4 kernels (weights/gguf_load.py): every type the `gguf` package
 dequantizes, checked against the package's own values; the per-tensor choice; files mixing types;
-tied embeddings; the loaded size. Files here are written with the package's GGUFWriter from raw
-blocks (the package cannot quantize K- and IQ-types; tests/weights/test_gguf_llama_cpp.py uses llama.cpp's
-own quantizer)."""
+tied embeddings; the loaded size. Files here are written by our save_gguf from raw blocks (a tensor
+given as (bytes, GGML type) is written as it is: the package cannot quantize K- and IQ-types;
+tests/weights/test_gguf_llama_cpp.py uses llama.cpp's own quantizer). The expected values come from the
+bytes themselves or the package's own dequantization, never from our loader."""
 
 import numpy as np
 import pytest
 import torch
 
 import gguf
-from annotated_llama import ModelArgs, Transformer
+from annotated_llama import ModelArgs, Tokenizer, Transformer
+from annotated_llama.core.tokenizer_formats import _sentencepiece_proto
 from annotated_llama.transforms.quantize import Int4Linear, Int8Embedding, Int8Linear, quantize_int4, unpack_nibbles
-from annotated_llama.weights import load_model
-from annotated_llama.core.layout import META_TO_GGUF, rename
-from annotated_llama.weights.gguf import read_gguf
+from annotated_llama.weights import load_model, save_model
+from annotated_llama.weights.gguf import read_gguf, save_gguf
 from annotated_llama.weights.gguf_load import fit_int4, kernel_for
 
 from fixtures import cli
@@ -24,6 +25,16 @@ EXACT = [T.Q4_0, T.Q4_1, T.Q4_K]
 INT8 = [T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q8_0]
 REFIT = [T.IQ4_NL, T.IQ4_XS, T.Q3_K, T.Q2_K, T.IQ3_XXS, T.IQ3_S, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_S,
          T.IQ1_M, T.TQ1_0, T.TQ2_0]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    """The models' vocabulary: 320 made-up SentencePiece pieces (3 specials, 256 bytes, 61 words)."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + [f"▁w{i}" for i in range(61)]
+    scores, types = [0.0] * 259 + [-float(i) for i in range(61)], [2, 3, 3] + [6] * 256 + [1] * 61
+    path = tmp_path_factory.mktemp("vocab") / "tokenizer.model"
+    path.write_bytes(_sentencepiece_proto(tokens, scores, types, 0, 1, 2, True))
+    return Tokenizer(path)
 
 
 def random_blocks(ttype, rows: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -60,47 +71,23 @@ def tensor_of(ttype, raw: np.ndarray, cols: int) -> torch.Tensor:
     return torch.from_numpy(gguf.quants.dequantize(raw, ttype)).reshape(raw.shape[0], cols)
 
 
-def load_one(tmp_path, ttype, dim=512, seed=0):
+def load_one(tmp_path, tok, ttype, dim=512, seed=0):
     """(the model load_model made of a file whose wq holds random blocks of `ttype`, everything
     else F32; those bytes; the package's float values of them)."""
-    args = ModelArgs(dim=dim, n_layers=1, n_heads=dim // 64, vocab_size=320, hidden_dim=256, max_seq_len=64)
-    sd = {k: (v.numpy(), T.F32) for k, v in Transformer(args).state_dict().items()}
+    args = ModelArgs(dim=dim, n_layers=1, n_heads=dim // 64, vocab_size=tok.n_words, hidden_dim=256, max_seq_len=64)
+    sd = dict(Transformer(args).state_dict())
     raw = random_blocks(ttype, dim, dim, seed)
     sd["layers.0.attention.wq.weight"] = (raw, ttype)
-    write_gguf(tmp_path / f"{ttype.name}.gguf", args, sd)
+    save_gguf(tmp_path / f"{ttype.name}.gguf", args, sd, tok)
+    written = read_gguf(tmp_path / f"{ttype.name}.gguf")[1]["blk.0.attn_q.weight"]
+    assert written[0] == ttype and written[1] == (dim, dim) and np.array_equal(written[2].reshape(raw.shape), raw)
     model, _ = load_model(tmp_path / f"{ttype.name}.gguf")
     return model, raw, tensor_of(ttype, raw, dim)
 
 
-def write_gguf(path, args: ModelArgs, tensors: dict, tie=False):
-    """A llama GGUF with a made-up 320-token SentencePiece-style vocabulary; tensors: Meta name ->
-    (float array, or raw bytes of a GGML type, type)."""
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_context_length(args.max_seq_len)
-    w.add_embedding_length(args.dim)
-    w.add_block_count(args.n_layers)
-    w.add_feed_forward_length(args.ffn_hidden_dim)
-    w.add_head_count(args.n_heads)
-    w.add_head_count_kv(args.n_kv_heads)
-    w.add_layer_norm_rms_eps(1e-5)
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + [f"▁w{i}" for i in range(61)]
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores([0.0] * 259 + [-float(i) for i in range(61)])
-    w.add_token_types([2, 3, 3] + [6] * 256 + [1] * 61)
-    for name, (data, ttype) in tensors.items():
-        if tie and name == "output.weight":
-            continue
-        w.add_tensor(rename(name, META_TO_GGUF), data, raw_dtype=None if ttype == T.F32 else ttype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 @pytest.mark.parametrize("ttype", EXACT, ids=lambda t: t.name)
-def test_q4_types_carry_their_integers_into_int4(tmp_path, ttype):
-    m, raw, w = load_one(tmp_path, ttype)
+def test_q4_types_carry_their_integers_into_int4(tmp_path, tok, ttype):
+    m, raw, w = load_one(tmp_path, tok, ttype)
     wq = m.layers[0].attention.wq
     assert isinstance(wq, Int4Linear) and wq.group_size == 32
     # the integers are the file's, read independently of the package's dequantization (but for
@@ -116,8 +103,8 @@ def test_q4_types_carry_their_integers_into_int4(tmp_path, ttype):
 
 
 @pytest.mark.parametrize("ttype", INT8, ids=lambda t: t.name)
-def test_5_to_8_bit_types_become_int8_per_row(tmp_path, ttype):
-    m, _, w = load_one(tmp_path, ttype)
+def test_5_to_8_bit_types_become_int8_per_row(tmp_path, tok, ttype):
+    m, _, w = load_one(tmp_path, tok, ttype)
     wq = m.layers[0].attention.wq
     assert isinstance(wq, Int8Linear)
     row_max = w.abs().amax(1, keepdim=True)
@@ -126,8 +113,8 @@ def test_5_to_8_bit_types_become_int8_per_row(tmp_path, ttype):
 
 
 @pytest.mark.parametrize("ttype", REFIT, ids=lambda t: t.name)
-def test_other_low_bit_types_are_refit_into_int4(tmp_path, ttype):
-    m, _, w = load_one(tmp_path, ttype, seed=1)
+def test_other_low_bit_types_are_refit_into_int4(tmp_path, tok, ttype):
+    m, _, w = load_one(tmp_path, tok, ttype, seed=1)
     wq = m.layers[0].attention.wq
     assert kernel_for(ttype) == "int4" and isinstance(wq, Int4Linear)
     q, s, mn = fit_int4(w, 32)
@@ -153,9 +140,9 @@ def test_fit_int4_beats_round_to_nearest_on_iq4_levels():
     assert fit < 0.8 * rtn
 
 
-def mixed_model(tmp_path, tie=False, embedding=T.Q8_0):
+def mixed_model(tmp_path, tok, tie=False, embedding=T.Q8_0):
     """A 1-layer dim-256 model whose matrices are each of another type, as a llama.cpp mix is."""
-    args = ModelArgs(dim=256, n_layers=1, n_heads=4, vocab_size=320, hidden_dim=512, max_seq_len=64,
+    args = ModelArgs(dim=256, n_layers=1, n_heads=4, vocab_size=tok.n_words, hidden_dim=512, max_seq_len=64,
                      tie_word_embeddings=tie)
     model = Transformer(args).eval()
     types = {"tok_embeddings.weight": T.Q4_K, "output.weight": T.Q6_K, "layers.0.attention.wq.weight": T.Q4_K,
@@ -167,8 +154,11 @@ def mixed_model(tmp_path, tie=False, embedding=T.Q8_0):
     tensors, reference = {}, {}
     for i, (name, t) in enumerate(model.state_dict().items()):
         ttype = types.get(name, T.F32)
-        if ttype in (T.F32, T.F16):
-            data = t.numpy().astype(np.float16 if ttype == T.F16 else np.float32)
+        if ttype == T.F32:  # the writer's own encoding (float32 model, no dtype: F32)
+            tensors[name], reference[name] = t, t.clone()
+            continue
+        if ttype == T.F16:
+            data = t.numpy().astype(np.float16)
             tensors[name], reference[name] = (data, ttype), torch.from_numpy(data.astype(np.float32))
             continue
         if ttype in (T.Q4_0, T.Q8_0):  # types the package can write: from the model's weights
@@ -178,14 +168,14 @@ def mixed_model(tmp_path, tie=False, embedding=T.Q8_0):
         tensors[name], reference[name] = (raw, ttype), tensor_of(ttype, raw, t.shape[1])
     if tie:
         reference["output.weight"] = reference["tok_embeddings.weight"]
-    write_gguf(tmp_path / "mixed.gguf", args, tensors, tie=tie)
+    save_gguf(tmp_path / "mixed.gguf", args, tensors, tok)  # tied: no output.weight written
     ref = Transformer(args).eval()
     ref.load_state_dict(reference)
     return tmp_path / "mixed.gguf", ref
 
 
-def test_a_file_mixing_types_loads_each_tensor_into_its_kernel(tmp_path):
-    path, ref = mixed_model(tmp_path)
+def test_a_file_mixing_types_loads_each_tensor_into_its_kernel(tmp_path, tok):
+    path, ref = mixed_model(tmp_path, tok)
     model, tok = load_model(path)
     a, f = model.layers[0].attention, model.layers[0].feed_forward
     kinds = {"wq": a.wq, "wk": a.wk, "wv": a.wv, "wo": a.wo, "w1": f.w1, "w2": f.w2, "w3": f.w3, "output": model.output}
@@ -194,7 +184,7 @@ def test_a_file_mixing_types_loads_each_tensor_into_its_kernel(tmp_path):
         "w2": "Int8Linear", "w3": "CastLinear", "output": "Int8Linear"}
     assert isinstance(model.tok_embeddings, Int8Embedding) and f.w3.weight.dtype == torch.float16  # as stored
     assert model.quantization["mode"] == "int4" and model.quantization["gguf_types"]["Q4_K"] == 2
-    tokens = torch.randint(0, 320, (2, 40))
+    tokens = torch.randint(0, tok.n_words, (2, 40))
     with torch.no_grad():
         expected = ref(tokens, cache=False)
         got = model(tokens, cache=False)
@@ -211,8 +201,8 @@ def test_a_file_mixing_types_loads_each_tensor_into_its_kernel(tmp_path):
 
 
 @pytest.mark.parametrize("embedding", [T.Q8_0, T.F16], ids=lambda t: t.name)
-def test_a_gguf_without_output_weight_loads_tied(tmp_path, embedding):
-    path, ref = mixed_model(tmp_path, tie=True, embedding=embedding)
+def test_a_gguf_without_output_weight_loads_tied(tmp_path, tok, embedding):
+    path, ref = mixed_model(tmp_path, tok, tie=True, embedding=embedding)
     assert "output.weight" not in read_gguf(path)[1]
     model, _ = load_model(path)
     assert model.params.tie_word_embeddings
@@ -223,7 +213,7 @@ def test_a_gguf_without_output_weight_loads_tied(tmp_path, embedding):
     assert model.tok_embeddings.weight.dtype == torch.float32  # the engine's KV cache takes this dtype
     floats, _ = load_model(path, dtype="f32")
     assert floats.output.weight is floats.tok_embeddings.weight
-    tokens = torch.randint(0, 320, (1, 30))
+    tokens = torch.randint(0, tok.n_words, (1, 30))
     with torch.no_grad():
         expected = ref(tokens, cache=False)
         assert torch.equal(floats(tokens, cache=False), expected)
@@ -236,9 +226,6 @@ def test_a_gguf_without_output_weight_loads_tied(tmp_path, embedding):
 
 def test_loaded_quantized_model_is_about_the_file_size(tmp_path, spm_path):
     # the bytes the model holds (bench/gguf_memory.py measures resident memory on a 134M model)
-    from annotated_llama import Tokenizer
-    from annotated_llama.weights import save_model
-
     args = ModelArgs(dim=256, n_layers=2, n_heads=4, vocab_size=32000, hidden_dim=512, max_seq_len=64)
     model = Transformer(args).eval()
     for dtype, bound in (("q8_0", 1.0), ("q4_0", 1.25)):
@@ -253,12 +240,12 @@ def test_loaded_quantized_model_is_about_the_file_size(tmp_path, spm_path):
         assert sum(held.values()) <= bound * file_bytes
 
 
-def test_a_type_the_package_cannot_dequantize_is_refused(tmp_path):
+def test_a_type_the_package_cannot_dequantize_is_refused(tmp_path, tok):
 
-    args = ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=320, hidden_dim=128, max_seq_len=64)
-    sd = {k: (v.numpy(), T.F32) for k, v in Transformer(args).state_dict().items()}
+    args = ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=tok.n_words, hidden_dim=128, max_seq_len=64)
+    sd = dict(Transformer(args).state_dict())
     sd["layers.0.attention.wq.weight"] = (np.zeros((64, 64), dtype=np.int8), T.I8)
-    write_gguf(tmp_path / "i8.gguf", args, sd)
+    save_gguf(tmp_path / "i8.gguf", args, sd, tok)
     r = cli("convert", tmp_path / "i8.gguf", tmp_path / "out", "--to", "hf", check=False)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "i8.gguf" in r.stderr and "blk.0.attn_q.weight" in r.stderr and "I8" in r.stderr
