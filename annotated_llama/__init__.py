@@ -11,7 +11,8 @@ def load_model(path, dtype=None, device="cpu", lora=None):
     """(model, tokenizer or None) from anything `weights.load_model` reads: a Meta, HF or our own
     checkpoint dir or a .gguf file. `lora`: a PEFT-format adapter dir applied to the loaded model
     (transforms/lora.py)."""
-    from .weights import load_model as load_weights  # lazily: the readers pull in gguf/safetensors
+    # imported on use: `import annotated_llama` loads only the core (tests/test_layers.py)
+    from .weights import load_model as load_weights
 
     model, tokenizer = load_weights(path, dtype=dtype, device=device)
     if lora is not None:

@@ -13,6 +13,7 @@ The learning rate has no single right default across sizes: 2e-5 is stanford_alp
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import sys
@@ -64,8 +65,6 @@ class FinetuneConfig:
 def run_flags(cfg: FinetuneConfig, max_steps: int, lr: float) -> dict:
     """What defines a fine-tuning run, as its flags (the loop compares them on --resume): the base
     model's path, the data's content (sha256), and every setting that changes the updates."""
-    import hashlib
-
     flags = {"--model": str(Path(cfg.model).resolve()),
              "--data": hashlib.sha256(Path(cfg.data).read_bytes()).hexdigest(), "--lora": cfg.lora,
              "--max-steps": max_steps, "--lr": lr}

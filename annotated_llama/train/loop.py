@@ -63,6 +63,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from ..parallel import distributed as dist_utils
@@ -151,8 +152,6 @@ def checkpoint_activations(model: nn.Module):
     """Recompute each transformer block's activations in the backward pass instead of storing
     them (Chen et al. 2016): memory per layer drops to its input, for ~1/3 more compute. The state
     dict is unchanged (the block's forward is wrapped in place, no wrapper module)."""
-    from torch.utils.checkpoint import checkpoint
-
     for layer in dist_utils.unwrap(model).layers:
         inner = layer.forward
         layer.forward = lambda *a, _f=inner: checkpoint(_f, *a, use_reentrant=False)
