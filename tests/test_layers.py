@@ -109,3 +109,10 @@ def test_a_lazy_import_also_follows_the_rule():
                 if t in RANK and t != pkg and RANK[t] >= RANK[pkg]:
                     bad.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {t}")
     assert not bad, bad
+
+
+def test_every_module_reads_in_one_sitting():
+    # one concept per file, each short enough to read at once: under 400 lines
+    long = {str(p.relative_to(ROOT)): n for p in ROOT.rglob("*.py")
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) >= 400}
+    assert not long, long
