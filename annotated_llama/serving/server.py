@@ -40,7 +40,7 @@ from .openai_responses import DetokenizeRequest, TokenizeRequest
 from .openai_schema import APIError, ChatRequest, CompletionRequest, parse, read_json, refuse_unsupported
 from .scheduler import SamplingParams, Scheduler
 from .server_http import HostOriginGuard
-from .server_jobs import JobSpec, Run, check_fits, collect, new_shape, stream
+from .server_jobs import JobSpec, Run, check_context, collect, new_shape, stream
 from .server_metrics import CONTENT_TYPE, Metrics
 from .server_openapi import install_openapi
 from .server_prompts import chat_prompt, completion_prompts
@@ -247,7 +247,7 @@ def create_app(engine_or_model=None, tokenizer=None, *, loader: Optional[Callabl
         max_tokens = req.max_tokens or 16
         texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         for ids in prompts:
-            check_fits(backend.scheduler.engine, ids, max_tokens, chat=False)
+            check_context(backend.scheduler.engine, ids, max_tokens, chat=False)
         # best_of ranks by the logprobs even when they are not asked for; echo + logprobs: the prompt's too
         params = sampling(req, max_tokens, logprobs=req.logprobs if req.logprobs is not None else
                           (0 if best_of > n else None), prompt_logprobs=bool(req.echo) and req.logprobs is not None)
@@ -274,7 +274,7 @@ def create_app(engine_or_model=None, tokenizer=None, *, loader: Optional[Callabl
         limit = req.max_completion_tokens or req.max_tokens
         room = min(backend.n_ctx, backend.scheduler.kv_budget) - len(prompt.ids)  # OpenAI: the rest of the context
         max_tokens = limit or max(room, 1)
-        check_fits(backend.scheduler.engine, prompt.ids, max_tokens, chat=True)
+        check_context(backend.scheduler.engine, prompt.ids, max_tokens, chat=True)
         grammar = await run_in_threadpool(reply_grammar, req, prompt, backend.tokenizer)
         # a chat answer also ends where the model starts a new turn by itself ("[INST]", "### Instruction:"),
         # unless a grammar decides where it ends (a JSON string may hold those words)

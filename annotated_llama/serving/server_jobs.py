@@ -65,7 +65,7 @@ class Shape:
     created: int = 0
 
 
-def check_fits(engine, ids: list[int], max_tokens: int, chat: bool):
+def check_context(engine, ids: list[int], max_tokens: int, chat: bool):
     """The engine's context check with OpenAI's rule (prompt + max_tokens must fit) and its error text,
     before any grammar is compiled or a job submitted."""
     where = "messages" if chat else "prompt"

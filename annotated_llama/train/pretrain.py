@@ -37,7 +37,7 @@ def model_args(preset: str, vocab_size: int, seq_len: int) -> ModelArgs:
     return args
 
 
-def check_fits(args: ModelArgs, device: str, preset: str) -> None:
+def check_memory(args: ModelArgs, device: str, preset: str) -> None:
     """Refuse, from the config alone, a model whose training state cannot fit: float32 weights,
     gradients and AdamW's two moments are 16 bytes per parameter (activations come on top)."""
     need = 16 * args.num_params()
@@ -74,7 +74,7 @@ def pretrain(data_dir, tokenizer_path, preset: str, cfg: TrainConfig, *, batch_s
     check_tokenizer(data_dir, tokenizer_path, vocab)
     args = model_args(preset, meta["vocab_size"], seq_len)
 
-    check_fits(args, cfg.device, preset)
+    check_memory(args, cfg.device, preset)
     rank, world, device = dist_utils.init_from_env(cfg.device)
     # what defines this run, as its flags: compared with the checkpoint's on --resume
     run = {"--data": {k: meta.get(k) for k in ("tokenizer_sha256", "train_tokens", "val_tokens")},
