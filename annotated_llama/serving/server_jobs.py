@@ -69,11 +69,11 @@ def check_context(engine, ids: list[int], max_tokens: int, chat: bool):
     """The engine's context check with OpenAI's rule (prompt + max_tokens must fit) and its error text,
     before any grammar is compiled or a job submitted."""
     where = "messages" if chat else "prompt"
-    try:
-        engine.check(ids, SamplingParams(max_tokens=max_tokens), exact=True)
+    try:  # (a max_tokens beyond the context is refused as such, not by SamplingParams' own limit)
+        engine.check(ids, SamplingParams(max_tokens=min(max_tokens, engine.max_seq_len + 1)), exact=True)
     except ContextFull as e:
         raise APIError(400, f"This model's maximum context length is {e.n_ctx} tokens. However, you requested "
-                            f"{e.prompt_len + e.max_tokens} tokens ({e.prompt_len} in the {where}, {e.max_tokens} "
+                            f"{e.prompt_len + max_tokens} tokens ({e.prompt_len} in the {where}, {max_tokens} "
                             f"in the completion). Please reduce the length of the {where} or completion.",
                        param=where, code="context_length_exceeded") from None
     except ValueError as e:  # over the KV budget: it can never be admitted
