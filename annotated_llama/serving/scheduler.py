@@ -13,6 +13,9 @@ is work. So the handlers never touch the model, and under tensor parallelism eve
 - Cancellation (client gone): `cancel(job)`; its blocks go back before the next step.
 - A failing step fails the requests in it (their clients get an error event) and the scheduler
   goes on serving the next ones.
+- Hand-off: `emit` is called for every event, on this thread; a job's optional `flush` once after
+  each step's events (and after any other events), so a consumer on another thread (the server's
+  event loop) can be woken once per step for all its rows rather than once per token.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ class QueueFull(RuntimeError):
     """The wait queue is full; retry later (HTTP 503 + Retry-After)."""
 
 
-@dataclass
+@dataclass(slots=True)  # one per token: slots make it cheaper to build
 class Event:
     """What a job reports, in order: pieces of text (one per token, `index` naming which of the
     job's n completions), then one final event per completion (`finish_reason` set)."""
@@ -56,10 +59,13 @@ class Event:
 
 
 class Job:
-    """One request: `n` completions of one prompt. `emit` is called on the scheduler's thread."""
+    """One request: `n` completions of one prompt. `emit` (each event) and `flush` (after a step's
+    events) are called on the scheduler's thread."""
 
-    def __init__(self, prompt_tokens: list[int], params: SamplingParams, emit: Callable[[Event], None], n: int = 1):
+    def __init__(self, prompt_tokens: list[int], params: SamplingParams, emit: Callable[[Event], None], n: int = 1,
+                 flush: Optional[Callable[[], None]] = None):
         self.prompt_tokens, self.params, self.emit, self.n = list(prompt_tokens), params, emit, n
+        self.flush = flush
         self.seqs: list = []  # the engine's sequences, once admitted
         self.cancelled = False
         self.done = False
@@ -94,6 +100,7 @@ class Scheduler:
         self.error: Optional[str] = None
         self.completed = self.cancelled = self.rejected = self.failures = 0
         self.last_failure: Optional[str] = None
+        self.flushes: dict = {}  # the `flush` of every job that has had events since the last step (ordered)
 
     # ---- the public side (any thread) -------------------------------------------------------
 
@@ -112,11 +119,11 @@ class Scheduler:
             self.thread.join(timeout)
 
     def submit(self, prompt_tokens: list[int], params: SamplingParams, emit: Callable[[Event], None],
-               n: int = 1) -> Job:
+               n: int = 1, flush: Optional[Callable[[], None]] = None) -> Job:
         if self.error is not None:
             raise RuntimeError(f"the scheduler stopped: {self.error}")
         self.engine.check(list(prompt_tokens), params)  # ValueError: can never run
-        job = Job(prompt_tokens, params, emit, n)
+        job = Job(prompt_tokens, params, emit, n, flush)
         with self.lock:  # counted in sequences: a job of n completions takes n rows
             held = sum(j.n for j in self.live)
             if held + n > self.max_queue + self.max_batch_size:
@@ -163,6 +170,7 @@ class Scheduler:
                     self._take_inbox()
                     self._cancel_requested()
                     if not self.engine.has_work:
+                        self._flush()
                         self.wake.wait(0.5)
                         self.wake.clear()
                         continue
@@ -170,9 +178,11 @@ class Scheduler:
                         outputs = self.engine.step()
                     except Exception as e:  # fail this step's requests, keep serving the next ones
                         self._fail(e)
+                        self._flush()
                         continue
                     for out in outputs:
                         self._emit(out)
+                    self._flush()
                     if self.step_delay:
                         time.sleep(self.step_delay)
         except Exception as e:  # the thread itself failed: tell every client rather than hang them
@@ -183,6 +193,7 @@ class Scheduler:
             for job in list(self.live):
                 for i in range(len(job.seqs) or job.n):
                     self._end(job, i, "error" if self.error else "cancelled", self.error)
+            self._flush()
 
     def _take_inbox(self):
         while True:
@@ -217,6 +228,8 @@ class Scheduler:
             return
         if out.token is not None or out.text:
             job.emit(Event(out.text, index=index, token=out.token, logprob=out.logprob, top_logprobs=out.top_logprobs))
+            if job.flush is not None:
+                self.flushes[job.flush] = None
         if out.finish_reason is not None:
             self._end(job, index, out.finish_reason)
 
@@ -233,10 +246,20 @@ class Scheduler:
                        prompt_logprobs=seq.prompt_logprobs if seq else None,
                        prompt_top_logprobs=seq.prompt_top_logprobs if seq else None,
                        tokens=list(seq.output) if seq else []))
+        if job.flush is not None:
+            self.flushes[job.flush] = None
         if seq is None or all(s.id not in self.jobs for s in job.seqs):
             job.done = True
             with self.lock:
                 self.live.discard(job)
+
+    def _flush(self):
+        flushes, self.flushes = self.flushes, {}
+        for flush in flushes:
+            try:
+                flush()
+            except Exception:  # a consumer's failure must not stop the scheduler
+                log.exception("handing events over failed")
 
     def _fail(self, e: Exception):
         self.failures += 1
