@@ -44,16 +44,23 @@ out = []
 with torch.inference_mode():
     for r in range(rounds + 1):
         engine.add([tok.bos_id] + list(range(3, 18)), SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
-        t0, count = time.perf_counter(), 0
+        t0, c0, count = time.perf_counter(), time.process_time(), 0
         while engine.has_work:
             count += sum(o.token is not None for o in engine.step())
         if r:  # the first is a warm-up
-            out.append(count / (time.perf_counter() - t0))
+            out.append((count / (time.perf_counter() - t0), 1e3 * (time.process_time() - c0) / count))
 print(json.dumps(out))
 """
 
 
-def engine_alone(tree: Path, n: int, rounds: int, threads: int) -> list[float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/PID/stat fields 14 and 15): on a shared
+    machine a neighbour slows the wall clock down far more than it changes our CPU time per token."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def engine_alone(tree: Path, n: int, rounds: int, threads: int) -> list:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads)}
     p = subprocess.run([sys.executable, "-P", "-c", ENGINE_ALONE, str(n), str(rounds)], env=env, cwd=tree,
                        capture_output=True, text=True, timeout=1800)
@@ -100,7 +107,8 @@ def main(argv=None):
     servers = [server(n, d, logs, a.threads) for n, d in trees.items()]
     engine = {n: engine_alone(d, a.max_tokens, a.engine_rounds, a.threads) for n, d in trees.items()} if a.engine_rounds else {}
     for n, v in engine.items():
-        print(f"engine alone ({n}), batch 1: {statistics.median(v):.0f} tok/s  (runs: {[round(x) for x in v]})",
+        print(f"engine alone ({n}), batch 1: {statistics.median(x[0] for x in v):.0f} tok/s, "
+              f"{statistics.median(x[1] for x in v):.3f} CPU ms/token  (runs: {[round(x[0]) for x in v]} tok/s)",
               flush=True)
     runs = {s.name: {c: [] for c in clients} for s in servers}
     for s in servers:
@@ -116,10 +124,13 @@ def main(argv=None):
             for c in clients:
                 prompts = random_prompts(f"{r}-{c}", c, 1, a.prompt_len, tok.bos_id, tok.n_words)
                 for s in (servers if r % 2 == 0 else servers[::-1]):
+                    cpu = cpu_seconds(s.proc.pid)
                     res = asyncio.run(drive(s.url, c, prompts, a.max_tokens))
+                    res["cpu_ms"] = 1e3 * (cpu_seconds(s.proc.pid) - cpu) / res["completion_tokens"]
                     runs[s.name][c].append(res)
                     print(f"round {r + 1}/{a.rounds} {s.name:6s} {c:2d} clients: {res['tok_s']:7.1f} tok/s, "
-                          f"TTFT p50 {1e3 * statistics.median(res['ttft_s']):.1f} ms", flush=True)
+                          f"TTFT p50 {1e3 * statistics.median(res['ttft_s']):.1f} ms, "
+                          f"server CPU {res['cpu_ms']:.3f} ms/token", flush=True)
     finally:
         for s in servers:
             s.stop()
@@ -129,8 +140,10 @@ def main(argv=None):
         for s in servers:
             tps = [x["tok_s"] for x in runs[s.name][c]]
             ttft = [1e3 * statistics.median(x["ttft_s"]) for x in runs[s.name][c]]
+            cpu = [x["cpu_ms"] for x in runs[s.name][c]]
             print(f"  {c:2d} clients {s.name:6s}: {statistics.median(tps):7.1f} tok/s [{min(tps):.0f}..{max(tps):.0f}]"
-                  f"  TTFT p50 {statistics.median(ttft):6.1f} ms [{min(ttft):.1f}..{max(ttft):.1f}]")
+                  f"  TTFT p50 {statistics.median(ttft):6.1f} ms [{min(ttft):.1f}..{max(ttft):.1f}]"
+                  f"  server CPU {statistics.median(cpu):.3f} ms/token [{min(cpu):.3f}..{max(cpu):.3f}]")
 
 
 if __name__ == "__main__":

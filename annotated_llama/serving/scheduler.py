@@ -20,10 +20,13 @@ is work. So the handlers never touch the model, and under tensor parallelism eve
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -272,4 +275,63 @@ class Scheduler:
                 self._end(job, index, "error", self.last_failure)
 
 
-__all__ = ["Scheduler", "SamplingParams", "Event", "Job", "QueueFull"]
+class Mailbox:
+    """Events from the scheduler's thread to one event loop. Each event is only queued (`items`);
+    the scheduler calls `flush` after each step, which has the loop woken unless a wake-up is
+    already pending (the loop is behind: the events wait for it). `armed` is cleared on the loop
+    before it empties the queue, so an event queued after that is covered by the next flush.
+
+    The wake-up itself (`call_soon_threadsafe`: a write to the loop's self-pipe) is made by the
+    `_waker` thread, not by the scheduler: the write lets the loop thread take the GIL, and the
+    scheduler, coming back from it, would wait for the GIL until the loop has sent the step's
+    chunks. Handed to the waker (a SimpleQueue put, which keeps the GIL), the write happens when
+    the scheduler next lets go of the GIL, in the next step's compiled forward call (or when it
+    goes idle), so the loop's work overlaps the model's instead of following it."""
+
+    def __init__(self, loop):
+        self.loop, self.items, self.armed = loop, collections.deque(), False
+
+    def flush(self):  # on the scheduler's thread
+        if self.items and not self.armed:
+            self.armed = True
+            _waker().put(self)
+
+    def _deliver(self):  # on the loop
+        self.armed = False
+        items = self.items
+        while items:
+            run, item = items.popleft()
+            run.pending.append(item)
+            run.ready.set()
+
+
+_mailboxes: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_bells: list = []  # [the waker's queue], once it is started
+_bells_lock = threading.Lock()
+
+
+def _waker() -> queue.SimpleQueue:
+    if not _bells:
+        with _bells_lock:
+            if not _bells:
+                bells: queue.SimpleQueue = queue.SimpleQueue()
+
+                def ring():
+                    while True:
+                        box = bells.get()
+                        with contextlib.suppress(RuntimeError):  # that loop is closed: the server stopped
+                            box.loop.call_soon_threadsafe(box._deliver)
+                        del box  # (no reference kept to a closed loop while waiting)
+                threading.Thread(target=ring, name="annotated-llama-waker", daemon=True).start()
+                _bells.append(bells)
+    return _bells[0]
+
+
+def mailbox(loop) -> Mailbox:
+    box = _mailboxes.get(loop)
+    if box is None:
+        box = _mailboxes[loop] = Mailbox(loop)
+    return box
+
+
+__all__ = ["Scheduler", "SamplingParams", "Event", "Job", "QueueFull", "Mailbox", "mailbox"]

@@ -6,29 +6,25 @@ choice `index` is prompt * n + choice, in order, as OpenAI numbers them. With be
 samples best_of completions and the n with the highest mean logprob per token are answered. All
 jobs are submitted at once, so they decode side by side in the scheduler's batch. Their events come
 back on the scheduler's thread and are handed to the request's event loop through the loop's
-`Mailbox`: one wake-up of the loop per engine step for every row of every request (a wake-up is
-a write to the loop's self-pipe, and on a small machine the thread switch it causes costs more
-than the token's own work). Non-streamed, the handler gathers every job's text; streamed, the
-events of one wake-up become server-sent events (choices interleaved, each with its index), then
-`data: [DONE]`: a choice's tokens that queued up while the loop was busy go out as one chunk
-(OpenAI's deltas may hold several tokens; its logprobs still list every token), and all of a
-wake-up's chunks in one write. With
-`stream_options.include_usage` the usage is sent exactly once, in a last chunk whose `choices`
-is empty, and every other chunk carries `"usage": null` (OpenAI's behaviour); without it no
-chunk carries usage. A client that goes away cancels its jobs: their rows are freed before the
+`Mailbox` (scheduler.py): one wake-up of the loop per engine step for every row of every request.
+Non-streamed, the handler gathers every job's text; streamed, the events of one wake-up become
+server-sent events (choices interleaved, each with its index), then `data: [DONE]`: a choice's
+tokens that queued up while the loop was busy go out as one chunk (OpenAI's deltas may hold
+several tokens; its logprobs still list every token), and all of a wake-up's chunks in one write.
+With `stream_options.include_usage` the usage is sent exactly once, in a last chunk whose
+`choices` is empty, and every other chunk carries `"usage": null` (OpenAI's behaviour); without
+it no chunk carries usage. A client that goes away cancels its jobs: their rows are freed before the
 next decode step.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import json
 import secrets
 import time
 import uuid
-import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -37,7 +33,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ..core.kv_cache import ContextFull
 from .openai_logprobs import chat_logprobs, completion_logprobs, mean_logprob
 from .openai_schema import APIError
-from .scheduler import Event, QueueFull, SamplingParams
+from .scheduler import Event, QueueFull, SamplingParams, mailbox
 from .tools import ToolCallStream, parse_tool_calls
 
 
@@ -86,40 +82,6 @@ def check_fits(engine, ids: list[int], max_tokens: int, chat: bool):
     except ValueError as e:  # over the KV budget: it can never be admitted
         raise APIError(400, f"{e}; reduce max_tokens or the {where}", param="max_tokens",
                        code="context_length_exceeded") from None
-
-
-class Mailbox:
-    """Events from the scheduler's thread to one event loop. `put` (per event) only queues; the
-    scheduler calls `flush` after each step, which wakes the loop unless a wake-up is already
-    pending (the loop is behind: the events wait for it). `armed` is cleared on the loop before
-    it empties the queue, so an event put after that is covered by the next flush's wake-up."""
-
-    def __init__(self, loop):
-        self.loop, self.items, self.armed = loop, collections.deque(), False
-
-    def flush(self):  # on the scheduler's thread
-        if self.items and not self.armed:
-            self.armed = True
-            with contextlib.suppress(RuntimeError):  # the loop is closed: the server is stopping
-                self.loop.call_soon_threadsafe(self._deliver)
-
-    def _deliver(self):  # on the loop
-        self.armed = False
-        items = self.items
-        while items:
-            run, item = items.popleft()
-            run.pending.append(item)
-            run.ready.set()
-
-
-_mailboxes: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def mailbox(loop) -> Mailbox:
-    box = _mailboxes.get(loop)
-    if box is None:
-        box = _mailboxes[loop] = Mailbox(loop)
-    return box
 
 
 def usage(prompt: int, completion: int) -> dict:
