@@ -13,14 +13,20 @@ is work. So the handlers never touch the model, and under tensor parallelism eve
 - Cancellation (client gone): `cancel(job)`; its blocks go back before the next step.
 - A failing step fails the requests in it (their clients get an error event) and the scheduler
   goes on serving the next ones.
+- Hand-off: `emit` is called for every event, on this thread; a job's optional `flush` once after
+  each step's events (and after any other events), so a consumer on another thread (the server's
+  event loop) can be woken once per step for all its rows rather than once per token.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -37,7 +43,7 @@ class QueueFull(RuntimeError):
     """The wait queue is full; retry later (HTTP 503 + Retry-After)."""
 
 
-@dataclass
+@dataclass(slots=True)  # one per token: slots make it cheaper to build
 class Event:
     """What a job reports, in order: pieces of text (one per token, `index` naming which of the
     job's n completions), then one final event per completion (`finish_reason` set)."""
@@ -56,10 +62,13 @@ class Event:
 
 
 class Job:
-    """One request: `n` completions of one prompt. `emit` is called on the scheduler's thread."""
+    """One request: `n` completions of one prompt. `emit` (each event) and `flush` (after a step's
+    events) are called on the scheduler's thread."""
 
-    def __init__(self, prompt_tokens: list[int], params: SamplingParams, emit: Callable[[Event], None], n: int = 1):
+    def __init__(self, prompt_tokens: list[int], params: SamplingParams, emit: Callable[[Event], None], n: int = 1,
+                 flush: Optional[Callable[[], None]] = None):
         self.prompt_tokens, self.params, self.emit, self.n = list(prompt_tokens), params, emit, n
+        self.flush = flush
         self.seqs: list = []  # the engine's sequences, once admitted
         self.cancelled = False
         self.done = False
@@ -94,6 +103,7 @@ class Scheduler:
         self.error: Optional[str] = None
         self.completed = self.cancelled = self.rejected = self.failures = 0
         self.last_failure: Optional[str] = None
+        self.flushes: dict = {}  # the `flush` of every job that has had events since the last step (ordered)
 
     # ---- the public side (any thread) -------------------------------------------------------
 
@@ -112,11 +122,11 @@ class Scheduler:
             self.thread.join(timeout)
 
     def submit(self, prompt_tokens: list[int], params: SamplingParams, emit: Callable[[Event], None],
-               n: int = 1) -> Job:
+               n: int = 1, flush: Optional[Callable[[], None]] = None) -> Job:
         if self.error is not None:
             raise RuntimeError(f"the scheduler stopped: {self.error}")
         self.engine.check(list(prompt_tokens), params)  # ValueError: can never run
-        job = Job(prompt_tokens, params, emit, n)
+        job = Job(prompt_tokens, params, emit, n, flush)
         with self.lock:  # counted in sequences: a job of n completions takes n rows
             held = sum(j.n for j in self.live)
             if held + n > self.max_queue + self.max_batch_size:
@@ -163,6 +173,7 @@ class Scheduler:
                     self._take_inbox()
                     self._cancel_requested()
                     if not self.engine.has_work:
+                        self._flush()
                         self.wake.wait(0.5)
                         self.wake.clear()
                         continue
@@ -170,9 +181,11 @@ class Scheduler:
                         outputs = self.engine.step()
                     except Exception as e:  # fail this step's requests, keep serving the next ones
                         self._fail(e)
+                        self._flush()
                         continue
                     for out in outputs:
                         self._emit(out)
+                    self._flush()
                     if self.step_delay:
                         time.sleep(self.step_delay)
         except Exception as e:  # the thread itself failed: tell every client rather than hang them
@@ -183,6 +196,7 @@ class Scheduler:
             for job in list(self.live):
                 for i in range(len(job.seqs) or job.n):
                     self._end(job, i, "error" if self.error else "cancelled", self.error)
+            self._flush()
 
     def _take_inbox(self):
         while True:
@@ -217,6 +231,8 @@ class Scheduler:
             return
         if out.token is not None or out.text:
             job.emit(Event(out.text, index=index, token=out.token, logprob=out.logprob, top_logprobs=out.top_logprobs))
+            if job.flush is not None:
+                self.flushes[job.flush] = None
         if out.finish_reason is not None:
             self._end(job, index, out.finish_reason)
 
@@ -233,10 +249,20 @@ class Scheduler:
                        prompt_logprobs=seq.prompt_logprobs if seq else None,
                        prompt_top_logprobs=seq.prompt_top_logprobs if seq else None,
                        tokens=list(seq.output) if seq else []))
+        if job.flush is not None:
+            self.flushes[job.flush] = None
         if seq is None or all(s.id not in self.jobs for s in job.seqs):
             job.done = True
             with self.lock:
                 self.live.discard(job)
+
+    def _flush(self):
+        flushes, self.flushes = self.flushes, {}
+        for flush in flushes:
+            try:
+                flush()
+            except Exception:  # a consumer's failure must not stop the scheduler
+                log.exception("handing events over failed")
 
     def _fail(self, e: Exception):
         self.failures += 1
@@ -249,4 +275,63 @@ class Scheduler:
                 self._end(job, index, "error", self.last_failure)
 
 
-__all__ = ["Scheduler", "SamplingParams", "Event", "Job", "QueueFull"]
+class Mailbox:
+    """Events from the scheduler's thread to one event loop. Each event is only queued (`items`);
+    the scheduler calls `flush` after each step, which has the loop woken unless a wake-up is
+    already pending (the loop is behind: the events wait for it). `armed` is cleared on the loop
+    before it empties the queue, so an event queued after that is covered by the next flush.
+
+    The wake-up itself (`call_soon_threadsafe`: a write to the loop's self-pipe) is made by the
+    `_waker` thread, not by the scheduler: the write lets the loop thread take the GIL, and the
+    scheduler, coming back from it, would wait for the GIL until the loop has sent the step's
+    chunks. Handed to the waker (a SimpleQueue put, which keeps the GIL), the write happens when
+    the scheduler next lets go of the GIL, in the next step's compiled forward call (or when it
+    goes idle), so the loop's work overlaps the model's instead of following it."""
+
+    def __init__(self, loop):
+        self.loop, self.items, self.armed = loop, collections.deque(), False
+
+    def flush(self):  # on the scheduler's thread
+        if self.items and not self.armed:
+            self.armed = True
+            _waker().put(self)
+
+    def _deliver(self):  # on the loop
+        self.armed = False
+        items = self.items
+        while items:
+            run, item = items.popleft()
+            run.pending.append(item)
+            run.ready.set()
+
+
+_mailboxes: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_bells: list = []  # [the waker's queue], once it is started
+_bells_lock = threading.Lock()
+
+
+def _waker() -> queue.SimpleQueue:
+    if not _bells:
+        with _bells_lock:
+            if not _bells:
+                bells: queue.SimpleQueue = queue.SimpleQueue()
+
+                def ring():
+                    while True:
+                        box = bells.get()
+                        with contextlib.suppress(RuntimeError):  # that loop is closed: the server stopped
+                            box.loop.call_soon_threadsafe(box._deliver)
+                        del box  # (no reference kept to a closed loop while waiting)
+                threading.Thread(target=ring, name="annotated-llama-waker", daemon=True).start()
+                _bells.append(bells)
+    return _bells[0]
+
+
+def mailbox(loop) -> Mailbox:
+    box = _mailboxes.get(loop)
+    if box is None:
+        box = _mailboxes[loop] = Mailbox(loop)
+    return box
+
+
+__all__ = ["Scheduler", "SamplingParams", "Event", "Job", "QueueFull", "Mailbox", "mailbox"]

@@ -5,12 +5,15 @@ which the engine forks from one prefill of the prompt (engine.py, `add(prompt, p
 choice `index` is prompt * n + choice, in order, as OpenAI numbers them. With best_of > n a job
 samples best_of completions and the n with the highest mean logprob per token are answered. All
 jobs are submitted at once, so they decode side by side in the scheduler's batch. Their events come
-back on the scheduler's thread and are handed to the request's event loop through one queue.
-Non-streamed, the handler gathers every job's text; streamed, each event becomes a server-sent
-event as it arrives (choices interleaved, each with its index), then `data: [DONE]`. With
-`stream_options.include_usage` the usage is sent exactly once, in a last chunk whose `choices`
-is empty, and every other chunk carries `"usage": null` (OpenAI's behaviour); without it no
-chunk carries usage. A client that goes away cancels its jobs: their rows are freed before the
+back on the scheduler's thread and are handed to the request's event loop through the loop's
+`Mailbox` (scheduler.py): one wake-up of the loop per engine step for every row of every request.
+Non-streamed, the handler gathers every job's text; streamed, the events of one wake-up become
+server-sent events (choices interleaved, each with its index), then `data: [DONE]`: a choice's
+tokens that queued up while the loop was busy go out as one chunk (OpenAI's deltas may hold
+several tokens; its logprobs still list every token), and all of a wake-up's chunks in one write.
+With `stream_options.include_usage` the usage is sent exactly once, in a last chunk whose
+`choices` is empty, and every other chunk carries `"usage": null` (OpenAI's behaviour); without
+it no chunk carries usage. A client that goes away cancels its jobs: their rows are freed before the
 next decode step.
 """
 
@@ -30,7 +33,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ..core.kv_cache import ContextFull
 from .openai_logprobs import chat_logprobs, completion_logprobs, mean_logprob
 from .openai_schema import APIError
-from .scheduler import Event, QueueFull, SamplingParams
+from .scheduler import Event, QueueFull, SamplingParams, mailbox
 from .tools import ToolCallStream, parse_tool_calls
 
 
@@ -87,28 +90,32 @@ def usage(prompt: int, completion: int) -> dict:
 
 class Run:
     """The jobs of one request, submitted together. Each completion is a slot k (the specs' n
-    completions in order); events arrive in `self.events` as (slot, Event, monotonic time), and
-    `note` keeps each slot's text pieces and (token, logprob, top, offset) tokens."""
+    completions in order); events arrive in `self.pending` as (slot, Event, monotonic time) (`take`
+    waits for them), and `note` keeps each slot's text pieces and (token, logprob, top, offset) tokens."""
 
     def __init__(self, scheduler, specs: list[JobSpec], chat: bool, metrics=None):
         self.scheduler, self.specs, self.metrics = scheduler, specs, metrics
-        self.arrived, self.loop, self.events = time.monotonic(), asyncio.get_running_loop(), asyncio.Queue()
+        self.arrived, self.pending, self.ready = time.monotonic(), [], asyncio.Event()
+        box = mailbox(asyncio.get_running_loop())
         self.first = [sum(s.n for s in specs[:i]) for i in range(len(specs))]  # spec i's first slot
         self.slots = [(i, j) for i, s in enumerate(specs) for j in range(s.n)]  # slot -> (spec, choice)
         self.jobs, self.finished = [], {}
         self.times = [[] for _ in self.slots]
         self.texts = [[] for _ in self.slots]
+        self.length = [0] * len(self.slots)  # of the slot's text so far
         self.tokens = [[] for _ in self.slots]  # (token id, logprob, top, offset in the slot's text)
         leading = [chat] * len(self.slots)
+        put, clock = box.items.append, time.monotonic
 
         def emitter(i):
+            first = self.first[i]
+
             def emit(ev: Event):  # on the scheduler's thread
-                k = self.first[i] + ev.index
+                k = first + ev.index
                 if leading[k] and ev.text:  # a chat answer starts at its first non-space (Meta strips it)
                     ev.text = ev.text.lstrip()
                     leading[k] = not ev.text
-                with contextlib.suppress(RuntimeError):  # the loop is closed: the server is stopping
-                    self.loop.call_soon_threadsafe(self.events.put_nowait, (k, ev, time.monotonic()))
+                put((self, (k, ev, clock())))
             return emit
         if len(self.slots) > scheduler.max_queue:  # could never be queued at once, however idle the server
             raise APIError(400, f"this request needs {len(self.slots)} generations (prompts x n), more than the "
@@ -116,7 +123,7 @@ class Run:
                            param="n" if len(specs) == 1 else "prompt")
         try:
             for i, spec in enumerate(specs):
-                self.jobs.append(scheduler.submit(spec.ids, spec.params, emitter(i), n=spec.n))
+                self.jobs.append(scheduler.submit(spec.ids, spec.params, emitter(i), n=spec.n, flush=box.flush))
         except QueueFull as e:
             self.cancel()
             raise APIError(503, f"server busy: {e}; retry later", "unavailable_error", code="queue_full",
@@ -134,12 +141,21 @@ class Run:
             if any(self.first[i] + j not in self.finished for j in range(self.specs[i].n)):
                 self.scheduler.cancel(job)
 
+    async def take(self) -> list:
+        """The events that have arrived, once there is at least one."""
+        while not self.pending:
+            self.ready.clear()
+            await self.ready.wait()
+        items, self.pending = self.pending, []
+        return items
+
     def note(self, k: int, ev: Event, at: float):
         if ev.token is not None:
-            self.tokens[k].append((ev.token, ev.logprob, ev.top_logprobs, sum(map(len, self.texts[k]))))
+            self.tokens[k].append((ev.token, ev.logprob, ev.top_logprobs, self.length[k]))
         if ev.text:
             self.times[k].append(at)
             self.texts[k].append(ev.text)
+            self.length[k] += len(ev.text)
         if ev.finish_reason is not None:
             self.finished[k] = ev
             if self.metrics is not None and ev.finish_reason in ("stop", "length"):
@@ -188,22 +204,21 @@ def _failure(ev: Event) -> APIError:
 
 async def collect(request, run: Run, shape: Shape):
     """The whole response (non-streamed)."""
-    getter, checked = None, time.monotonic()
+    checked = time.monotonic()
     try:
         while not run.done():
-            getter = getter or asyncio.ensure_future(run.events.get())  # kept across waits: no event lost
-            done, _ = await asyncio.wait({getter}, timeout=0.5)
-            if done:
-                k, ev, at = getter.result()
-                getter = None
+            if not run.pending:
+                run.ready.clear()
+                with contextlib.suppress(asyncio.TimeoutError):  # (events stay in run.pending)
+                    await asyncio.wait_for(run.ready.wait(), 0.5)
+            items, run.pending = run.pending, []
+            for k, ev, at in items:
                 run.note(k, ev, at)
             if time.monotonic() - checked > 0.5:  # is the client still there?
                 checked = time.monotonic()
                 if await request.is_disconnected():
                     return JSONResponse({}, status_code=499)
     finally:
-        if getter is not None:
-            getter.cancel()
         run.cancel()  # (no-op for finished jobs) the client went away or the server is stopping
     request.state.usage = (run.usage()["prompt_tokens"], run.usage()["completion_tokens"])
     choices = []
@@ -237,15 +252,19 @@ def stream(request, run: Run, shape: Shape) -> StreamingResponse:
     held = [0] * len(run.slots)  # tokens of slot k already reported in a chunk
     late = {k for k, (i, _) in enumerate(run.slots) if shape.logprobs and run.specs[i].echo
             and run.specs[i].params.prompt_logprobs}  # echo + logprobs: held to the end
+    # json.dumps of {id, object, created, model, choices, **extra[, usage: null][, obfuscation]},
+    # built around the one part that changes: the same bytes without a dict and its encoding per token
+    dumps = json.JSONEncoder(ensure_ascii=False).encode
+    head = (f'data: {{"id": {dumps(shape.rid)}, "object": {dumps(obj)}, "created": {dumps(shape.created)}, '
+            f'"model": {dumps(shape.model)}, "choices": ')
 
     def event(choices, **extra) -> str:
-        body = {"id": shape.rid, "object": obj, "created": shape.created, "model": shape.model,
-                "choices": choices, **extra}
-        if shape.include_usage and "usage" not in body:
-            body["usage"] = None
+        tail = "".join(f", {dumps(k)}: {dumps(v)}" for k, v in extra.items())
+        if shape.include_usage and "usage" not in extra:
+            tail += ', "usage": null'
         if shape.obfuscate:  # random padding, so chunk sizes do not reveal the tokens' lengths
-            body["obfuscation"] = secrets.token_urlsafe(secrets.randbelow(24) + 1)
-        return "data: " + json.dumps(body, ensure_ascii=False) + "\n\n"
+            tail += ', "obfuscation": ' + dumps(secrets.token_urlsafe(secrets.randbelow(24) + 1))
+        return head + dumps(choices) + tail + "}\n\n"
 
     def piece(k, text="", finish=None, delta=None, report=True):
         logprobs = None
@@ -267,47 +286,57 @@ def stream(request, run: Run, shape: Shape) -> StreamingResponse:
     async def events():
         holders = [ToolCallStream(shape.tool_names) if shape.tool_names else None for _ in run.slots]
         waiting = {k: [] for k in late}  # their chunks, until the prompt's logprobs arrive
+
+        def send(k, chunks, out):
+            if k in waiting:
+                waiting[k] += chunks
+            else:
+                out += chunks
         try:
+            first = []
             for k, (i, _) in enumerate(run.slots):
                 if shape.chat:  # OpenAI's first chunk of a choice announces the role
-                    yield piece(k, delta={"role": "assistant", "content": ""}, report=False)
+                    first.append(piece(k, delta={"role": "assistant", "content": ""}, report=False))
                 elif run.specs[i].echo and k not in late:
-                    yield echoed(k)
+                    first.append(echoed(k))
+            if first:
+                yield "".join(first)
             while not run.done():
-                k, ev, at = await run.events.get()
-                run.note(k, ev, at)
-                out = []
-                text = holders[k].push(ev.text) if holders[k] else ev.text
-                if ev.finish_reason is None:
-                    if text:  # (a chat answer's leading spaces become empty pieces)
-                        out.append(piece(k, text))
-                elif ev.finish_reason not in ("stop", "length"):
-                    yield "data: " + json.dumps(_failure(ev).body()) + "\n\n"
-                    return
-                else:
-                    finish, calls = ev.finish_reason, None
+                out, texts = [], {}  # texts: slot -> text of this wake-up's tokens, sent as one chunk
+                for k, ev, at in await run.take():
+                    run.note(k, ev, at)
+                    text = holders[k].push(ev.text) if holders[k] else ev.text
+                    if ev.finish_reason is None:
+                        if text:  # (a chat answer's leading spaces become empty pieces)
+                            texts[k] = texts.get(k, "") + text
+                        continue
+                    if ev.finish_reason not in ("stop", "length"):  # what came before it, then the error
+                        for j, t in texts.items():
+                            send(j, [piece(j, t)], out)
+                        yield "".join(out) + "data: " + json.dumps(_failure(ev).body()) + "\n\n"
+                        return
+                    text = texts.pop(k, "") + text
+                    finish, calls, chunks = ev.finish_reason, None, []
                     if holders[k]:
                         rest, calls = holders[k].finish()
                         text += rest
                     if text:
-                        out.append(piece(k, text))
+                        chunks.append(piece(k, text))
                     if calls:
                         calls = calls if shape.parallel_tool_calls else calls[:1]
-                        out.append(piece(k, delta={"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}))
+                        chunks.append(piece(k, delta={"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}))
                         finish = "tool_calls"
-                    out.append(piece(k, "", finish))
+                    chunks.append(piece(k, "", finish))
                     if k in waiting:
-                        out = [echoed(k)] + waiting.pop(k) + out
-                if k in waiting:
-                    waiting[k] += out
-                    continue
-                for chunk in out:
-                    yield chunk
+                        chunks = [echoed(k)] + waiting.pop(k) + chunks
+                    out += chunks
+                for k, text in texts.items():
+                    send(k, [piece(k, text)], out)
+                if out:
+                    yield "".join(out)
             u = run.usage()
             request.state.usage = (u["prompt_tokens"], u["completion_tokens"])
-            if shape.include_usage:
-                yield event([], usage=u)
-            yield "data: [DONE]\n\n"
+            yield (event([], usage=u) if shape.include_usage else "") + "data: [DONE]\n\n"
         finally:  # the client went away (the task is cancelled) or the stream ended
             run.cancel()
 
