@@ -107,6 +107,13 @@ def greedy_reference(model, prompt, max_new_tokens: int, stop_ids=()) -> list[in
     return new
 
 
+
+def greedy_text(model, tokenizer, ids: list[int], n: int) -> str:
+    """greedy_reference's new tokens as the text a server streams after the prompt `ids` (a
+    continuation: decoded after the prompt's last token, so a leading space survives)."""
+    new = greedy_reference(model, ids, n, stop_ids=tokenizer.stop_ids)
+    return tokenizer.decode(ids[-1:] + new)[len(tokenizer.decode(ids[-1:])):]
+
 # ---- tiny models ------------------------------------------------------------------------------
 
 # 2 layers of width 64 over LLaMA's 32,000 ids: real tokenizers fit, and a step takes a millisecond.

@@ -12,7 +12,6 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 
 from annotated_llama import Tokenizer, Transformer
 from annotated_llama.cli.serve import run_in_thread
@@ -31,16 +30,7 @@ def tiny_model(seed: int = 0) -> Transformer:
 
 
 def greedy_reference(model, tokenizer, prompt: str, n: int) -> str:
-    """Greedy decoding by full recomputation (no KV cache, batch 1): independent of the scheduler."""
-    ids = tokenizer.encode(prompt, bos=True, eos=False)
-    out = []
-    with torch.no_grad():
-        for _ in range(n):
-            nxt = int(model(torch.tensor([ids + out]), cache=False)[0, -1].argmax())
-            if nxt in tokenizer.stop_ids:
-                break
-            out.append(nxt)
-    return tokenizer.decode(ids[-1:] + out)[len(tokenizer.decode(ids[-1:])):]
+    return fixtures.greedy_text(model, tokenizer, tokenizer.encode(prompt, bos=True, eos=False), n)
 
 
 @pytest.fixture(scope="module")

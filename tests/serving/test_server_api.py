@@ -11,7 +11,6 @@ import typing
 import httpx
 import openai
 import pytest
-import torch
 from openai.types import completion_create_params
 from openai.types.chat import completion_create_params as chat_create_params
 
@@ -21,7 +20,7 @@ from annotated_llama.serving.openai_responses import ChatCompletion, ChatComplet
 from annotated_llama.serving.openai_schema import UNSUPPORTED, ChatRequest, CompletionRequest
 from annotated_llama.serving.server import create_app
 
-from fixtures import tiny_model
+from fixtures import greedy_text, tiny_model
 
 EXTENSIONS = {"top_k", "repetition_penalty", "ignore_eos", "template"}
 
@@ -47,18 +46,6 @@ def client(url):
     return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-def greedy(model, tokenizer, ids: list[int], n: int) -> str:
-    """Greedy decoding by full recomputation: independent of the server and its scheduler."""
-    out = []
-    with torch.no_grad():
-        for _ in range(n):
-            nxt = int(model(torch.tensor([ids + out]), cache=False)[0, -1].argmax())
-            if nxt in tokenizer.stop_ids:
-                break
-            out.append(nxt)
-    return tokenizer.decode(ids[-1:] + out)[len(tokenizer.decode(ids[-1:])):]
-
-
 def test_the_schema_knows_every_field_of_the_openai_client():
     for ours, theirs in ((CompletionRequest, completion_create_params.CompletionCreateParamsNonStreaming),
                          (ChatRequest, chat_create_params.CompletionCreateParamsNonStreaming)):
@@ -71,7 +58,7 @@ def test_the_schema_knows_every_field_of_the_openai_client():
 def test_prompt_lists_and_token_ids_are_choices_in_order(client, model, tokenizer):
     prompts = ["The capital of France is", "Once upon a time", "1 2 3"]
     ids = [tokenizer.encode(p, bos=True, eos=False) for p in prompts]
-    want = [greedy(model, tokenizer, i, 6) for i in ids]
+    want = [greedy_text(model, tokenizer, i, 6) for i in ids]
     for prompt in (prompts, ids):  # strings, then lists of token ids
         r = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0)
         Completion.model_validate(r.model_dump())
