@@ -20,7 +20,6 @@ next decode step.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import secrets
 import time
@@ -141,11 +140,15 @@ class Run:
             if any(self.first[i] + j not in self.finished for j in range(self.specs[i].n)):
                 self.scheduler.cancel(job)
 
-    async def take(self) -> list:
-        """The events that have arrived, once there is at least one."""
+    async def take(self, timeout: Optional[float] = None) -> list:
+        """The events that have arrived, once there is at least one (or, after `timeout` seconds
+        without any, none)."""
         while not self.pending:
             self.ready.clear()
-            await self.ready.wait()
+            try:
+                await asyncio.wait_for(self.ready.wait(), timeout)
+            except asyncio.TimeoutError:
+                return []
         items, self.pending = self.pending, []
         return items
 
@@ -207,12 +210,7 @@ async def collect(request, run: Run, shape: Shape):
     checked = time.monotonic()
     try:
         while not run.done():
-            if not run.pending:
-                run.ready.clear()
-                with contextlib.suppress(asyncio.TimeoutError):  # (events stay in run.pending)
-                    await asyncio.wait_for(run.ready.wait(), 0.5)
-            items, run.pending = run.pending, []
-            for k, ev, at in items:
+            for k, ev, at in await run.take(timeout=0.5):
                 run.note(k, ev, at)
             if time.monotonic() - checked > 0.5:  # is the client still there?
                 checked = time.monotonic()
