@@ -107,11 +107,11 @@ def tiktoken_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
 
 
 def tokenizer_json(tokenizer) -> str:
-    """HF's fast-tokenizer file (tokenizer.json) equivalent to our tokenizer. transformers can derive one from tokenizer.model itself,
-    but its SentencePiece -> BPE conversion orders merges by id, not by score, and so splits
-    runs of spaces differently from SentencePiece ("  lead" -> "▁▁" "le" "ad" instead of
-    "▁" "▁lead"). Here the merges are ranked as SentencePiece's BPE applies them: by the
-    score of the merged piece (Llama 3's tiktoken: by rank)."""
+    """HF's fast-tokenizer file (tokenizer.json) equivalent to our tokenizer. transformers can
+    derive one from tokenizer.model itself, but its SentencePiece -> BPE conversion orders merges
+    by id, not by score, and so splits runs of spaces differently from SentencePiece ("  lead" ->
+    "▁▁" "le" "ad" instead of "▁" "▁lead"). Here the merges are ranked as SentencePiece's BPE
+    applies them: by the score of the merged piece (Llama 3's tiktoken: by rank)."""
     vocab, merges = {}, []
     if tokenizer.kind == "sentencepiece":
         sp = tokenizer.sp

@@ -6,6 +6,8 @@ import torch
 from annotated_llama import ModelArgs, Transformer
 from annotated_llama.core.kv_cache import CacheFull, KVCache
 
+from fixtures import tiny_model
+
 
 def test_a_long_context_model_allocates_nothing_up_front():
     args = ModelArgs.from_name("tiny", max_seq_len=131072)
@@ -45,8 +47,7 @@ def test_the_budget_is_enforced():
 
 
 def test_growth_keeps_what_is_cached():
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs.from_name("tiny-gqa")).eval()
+    model = tiny_model(0, "tiny-gqa")
     tokens = torch.randint(0, 512, (1, 60))
     cache = KVCache.for_model(model, max_tokens=256, block_size=4)
     with torch.no_grad():
@@ -58,8 +59,7 @@ def test_growth_keeps_what_is_cached():
 
 
 def test_a_fork_shares_the_prompt_and_copies_on_write():
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs.from_name("tiny")).eval()
+    model = tiny_model(0, "tiny")
     prompt = torch.randint(0, 512, (1, 10))
     cache = KVCache.for_model(model, max_tokens=128, block_size=4)
     with torch.no_grad():

@@ -14,7 +14,7 @@ from annotated_llama.inference import matvec
 from annotated_llama.inference.backends import CompiledRunner, DecodeLinear, decode_view, make_runner, runner_state
 from annotated_llama.inference.engine import Engine
 
-from fixtures import NumberVocab
+from fixtures import NumberVocab, tiny_model
 
 
 
@@ -34,8 +34,7 @@ def test_written_out_attention_equals_sdpa(H, K):
 def test_the_decode_view_shares_every_weight_and_leaves_the_model_alone(kernel):
     if kernel and not matvec.load():
         pytest.fail(f"the decode kernel did not build here: {matvec._state['error']}")
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs.from_name("tiny-gqa")).eval()
+    model = tiny_model(0, "tiny-gqa")
     view = decode_view(model, kernel)
     assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
     linears = [m for m in view.modules() if isinstance(m, torch.nn.Linear)]
